@@ -1,0 +1,541 @@
+"""The one architecture type: global dims + per-layer (attention, FFN) variants.
+
+Every stage, file and tool speaks `Architecture`. It converts losslessly to and from
+the HF DeciLM (`nemotron-nas`) `config.json` that TensorRT-LLM, vLLM, Megatron-Bridge
+and transformers read, and to the `block_configs` json Megatron-core's
+`HeterogeneousTransformerConfig` reads.
+
+FFN sizes and `ffn_mult`: the ecosystem derives the intermediate size as
+`round_up(int(2 * ffn_mult * hidden / 3), 256)`. A size that no `ffn_mult` maps to
+(anything that is not a multiple of 256, e.g. in tiny test models) is written with
+`"ffn_mult": null` plus an explicit `"intermediate_size"` (and `ffn_hidden_size` for
+Megatron-core). Our loader, our HF modeling file and Megatron-core read it; TensorRT-LLM
+and vLLM do not, so `Architecture.engine_compatible()` reports it and export warns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Literal
+
+FFN_MULT_ROUNDING = 256  # the rule TRT-LLM, vLLM and Megatron-core apply to ffn_mult
+
+
+class ArchitectureError(ValueError):
+    """A malformed architecture; the message names the problem and the fix in one line."""
+
+
+# ----------------------------------------------------------------------------- variants
+
+AttentionKind = Literal["gqa", "linear", "no_op"]
+FFNKind = Literal["mlp", "linear", "no_op"]
+
+
+@dataclass(frozen=True, order=True)
+class AttentionVariant:
+    """One attention subblock shape."""
+
+    kind: AttentionKind
+    """`gqa` (grouped-query attention), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op`."""
+    num_kv_heads: int | None = None
+    """KV heads for `gqa`; None for the other kinds."""
+
+    def __post_init__(self):
+        if self.kind not in ("gqa", "linear", "no_op"):
+            raise ArchitectureError(f"attention kind {self.kind!r} unknown; use gqa, linear or no_op")
+        if self.kind == "gqa":
+            if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1:
+                raise ArchitectureError(
+                    f"gqa attention needs num_kv_heads >= 1, got {self.num_kv_heads!r}")
+        elif self.num_kv_heads is not None:
+            raise ArchitectureError(f"{self.kind} attention takes no num_kv_heads (got {self.num_kv_heads})")
+
+    @property
+    def name(self) -> str:
+        return f"gqa_kv{self.num_kv_heads}" if self.kind == "gqa" else self.kind
+
+    @classmethod
+    def from_name(cls, name: str) -> "AttentionVariant":
+        if name.startswith("gqa_kv"):
+            return cls("gqa", int(name[len("gqa_kv"):]))
+        return cls(name)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, order=True)
+class FFNVariant:
+    """One FFN subblock shape."""
+
+    kind: FFNKind
+    """`mlp` (SwiGLU), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op`."""
+    intermediate_size: int | None = None
+    """SwiGLU intermediate size for `mlp`; None for the other kinds."""
+
+    def __post_init__(self):
+        if self.kind not in ("mlp", "linear", "no_op"):
+            raise ArchitectureError(f"ffn kind {self.kind!r} unknown; use mlp, linear or no_op")
+        if self.kind == "mlp":
+            if not isinstance(self.intermediate_size, int) or self.intermediate_size < 1:
+                raise ArchitectureError(
+                    f"mlp ffn needs intermediate_size >= 1, got {self.intermediate_size!r}")
+        elif self.intermediate_size is not None:
+            raise ArchitectureError(f"{self.kind} ffn takes no intermediate_size (got {self.intermediate_size})")
+
+    @property
+    def name(self) -> str:
+        return f"mlp_{self.intermediate_size}" if self.kind == "mlp" else self.kind
+
+    @classmethod
+    def from_name(cls, name: str) -> "FFNVariant":
+        if name.startswith("mlp_"):
+            return cls("mlp", int(name[len("mlp_"):]))
+        return cls(name)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class LayerArch:
+    """One transformer layer: an attention subblock then an FFN subblock, each residual."""
+
+    attention: AttentionVariant
+    ffn: FFNVariant
+
+    @property
+    def name(self) -> str:
+        return f"{self.attention.name}+{self.ffn.name}"
+
+
+# ----------------------------------------------------------------------------- ffn_mult rule
+
+def round_up(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """The ecosystem's rule (TRT-LLM, vLLM, Megatron-core, DeciLM)."""
+    return round_up(int(2 * ffn_mult * hidden_size / 3), FFN_MULT_ROUNDING)
+
+
+def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float | None:
+    """The shortest `ffn_mult` that maps back to exactly this size, or None if none does."""
+    if intermediate_size % FFN_MULT_ROUNDING:
+        return None
+    exact = 3 * intermediate_size / (2 * hidden_size)
+    for digits in range(1, 12):
+        cand = round(exact, digits)
+        if ffn_mult_to_intermediate_size(cand, hidden_size) == intermediate_size:
+            return cand
+    # int() truncation can land one below a multiple of 256 for the exact ratio; nudge up.
+    cand = math.nextafter(exact, math.inf)
+    return cand if ffn_mult_to_intermediate_size(cand, hidden_size) == intermediate_size else None
+
+
+# ----------------------------------------------------------------------------- architecture
+
+@dataclass(frozen=True)
+class Architecture:
+    """A (possibly heterogeneous) Llama-style decoder: RMSNorm, SwiGLU, RoPE, no biases."""
+
+    vocab_size: int
+    """Rows of the embedding and output matrices."""
+    hidden_size: int
+    """Residual stream width; every variant keeps it."""
+    num_attention_heads: int
+    """Query heads of every `gqa` layer (reduced-KV variants change only the KV heads)."""
+    layers: tuple[LayerArch, ...]
+    """Per-layer attention and FFN variants, input to output."""
+    head_dim: int | None = None
+    """Per-head width; None means hidden_size // num_attention_heads."""
+    max_position_embeddings: int = 2048
+    """Longest sequence RoPE is set up for."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_scaling: dict | None = None
+    """HF rope scaling dict (e.g. Llama-3 `{"rope_type": "llama3", "factor": 8, ...}`) or None."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = False
+    """Output layer shares the embedding matrix."""
+    bos_token_id: int | None = None
+    """Begin-of-sequence id written to HF configs."""
+    eos_token_id: int | list[int] | None = None
+    """End-of-sequence id(s) written to HF configs."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        for name in ("vocab_size", "hidden_size", "num_attention_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ArchitectureError(f"{name} must be a positive int, got {v!r}")
+        if not self.layers:
+            raise ArchitectureError("an architecture needs at least one layer")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ArchitectureError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly or change the head count")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, LayerArch):
+                raise ArchitectureError(f"layer {i} is {type(layer).__name__}, expected LayerArch")
+            kv = layer.attention.num_kv_heads
+            if kv is not None and self.num_attention_heads % kv:
+                raise ArchitectureError(
+                    f"layer {i}: num_kv_heads {kv} does not divide num_attention_heads "
+                    f"{self.num_attention_heads}; use a divisor of it")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ArchitectureError(f"rope_scaling must be a dict or null, got {self.rope_scaling!r}")
+
+    # -- derived sizes
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def with_layers(self, layers: Iterable[LayerArch]) -> "Architecture":
+        return replace(self, layers=tuple(layers))
+
+    def with_layer(self, index: int, layer: LayerArch) -> "Architecture":
+        layers = list(self.layers)
+        layers[index] = layer
+        return self.with_layers(layers)
+
+    def attention_params(self, v: AttentionVariant) -> int:
+        h, d, nq = self.hidden_size, self.kv_channels, self.num_attention_heads
+        if v.kind == "gqa":
+            return h * nq * d + 2 * h * v.num_kv_heads * d + nq * d * h + h  # q, k, v, o, norm
+        if v.kind == "linear":
+            return h * h + h
+        return 0
+
+    def ffn_params(self, v: FFNVariant) -> int:
+        h = self.hidden_size
+        if v.kind == "mlp":
+            return 3 * h * v.intermediate_size + h  # gate, up, down, norm
+        if v.kind == "linear":
+            return h * h + h
+        return 0
+
+    def layer_params(self, i: int) -> int:
+        return self.attention_params(self.layers[i].attention) + self.ffn_params(self.layers[i].ffn)
+
+    def num_params(self) -> int:
+        emb = self.vocab_size * self.hidden_size
+        out = 0 if self.tie_word_embeddings else emb
+        return emb + out + self.hidden_size + sum(self.layer_params(i) for i in range(self.num_layers))
+
+    def kv_cache_bytes_per_token(self, bytes_per_elem: int = 2) -> int:
+        """K and V for one token over all layers."""
+        return sum(2 * l.attention.num_kv_heads * self.kv_channels * bytes_per_elem
+                   for l in self.layers if l.attention.kind == "gqa")
+
+    def validate_tensor_parallel(self, tp: int) -> None:
+        """Raise a one-line error if this architecture cannot be split over `tp` ranks."""
+        if tp < 1:
+            raise ArchitectureError(f"tensor parallel size must be >= 1, got {tp}")
+        if self.num_attention_heads % tp:
+            raise ArchitectureError(
+                f"tensor parallel size {tp} does not divide num_attention_heads "
+                f"{self.num_attention_heads}; pick a TP size that divides it")
+        if self.vocab_size % tp:
+            raise ArchitectureError(
+                f"tensor parallel size {tp} does not divide vocab_size {self.vocab_size}; "
+                f"pad the vocabulary to a multiple of {tp} or pick another TP size")
+        for i, l in enumerate(self.layers):
+            if l.attention.kind == "gqa" and l.attention.num_kv_heads % tp:
+                raise ArchitectureError(
+                    f"layer {i}: tensor parallel size {tp} does not divide num_kv_heads "
+                    f"{l.attention.num_kv_heads}; pick a TP size that divides every layer's KV heads")
+            if l.ffn.kind == "mlp" and l.ffn.intermediate_size % tp:
+                raise ArchitectureError(
+                    f"layer {i}: tensor parallel size {tp} does not divide intermediate_size "
+                    f"{l.ffn.intermediate_size}; pick a TP size that divides it")
+            if l.attention.kind == "linear" or l.ffn.kind == "linear":
+                if self.hidden_size % tp:
+                    raise ArchitectureError(
+                        f"layer {i}: tensor parallel size {tp} does not divide hidden_size "
+                        f"{self.hidden_size} (linear subblock); pick a TP size that divides it")
+
+    def engine_compatible(self) -> list[str]:
+        """Reasons TensorRT-LLM / vLLM cannot load this architecture (empty list: they can)."""
+        problems = []
+        for i, l in enumerate(self.layers):
+            if l.ffn.kind == "mlp" and intermediate_size_to_ffn_mult(
+                    l.ffn.intermediate_size, self.hidden_size) is None:
+                problems.append(
+                    f"layer {i}: intermediate_size {l.ffn.intermediate_size} has no ffn_mult "
+                    f"(not a multiple of {FFN_MULT_ROUNDING})")
+        return problems
+
+    # -- our own json (typed, explicit sizes)
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in (
+            "vocab_size", "hidden_size", "num_attention_heads", "head_dim", "max_position_embeddings",
+            "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
+            "eos_token_id")}
+        d["layers"] = [{"attention": l.attention.name, "ffn": l.ffn.name} for l in self.layers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Architecture":
+        d = dict(d)
+        try:
+            layers = tuple(LayerArch(AttentionVariant.from_name(l["attention"]), FFNVariant.from_name(l["ffn"]))
+                           for l in d.pop("layers"))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ArchitectureError):
+                raise
+            raise ArchitectureError(f"malformed 'layers' in architecture json ({e}); "
+                                    f"each layer needs 'attention' and 'ffn' variant names") from None
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(layers=layers, **{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Architecture":
+        return cls.from_dict(json.loads(text))
+
+    # -- HF DeciLM config.json
+    def block_configs(self, megatron: bool = False) -> list[dict]:
+        """Per-layer DeciLM block configs; `megatron=True` adds explicit `num_query_groups`
+        / `ffn_hidden_size`, which Megatron-core's HeterogeneousTransformerConfig prefers."""
+        out = []
+        for l in self.layers:
+            a, f = l.attention, l.ffn
+            attn = {"n_heads_in_group": (self.num_attention_heads // a.num_kv_heads if a.kind == "gqa" else None),
+                    "no_op": a.kind == "no_op", "replace_with_linear": a.kind == "linear"}
+            if megatron:
+                attn["num_query_groups"] = a.num_kv_heads
+            mult = (intermediate_size_to_ffn_mult(f.intermediate_size, self.hidden_size)
+                    if f.kind == "mlp" else None)
+            ffn = {"ffn_mult": mult, "no_op": f.kind == "no_op", "replace_with_linear": f.kind == "linear"}
+            if f.kind == "mlp" and mult is None:
+                ffn["intermediate_size"] = f.intermediate_size  # read by our loaders, not TRT-LLM/vLLM
+            if megatron:
+                ffn["ffn_hidden_size"] = f.intermediate_size
+            out.append({"attention": attn, "ffn": ffn})
+        return out
+
+    def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "architectures": ["DeciLMForCausalLM"],
+            "model_type": "nemotron-nas",
+            "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                         "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_layers,
+            "head_dim": self.kv_channels,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": torch_dtype,
+            "block_configs": self.block_configs(),
+        }
+        return cfg
+
+    def to_megatron_json(self) -> dict[str, Any]:
+        """What `HeterogeneousTransformerConfig(heterogeneous_layers_config_encoded_json=...)` reads."""
+        d = self.to_hf_config()
+        d["block_configs"] = self.block_configs(megatron=True)
+        return d
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "Architecture":
+        """Read a HF DeciLM (`block_configs`) or plain Llama config dict."""
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            n_layers = int(cfg["num_hidden_layers"])
+            vocab = int(cfg["vocab_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArchitectureError(f"HF config lacks a valid {e}; a Llama or DeciLM config.json needs "
+                                    f"hidden_size, num_attention_heads, num_hidden_layers, vocab_size") from None
+        rope_params = cfg.get("rope_parameters")  # transformers >= 5 folds theta + scaling in here
+        rope_theta = cfg.get("rope_theta")
+        rope_scaling = cfg.get("rope_scaling")
+        if isinstance(rope_params, dict):
+            rope_theta = rope_params.get("rope_theta", rope_theta)
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+            rope_scaling = None
+        if "block_configs" in cfg:
+            layers = _layers_from_block_configs(cfg["block_configs"], n_layers, hidden, heads)
+        else:
+            kv = int(cfg.get("num_key_value_heads") or heads)
+            inter = int(cfg["intermediate_size"])
+            layers = tuple(LayerArch(AttentionVariant("gqa", kv), FFNVariant("mlp", inter)) for _ in range(n_layers))
+        head_dim = cfg.get("head_dim")
+        if head_dim is not None and int(head_dim) == hidden // heads:
+            head_dim = None
+        return cls(
+            vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, layers=layers,
+            head_dim=None if head_dim is None else int(head_dim),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+        )
+
+    @classmethod
+    def homogeneous(cls, *, vocab_size: int, hidden_size: int, num_layers: int, num_attention_heads: int,
+                    num_kv_heads: int, intermediate_size: int, **kw) -> "Architecture":
+        layer = LayerArch(AttentionVariant("gqa", num_kv_heads), FFNVariant("mlp", intermediate_size))
+        return cls(vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+                   layers=(layer,) * num_layers, **kw)
+
+
+def _layers_from_block_configs(blocks: Any, n_layers: int, hidden: int, heads: int) -> tuple[LayerArch, ...]:
+    if not isinstance(blocks, list):
+        raise ArchitectureError(f"block_configs must be a list of per-layer dicts, got {type(blocks).__name__}")
+    if len(blocks) != n_layers:
+        raise ArchitectureError(f"block_configs has {len(blocks)} entries but num_hidden_layers is {n_layers}; "
+                                f"give exactly one block config per layer")
+    layers = []
+    for i, b in enumerate(blocks):
+        if not isinstance(b, dict) or "attention" not in b or not ("ffn" in b or "mlp" in b):
+            raise ArchitectureError(f"block_configs[{i}] is malformed; each entry needs "
+                                    f"'attention' and 'ffn' dicts")
+        a, f = b["attention"], b.get("ffn", b.get("mlp"))
+        if not isinstance(a, dict) or not isinstance(f, dict):
+            raise ArchitectureError(f"block_configs[{i}]: 'attention' and 'ffn' must be dicts")
+        if a.get("no_op") and a.get("replace_with_linear"):
+            raise ArchitectureError(f"block_configs[{i}].attention is both no_op and replace_with_linear; pick one")
+        if f.get("no_op") and f.get("replace_with_linear"):
+            raise ArchitectureError(f"block_configs[{i}].ffn is both no_op and replace_with_linear; pick one")
+        if a.get("no_op"):
+            attn = AttentionVariant("no_op")
+        elif a.get("replace_with_linear"):
+            attn = AttentionVariant("linear")
+        else:
+            kv = a.get("num_query_groups")
+            if kv is None:
+                g = a.get("n_heads_in_group")
+                if not isinstance(g, int) or g < 1:
+                    raise ArchitectureError(f"block_configs[{i}].attention.n_heads_in_group must be a "
+                                            f"positive int for a GQA layer, got {g!r}")
+                if heads % g:
+                    raise ArchitectureError(f"block_configs[{i}]: n_heads_in_group {g} does not divide "
+                                            f"num_attention_heads {heads}; use a divisor of it")
+                kv = heads // g
+            attn = AttentionVariant("gqa", int(kv))
+        if f.get("no_op"):
+            ffn = FFNVariant("no_op")
+        elif f.get("replace_with_linear"):
+            ffn = FFNVariant("linear")
+        else:
+            size = f.get("intermediate_size", f.get("ffn_hidden_size"))
+            if size is None:
+                m = f.get("ffn_mult")
+                if not isinstance(m, (int, float)) or m <= 0:
+                    raise ArchitectureError(f"block_configs[{i}].ffn.ffn_mult must be a positive number for "
+                                            f"an MLP layer, got {m!r}")
+                size = ffn_mult_to_intermediate_size(float(m), hidden)
+            ffn = FFNVariant("mlp", int(size))
+        layers.append(LayerArch(attn, ffn))
+    return tuple(layers)
+
+
+# ----------------------------------------------------------------------------- search space
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which variants each layer may take. Built from a config dict (the `search_space:` YAML block)."""
+
+    kv_heads: tuple[int, ...] = (8, 4, 2, 1)
+    """KV-head counts for GQA variants; counts above the parent's or not dividing the query heads
+    are dropped per layer."""
+    ffn_fractions: tuple[float, ...] = (1.0, 0.875, 0.75, 0.5, 0.25, 0.2, 0.1)
+    """Intermediate sizes as fractions of the parent layer's, rounded to `ffn_granularity`."""
+    ffn_sizes: tuple[int, ...] = ()
+    """Explicit intermediate sizes, in addition to the fractions."""
+    ffn_granularity: int = FFN_MULT_ROUNDING
+    """Round sizes to multiples of this (256 keeps every size writable as ffn_mult)."""
+    attention_linear: bool = True
+    """Offer the linear attention replacement."""
+    attention_no_op: bool = True
+    """Offer removing attention."""
+    ffn_linear: bool = True
+    """Offer the linear FFN replacement."""
+    ffn_no_op: bool = True
+    """Offer removing the FFN."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "kv_heads", tuple(int(k) for k in self.kv_heads))
+        object.__setattr__(self, "ffn_fractions", tuple(float(f) for f in self.ffn_fractions))
+        object.__setattr__(self, "ffn_sizes", tuple(int(s) for s in self.ffn_sizes))
+        if any(k < 1 for k in self.kv_heads):
+            raise ArchitectureError(f"search_space.kv_heads must be positive, got {self.kv_heads}")
+        if any(not 0 < f <= 1 for f in self.ffn_fractions):
+            raise ArchitectureError(f"search_space.ffn_fractions must lie in (0, 1], got {self.ffn_fractions}")
+        if self.ffn_granularity < 1:
+            raise ArchitectureError(f"search_space.ffn_granularity must be >= 1, got {self.ffn_granularity}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SearchSpace":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ArchitectureError(f"unknown search_space keys {sorted(unknown)}; "
+                                    f"known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+    def attention_variants(self, parent: Architecture, layer: int) -> list[AttentionVariant]:
+        """Variants for one layer's attention, the parent's own first."""
+        own = parent.layers[layer].attention
+        out = [own]
+        if own.kind == "gqa":
+            for k in sorted(set(self.kv_heads), reverse=True):
+                if k < own.num_kv_heads and parent.num_attention_heads % k == 0:
+                    out.append(AttentionVariant("gqa", k))
+        if self.attention_linear and own.kind != "linear":
+            out.append(AttentionVariant("linear"))
+        if self.attention_no_op and own.kind != "no_op":
+            out.append(AttentionVariant("no_op"))
+        return out
+
+    def ffn_variants(self, parent: Architecture, layer: int) -> list[FFNVariant]:
+        """Variants for one layer's FFN, the parent's own first, then smaller MLPs, linear, no-op."""
+        own = parent.layers[layer].ffn
+        out = [own]
+        if own.kind == "mlp":
+            g = self.ffn_granularity
+            sizes = {max(g, round_up(int(f * own.intermediate_size), g)) for f in self.ffn_fractions}
+            sizes |= set(self.ffn_sizes)
+            for s in sorted(sizes, reverse=True):
+                if 0 < s < own.intermediate_size:
+                    out.append(FFNVariant("mlp", s))
+        if self.ffn_linear and own.kind != "linear":
+            out.append(FFNVariant("linear"))
+        if self.ffn_no_op and own.kind != "no_op":
+            out.append(FFNVariant("no_op"))
+        return out
+
+    def layer_variants(self, parent: Architecture, layer: int) -> list[LayerArch]:
+        """Coupled (attention, FFN) pairs for one layer."""
+        return [LayerArch(a, f) for a in self.attention_variants(parent, layer)
+                for f in self.ffn_variants(parent, layer)]
+
+
+def load_architecture(path: str) -> Architecture:
+    """Read an architecture from our arch json or a HF (Llama / DeciLM) config.json."""
+    try:
+        with open(path) as fh:
+            d = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ArchitectureError(f"{path} is not valid json ({e}); fix or regenerate the file") from None
+    return Architecture.from_dict(d) if "layers" in d else Architecture.from_hf_config(d)
