@@ -259,14 +259,21 @@ class Architecture:
                         f"{self.hidden_size} (linear subblock); pick a TP size that divides it")
 
     def engine_compatible(self) -> list[str]:
-        """Reasons TensorRT-LLM / vLLM cannot load this architecture (empty list: they can)."""
+        """Reasons TensorRT-LLM / vLLM cannot load this architecture (empty list: both can).
+
+        TensorRT-LLM reads FFN sizes only through `ffn_mult`; vLLM's nemotron_nas also has no
+        linear-replacement subblocks (it ignores `replace_with_linear`)."""
         problems = []
         for i, l in enumerate(self.layers):
             if l.ffn.kind == "mlp" and intermediate_size_to_ffn_mult(
                     l.ffn.intermediate_size, self.hidden_size) is None:
                 problems.append(
                     f"layer {i}: intermediate_size {l.ffn.intermediate_size} has no ffn_mult "
-                    f"(not a multiple of {FFN_MULT_ROUNDING})")
+                    f"(not a multiple of {FFN_MULT_ROUNDING}): TensorRT-LLM and vLLM")
+            if l.attention.kind == "linear":
+                problems.append(f"layer {i}: linear attention: vLLM")
+            if l.ffn.kind == "linear":
+                problems.append(f"layer {i}: linear FFN: vLLM")
         return problems
 
     # -- our own json (typed, explicit sizes)

@@ -1,0 +1,1 @@
+"""Checkpoints: our canonical format, HF Llama import, HF DeciLM export, the block library."""

@@ -1,0 +1,316 @@
+"""Canonical (full, HF DeciLM-named) state dict <-> Megatron GPTModel parameters, TP/PP aware.
+
+The canonical format is what every checkpoint on disk holds: full unsharded tensors under
+HF DeciLM / Llama names (`model.layers.{i}.self_attn.q_proj.weight`, ...). Megatron differs in
+three ways, all handled here:
+
+* names (`decoder.layers.{j}.self_attention.linear_qkv.weight`, j local to the PP stage);
+* fused tensors: linear_qkv interleaves per query group [q heads of the group; k; v], and
+  linear_fc1 is [gate; up] *per TP shard*;
+* TP sharding: column-parallel layers (qkv, fc1, linear replacements, embedding and output
+  vocab rows) split dim 0, row-parallel ones (linear_proj, fc2) split dim 1, norms replicate.
+
+RoPE needs no q/k row permutation: Megatron-core with rotary_interleaved=False rotates halves
+exactly like HF Llama (`rotate_half`); tests/test_model.py checks logits against
+transformers' LlamaForCausalLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..arch import Architecture, AttentionVariant, FFNVariant
+from ..checkpoints.canonical import expected_canonical_shapes
+from .config import stage_layer_ranges
+from .gpt import unwrap_model
+
+
+class WeightsError(ValueError):
+    """Canonical tensors do not fit the architecture / model; the message says which and how."""
+
+
+# ----------------------------------------------------------------------------- canonical layout
+
+# one source of truth for names/shapes: the checkpoint format's own definition
+canonical_shapes = expected_canonical_shapes
+
+
+def _check_names(tensors: Mapping[str, torch.Tensor], want: Mapping[str, tuple[int, ...]]) -> None:
+    missing = [k for k in want if k not in tensors]
+    unexpected = [k for k in tensors if k not in want]
+    if missing:
+        raise WeightsError(f"{len(missing)} canonical tensor(s) missing for this architecture, e.g. "
+                           f"{missing[:3]}; the checkpoint does not match the architecture")
+    if unexpected:
+        raise WeightsError(f"{len(unexpected)} unexpected canonical tensor(s), e.g. {unexpected[:3]}; "
+                           f"the checkpoint does not match the architecture")
+
+
+def _check_shape(name: str, t: torch.Tensor, want: Mapping[str, tuple[int, ...]]) -> None:
+    if tuple(t.shape) != want[name]:
+        raise WeightsError(f"{name} has shape {list(t.shape)}, the architecture needs {list(want[name])}")
+
+
+def check_canonical(tensors: Mapping[str, torch.Tensor], arch: Architecture) -> None:
+    """Raise a one-line WeightsError on missing, unexpected or mis-shaped canonical tensors."""
+    want = canonical_shapes(arch)
+    _check_names(tensors, want)
+    for k in want:
+        _check_shape(k, tensors[k], want)
+
+
+def init_random_canonical(arch: Architecture, seed: int = 0, std: float = 0.02, norm_std: float = 0.0,
+                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A random canonical state dict (normal(0, std) matrices, norms 1 + normal(0, norm_std))."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in canonical_shapes(arch).items():
+        if len(shape) == 1:
+            t = 1.0 + norm_std * torch.randn(shape, generator=g)
+        else:
+            t = std * torch.randn(shape, generator=g)
+        out[name] = t.to(dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- fused tensors
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv: int) -> torch.Tensor:
+    """HF q/k/v -> Megatron linear_qkv rows, grouped [q heads of group g; k_g; v_g] per KV group."""
+    h, d = q.shape[1], q.shape[0] // num_heads
+    hpg = num_heads // num_kv
+    return torch.cat([q.reshape(num_kv, hpg * d, h), k.reshape(num_kv, d, h), v.reshape(num_kv, d, h)],
+                     dim=1).reshape(-1, h)
+
+
+def split_qkv(w: torch.Tensor, num_heads: int, num_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_qkv` (works per TP shard too: shards hold whole KV groups)."""
+    h = w.shape[1]
+    d = w.shape[0] // (num_heads + 2 * num_kv)
+    hpg = num_heads // num_kv
+    w = w.reshape(num_kv, (hpg + 2) * d, h)
+    q, k, v = w[:, : hpg * d], w[:, hpg * d: (hpg + 1) * d], w[:, (hpg + 1) * d:]
+    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+
+
+# ----------------------------------------------------------------------------- param plan
+
+@dataclass(frozen=True)
+class _Entry:
+    """One Megatron parameter and the canonical tensor(s) it is made of."""
+
+    param: str
+    """Megatron parameter name (in unwrap_model(model).named_parameters())."""
+    names: tuple[str, ...]
+    """Canonical names it is built from."""
+    kind: str
+    """rep (replicated), dim0 / dim1 (TP split along that dim), qkv, fc1."""
+    num_kv: int = 0
+    """KV heads (qkv only)."""
+
+
+def _first_present(params: Mapping[str, torch.nn.Parameter], *candidates: str) -> str:
+    for c in candidates:
+        if c in params:
+            return c
+    raise WeightsError(f"model has none of the parameters {list(candidates)}; was it built by build_gpt_model?")
+
+
+def _layer_entries(params, j: int, i: int, a: AttentionVariant, f: FFNVariant) -> list[_Entry]:
+    mp, cp = f"decoder.layers.{j}.", f"model.layers.{i}."
+    out = []
+    if a.kind == "gqa":
+        # Local spec: separate input_layernorm; TE spec: norm fused into linear_qkv.
+        out.append(_Entry(_first_present(params, mp + "input_layernorm.weight",
+                                         mp + "self_attention.linear_qkv.layer_norm_weight"),
+                          (cp + "input_layernorm.weight",), "rep"))
+        out.append(_Entry(mp + "self_attention.linear_qkv.weight",
+                          tuple(cp + f"self_attn.{x}_proj.weight" for x in "qkv"), "qkv", a.num_kv_heads))
+        out.append(_Entry(mp + "self_attention.linear_proj.weight", (cp + "self_attn.o_proj.weight",), "dim1"))
+    elif a.kind == "linear":
+        out.append(_Entry(_first_present(params, mp + "input_layernorm.weight",
+                                         mp + "self_attention.layer_norm_weight"),
+                          (cp + "input_layernorm.weight",), "rep"))
+        out.append(_Entry(mp + "self_attention.weight", (cp + "self_attn.linear_attn.weight",), "dim0"))
+    if f.kind == "mlp":
+        out.append(_Entry(_first_present(params, mp + "pre_mlp_layernorm.weight",
+                                         mp + "mlp.linear_fc1.layer_norm_weight"),
+                          (cp + "post_attention_layernorm.weight",), "rep"))
+        out.append(_Entry(mp + "mlp.linear_fc1.weight", (cp + "mlp.gate_proj.weight", cp + "mlp.up_proj.weight"),
+                          "fc1"))
+        out.append(_Entry(mp + "mlp.linear_fc2.weight", (cp + "mlp.down_proj.weight",), "dim1"))
+    elif f.kind == "linear":
+        out.append(_Entry(_first_present(params, mp + "pre_mlp_layernorm.weight", mp + "mlp.layer_norm_weight"),
+                          (cp + "post_attention_layernorm.weight",), "rep"))
+        out.append(_Entry(mp + "mlp.weight", (cp + "mlp.linear_mlp.weight",), "dim0"))
+    return out
+
+
+def _plan(model, arch: Architecture) -> tuple[list[_Entry], dict[str, torch.nn.Parameter]]:
+    m = unwrap_model(model)
+    params = dict(m.named_parameters())
+    entries: list[_Entry] = []
+    if m.pre_process:
+        entries.append(_Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "dim0"))
+    for j, layer in enumerate(m.decoder.layers):
+        i = layer.layer_number - 1  # Megatron's layer_number is global and 1-based
+        entries += _layer_entries(params, j, i, arch.layers[i].attention, arch.layers[i].ffn)
+    if m.post_process:
+        entries.append(_Entry("decoder.final_layernorm.weight", ("model.norm.weight",), "rep"))
+        if m.output_layer.weight is not None:  # None when tied on a single stage
+            src = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+            entries.append(_Entry("output_layer.weight", (src,), "dim0"))
+    for e in entries:
+        if e.param not in params:
+            raise WeightsError(f"model has no parameter {e.param}; it was not built for this architecture")
+    covered = {e.param for e in entries}
+    extra = [n for n in params if n not in covered]
+    if extra:
+        raise WeightsError(f"model parameters without a canonical source, e.g. {extra[:3]}; "
+                           f"the model was not built for this architecture")
+    return entries, params
+
+
+def _tp():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def _local_shard(e: _Entry, full: list[torch.Tensor], arch: Architecture, r: int, t: int) -> torch.Tensor:
+    if e.kind == "rep":
+        return full[0]
+    if e.kind == "dim0":
+        return full[0].chunk(t, dim=0)[r]
+    if e.kind == "dim1":
+        return full[0].chunk(t, dim=1)[r]
+    if e.kind == "qkv":  # whole KV groups per shard, so the fused tensor splits contiguously
+        return fuse_qkv(*full, arch.num_attention_heads, e.num_kv).chunk(t, dim=0)[r]
+    if e.kind == "fc1":  # Megatron's MLP chunks each shard's output into [gate; up]
+        return torch.cat([full[0].chunk(t, dim=0)[r], full[1].chunk(t, dim=0)[r]], dim=0)
+    raise AssertionError(e.kind)
+
+
+# ----------------------------------------------------------------------------- load
+
+def load_canonical_into_model(model, tensors: Mapping[str, torch.Tensor], arch: Architecture | None = None,
+                              ) -> None:
+    """Copy the full canonical tensors into this rank's TP/PP shard of `model`.
+
+    Every rank passes the same full dict (a lazy Mapping such as a safetensors reader works;
+    only the tensors this rank owns are read). Raises WeightsError on missing, unexpected or
+    mis-shaped tensors.
+    """
+    arch = arch or getattr(unwrap_model(model), "megapuzzle_arch", None)
+    if arch is None:
+        raise WeightsError("no architecture given and the model carries none; pass arch=")
+    want = canonical_shapes(arch)
+    _check_names(tensors, want)  # names: all of them; shapes: those this rank reads (below)
+    entries, params = _plan(model, arch)
+    r, t = _tp()
+    with torch.no_grad():
+        for e in entries:
+            p = params[e.param]
+            full = [tensors[n] for n in e.names]
+            for n, x in zip(e.names, full):
+                _check_shape(n, x, want)
+            local = _local_shard(e, full, arch, r, t)
+            if tuple(local.shape) != tuple(p.shape):
+                raise WeightsError(f"{e.param}: shard of {e.names[0]} has shape {list(local.shape)}, "
+                                   f"the model parameter has {list(p.shape)}")
+            p.copy_(local.to(device=p.device, dtype=p.dtype))
+
+
+# ----------------------------------------------------------------------------- gather
+
+def _tp_all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    t = ps.get_tensor_model_parallel_world_size()
+    if t == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(t)]
+    dist.all_gather(parts, x.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
+def _gather_local(model, arch: Architecture) -> dict[str, torch.Tensor]:
+    """Full canonical tensors for the layers this PP stage holds (TP shards all-gathered)."""
+    entries, params = _plan(model, arch)
+    _, t = _tp()
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for e in entries:
+            x = params[e.param].detach()
+            if e.kind == "rep":
+                out[e.names[0]] = x.clone()
+            elif e.kind in ("dim0", "dim1"):
+                full = _tp_all_gather(x, 0 if e.kind == "dim0" else 1)
+                out.setdefault(e.names[0], full)  # tied: embedding and output copy agree
+            elif e.kind == "qkv":
+                full = _tp_all_gather(x, 0)
+                q, k, v = split_qkv(full, arch.num_attention_heads, e.num_kv)
+                out.update(zip(e.names, (q.contiguous(), k.contiguous(), v.contiguous())))
+            elif e.kind == "fc1":
+                parts = _tp_all_gather(x, 0).chunk(t, dim=0)
+                gate = torch.cat([p.chunk(2, dim=0)[0] for p in parts], dim=0)
+                up = torch.cat([p.chunk(2, dim=0)[1] for p in parts], dim=0)
+                out[e.names[0]], out[e.names[1]] = gate, up
+    return out
+
+
+def _owner_stage(name: str, arch: Architecture, pp: int) -> int:
+    if name == "model.embed_tokens.weight":
+        return 0
+    if name.startswith("model.layers."):
+        i = int(name.split(".")[2])
+        return next(s for s, rng in enumerate(stage_layer_ranges(arch.num_layers, pp)) if i in rng)
+    return pp - 1  # model.norm, lm_head
+
+
+def gather_canonical_from_model(model, arch: Architecture | None = None, *, all_ranks: bool = False,
+                                ) -> dict[str, torch.Tensor]:
+    """The full canonical state dict, assembled from every TP shard and PP stage.
+
+    all_ranks=False: global rank 0 gets the dict, the other ranks an empty one (stages send
+    their tensors point-to-point to rank 0, so no rank but 0 ever holds the whole model).
+    all_ranks=True: every rank gets it (broadcast over each pipeline group). Collective: all
+    ranks must call it.
+    """
+    from megatron.core import parallel_state as ps
+
+    arch = arch or getattr(unwrap_model(model), "megapuzzle_arch", None)
+    if arch is None:
+        raise WeightsError("no architecture given and the model carries none; pass arch=")
+    local = _gather_local(model, arch)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return local if (all_ranks or dist.get_rank() == 0) else {}
+    stage = ps.get_pipeline_model_parallel_rank()
+    group = ps.get_pipeline_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)  # global rank of each stage in my PP group
+    dtype = unwrap_model(model).config.params_dtype
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    out: dict[str, torch.Tensor] = {}
+    chain0 = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    for name, shape in canonical_shapes(arch).items():
+        owner = _owner_stage(name, arch, pp)
+        if all_ranks:
+            buf = local[name].to(dtype) if owner == stage else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(buf, src=ranks[owner], group=group)
+            out[name] = buf
+        elif chain0:  # rank 0's pipeline group: TP rank 0, DP rank 0 of every stage
+            if owner == stage == 0:
+                out[name] = local[name]
+            elif owner == stage:
+                dist.send(local[name].to(dtype).contiguous(), dst=ranks[0])
+            elif stage == 0:
+                buf = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(buf, src=ranks[owner])
+                out[name] = buf
+    return out if (all_ranks or dist.get_rank() == 0) else {}

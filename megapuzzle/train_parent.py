@@ -1,0 +1,294 @@
+"""`megapuzzle train-parent`: the embedded parent, a small Llama trained on the Python stdlib.
+
+    megapuzzle train-parent --out runs/parent                      # default flavour, ~8 min on 2 cores
+    megapuzzle train-parent --out /tmp/p --flavour debug           # seconds; what the tests use
+    torchrun --nproc-per-node 2 -m megapuzzle.cli train-parent --out runs/parent   # data parallel
+
+Every later stage and the README demo start from this parent, so no model is downloaded.
+Steps: sentencepiece tokenizer on the corpus' train split -> indexed datasets (train, held-out)
+-> Megatron-core GPTModel pre-training (AdamW, warmup + cosine, grad clipping, checkpoints every
+N steps, resumable after a kill with the same data order) -> held-out loss vs the corpus'
+unigram entropy -> a HF Llama directory and a megapuzzle checkpoint.
+
+Output directory:
+    OUT/tokenizer/  OUT/data/{train,heldout}.{bin,idx,json}  OUT/train_state/  OUT/tb/
+    OUT/hf/ (HF Llama dir)  OUT/checkpoint/ (megapuzzle checkpoint)  OUT/result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megapuzzle.arch import Architecture
+from megapuzzle.errors import UserError
+from megapuzzle.fileio import atomic_write_json
+
+
+@dataclass(frozen=True)
+class ParentConfig:
+    """Sizes and budget of the embedded parent."""
+
+    vocab_size: int = 4096
+    """Sentencepiece BPE vocabulary (a multiple of 128 so TP can split it)."""
+    hidden_size: int = 384
+    """Residual width. 384 = 1.5 x 256 keeps every FFN variant writable as ffn_mult."""
+    num_layers: int = 6
+    """Decoder layers."""
+    num_attention_heads: int = 8
+    """Query heads (head dim 48)."""
+    num_kv_heads: int = 4
+    """GQA KV heads; leaves 2 and 1 as reduced-KV variants for Puzzle."""
+    intermediate_size: int = 1536
+    """SwiGLU width (ffn_mult 6.0): variants 1280 ... 256 at the 256 granularity."""
+    seq_len: int = 256
+    """Training sequence length."""
+    batch_size: int = 16
+    """Global batch in sequences."""
+    steps: int = 400
+    """Optimizer steps (tokens = steps x batch x seq_len)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Cosine floor."""
+    warmup_steps: int = 30
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not on norms)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    seed: int = 1234
+    """Seeds data order, init and tokenizer sampling."""
+    checkpoint_every: int = 50
+    """Save resumable state every N steps."""
+    log_every: int = 10
+    """Console line every N steps."""
+    eval_batches: int = 24
+    """Held-out batches (of batch_size x seq_len) for the final loss; 0 = the whole split."""
+    max_files: int = 0
+    """Use only the first N corpus files (0 = all); the debug flavour's shortcut."""
+    tie_word_embeddings: bool = False
+    """Share input and output embeddings (Llama-3 8B+ do not)."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+
+    def __post_init__(self):
+        if self.vocab_size % 128:
+            raise UserError(f"vocab_size {self.vocab_size} is not a multiple of 128; pick e.g. "
+                            f"{128 * math.ceil(self.vocab_size / 128)}")
+        for f in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
+            if getattr(self, f) < 1:
+                raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
+
+    def architecture(self, bos: int | None = None, eos: int | None = None) -> Architecture:
+        return Architecture.homogeneous(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads, num_kv_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size, max_position_embeddings=max(2048, self.seq_len),
+            rope_theta=self.rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=bos, eos_token_id=eos)
+
+
+FLAVOURS = {
+    "default": ParentConfig(),
+    # what the tests and the SLURM CI chain use: trains in seconds, same code path
+    "debug": ParentConfig(vocab_size=512, hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2,
+                          intermediate_size=256, seq_len=64, batch_size=8, steps=30, lr=3e-3, min_lr=3e-4,
+                          warmup_steps=5, checkpoint_every=10, log_every=5, eval_batches=4, max_files=40),
+}
+
+
+def _corpus_texts(split: str, max_files: int):
+    from megapuzzle.data.corpus import stdlib_files
+
+    files = stdlib_files(split)
+    if max_files:
+        files = files[:max_files] if split == "train" else files[: max(2, max_files // 10)]
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        if text.strip():
+            yield text
+
+
+def prepare_tokenizer_and_data(cfg: ParentConfig, out: Path, log=print) -> None:
+    """Tokenizer + indexed datasets; skipped when already there (their files are atomic)."""
+    from megapuzzle.data.datasets import write_indexed_dataset
+    from megapuzzle.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.model").is_file():
+        t0 = time.perf_counter()
+        train_sentencepiece(_corpus_texts("train", cfg.max_files), tok_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
+        log(f"[train-parent] sentencepiece BPE {cfg.vocab_size} trained in {time.perf_counter() - t0:.1f}s")
+    tok = load_tokenizer(tok_dir)
+    for split in ("train", "heldout"):
+        prefix = out / "data" / split
+        if (prefix.with_suffix(".idx")).is_file() and (prefix.with_suffix(".bin")).is_file():
+            continue
+        t0 = time.perf_counter()
+        docs = (tok.encode(t) + [tok.eos_id] for t in _corpus_texts(split, cfg.max_files))
+        stats = write_indexed_dataset(prefix, docs, tok.vocab_size, meta={"split": split, "tokenizer": tok.fingerprint()})
+        log(f"[train-parent] {split}: {stats} ({time.perf_counter() - t0:.1f}s)")
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def evaluate_lm_loss(model, data, cfg: ParentConfig) -> tuple[float, int]:
+    """Mean next-token loss (nats) over held-out windows, and the token count."""
+    from megapuzzle.model.forward import forward_logits
+
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in data.eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None):
+            logits = forward_logits(model, batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     batch[:, 1:].reshape(-1), reduction="sum")
+            total += loss.item()
+            n += batch[:, 1:].numel()
+    model.train()
+    return total / max(n, 1), n
+
+
+def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, threads: int | None = None,
+                 log=print, stop_after: int | None = None) -> dict:
+    """Run (or resume) the whole recipe; returns result.json's content."""
+    from megapuzzle.checkpoints.canonical import save_checkpoint
+    from megapuzzle.checkpoints.hf_io import write_llama_dir
+    from megapuzzle.data.datasets import PackedSequenceDataset, unigram_entropy
+    from megapuzzle.data.tokenizer import load_tokenizer
+    from megapuzzle.model.gpt import build_gpt_model
+    from megapuzzle.model.weights import gather_canonical_from_model
+    from megapuzzle.runtime.distributed import init_distributed
+    from megapuzzle.train.schedule import LRSchedule, set_lr
+    from megapuzzle.train.state import load_train_state, save_train_state
+    from megapuzzle.train.train_logger import TrainLogger
+
+    out = Path(out)
+    result_file = out / "result.json"
+    if result_file.is_file():
+        res = json.loads(result_file.read_text())
+        if res.get("config") == dataclasses.asdict(cfg):
+            log(f"[train-parent] {out} is already trained (result.json); nothing to do")
+            return res
+        raise UserError(f"{out} holds a parent trained with another config; use a new --out or delete {out}")
+    if threads:
+        torch.set_num_threads(threads)
+    info = init_distributed(seed=cfg.seed)
+    main = info.rank == 0
+    t_start = time.perf_counter()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+        prepare_tokenizer_and_data(cfg, out, log)
+    if info.world_size > 1:
+        torch.distributed.barrier()
+    tok = load_tokenizer(out / "tokenizer")
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} ids but vocab_size is {cfg.vocab_size}; delete {out}/tokenizer")
+    train = PackedSequenceDataset.from_prefix(out / "data" / "train")
+    heldout = PackedSequenceDataset.from_prefix(out / "data" / "heldout")
+
+    arch = cfg.architecture(bos=tok.bos_id, eos=tok.eos_id)
+    model = build_gpt_model(arch)
+    params = {n: p for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = LRSchedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
+    # each rank keeps its own shard state (TP/PP slices) under its own name
+    state_dir = out / "train_state" / f"rank{info.rank:03d}"
+    resumed = load_train_state(state_dir, params, opt)
+    start = resumed["step"] if resumed else 0
+    if resumed and main:
+        log(f"[train-parent] resumed from step {start}")
+    logger = TrainLogger(out / "tb" if main else None, cfg.steps, enabled=main)
+    dp_group = _dp_group()
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    model.train()
+    loss_val = float("nan")
+    last_log = start
+    for step in range(start, cfg.steps):
+        if stop_after is not None and step >= stop_after:
+            return {"stopped_at": step}  # tests: behave like a kill (no save) after `stop_after` steps
+        batch = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
+        set_lr(opt, sched(step))
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        loss = model(tokens, pos, None, labels=labels).float().mean()
+        loss.backward()
+        if info.dp_size > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, group=dp_group)
+                    p.grad /= info.dp_size
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_val = loss.item()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            done = (step + 1) - last_log
+            logger.log(step + 1, tokens_per_step * done,
+                       {"lm loss": loss_val, "lr": sched(step), "grad norm": gnorm}, iters=done)
+            last_log = step + 1
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_train_state(state_dir, step + 1, params, opt, {"loss": loss_val})
+    heldout_loss, n_eval = evaluate_lm_loss(model, heldout, cfg)
+    canonical = gather_canonical_from_model(model, arch)
+    result = None
+    if main:
+        h_uni = unigram_entropy(heldout.tokens)
+        logger.scalar("heldout/lm_loss", heldout_loss, cfg.steps)
+        logger.close()
+        save_checkpoint(out / "checkpoint", arch, canonical, tokenizer_dir=out / "tokenizer", force=True,
+                        meta={"source": "train-parent", "steps": cfg.steps, "heldout_loss": heldout_loss})
+        write_llama_dir(arch, canonical, out / "hf", tokenizer_dir=out / "tokenizer", force=True, dtype=torch.float32)
+        result = {
+            "config": dataclasses.asdict(cfg),
+            "num_params": arch.num_params(),
+            "train_tokens": cfg.steps * tokens_per_step,
+            "final_train_loss": loss_val,
+            "heldout_loss": heldout_loss,
+            "heldout_tokens": n_eval,
+            "heldout_unigram_entropy": h_uni,
+            "heldout_perplexity": math.exp(heldout_loss),
+            "wall_seconds_this_run": time.perf_counter() - t_start,
+            "resumed_from_step": start,
+        }
+        atomic_write_json(result_file, result)  # written last: its presence means "done"
+        log(f"[train-parent] held-out loss {heldout_loss:.4f} nats/token vs unigram entropy {h_uni:.4f} "
+            f"({n_eval} tokens); {arch.num_params() / 1e6:.2f}M params; "
+            f"{time.perf_counter() - t_start:.0f}s; HF Llama dir {out / 'hf'}")
+    return result or {}
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (resumes if it holds a partial run)")
+    p.add_argument("--flavour", choices=sorted(FLAVOURS), default="default", help="size preset")
+    p.add_argument("--steps", type=int, help="override the flavour's optimizer steps")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = FLAVOURS[args.flavour]
+    if args.steps:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    train_parent(args.out, cfg, threads=args.threads)
+    return 0
