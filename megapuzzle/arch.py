@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Literal
 
 FFN_MULT_ROUNDING = 256  # the rule TRT-LLM, vLLM and Megatron-core apply to ffn_mult

@@ -17,6 +17,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-parent": ("megapuzzle.train_parent", "train the embedded parent (a small Llama) on the Python stdlib source"),
     "import-hf": ("megapuzzle.checkpoints.import_hf", "HF Llama directory -> megapuzzle checkpoint"),
     "export-hf": ("megapuzzle.checkpoints.export_hf", "megapuzzle checkpoint -> HF DeciLM (nemotron-nas) directory"),
+    "bld": ("megapuzzle.bld", "child initialisation + blockwise local distillation into the block library"),
+    "score": ("megapuzzle.score", "replace-1-block scoring of every library block (KL, LM loss, top-k)"),
+    "measure": ("megapuzzle.cost", "measured per-variant runtime + memory costs (and GPU roofline estimates)"),
+    "mip": ("megapuzzle.mip.stage", "pick one variant per layer under throughput / latency / memory budgets"),
+    "realize": ("megapuzzle.realize", "stitch a MIP solution's blocks into a child checkpoint"),
+    "gkd": ("megapuzzle.gkd", "global knowledge distillation of the child from the parent"),
+    "evaluate": ("megapuzzle.evaluate", "parent vs child: quality, measured throughput, report.md + pareto.png"),
+    "run": ("megapuzzle.pipeline", "the whole pipeline from one config, resumable (manifest.json)"),
     "info": ("megapuzzle.info", "print an architecture (checkpoint, arch.json or HF config.json) layer by layer"),
 }
 

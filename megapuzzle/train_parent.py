@@ -38,27 +38,28 @@ class ParentConfig:
 
     vocab_size: int = 4096
     """Sentencepiece BPE vocabulary (a multiple of 128 so TP can split it)."""
-    hidden_size: int = 384
-    """Residual width. 384 = 1.5 x 256 keeps every FFN variant writable as ffn_mult."""
+    hidden_size: int = 256
+    """Residual width (8M parameters in all: trains in minutes on 2 CPU cores)."""
     num_layers: int = 6
     """Decoder layers."""
     num_attention_heads: int = 8
-    """Query heads (head dim 48)."""
+    """Query heads (head dim 32)."""
     num_kv_heads: int = 4
     """GQA KV heads; leaves 2 and 1 as reduced-KV variants for Puzzle."""
-    intermediate_size: int = 1536
-    """SwiGLU width (ffn_mult 6.0): variants 1280 ... 256 at the 256 granularity."""
+    intermediate_size: int = 1024
+    """SwiGLU width (ffn_mult 6.0): variants 768, 512, 256 at the 256 granularity, all
+    writable as ffn_mult, so every child stays loadable by TensorRT-LLM and vLLM."""
     seq_len: int = 256
     """Training sequence length."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Global batch in sequences."""
-    steps: int = 400
+    steps: int = 240
     """Optimizer steps (tokens = steps x batch x seq_len)."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
     """Cosine floor."""
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     """Linear warmup steps."""
     weight_decay: float = 0.1
     """AdamW weight decay (not on norms)."""
@@ -66,7 +67,7 @@ class ParentConfig:
     """Global gradient-norm clip."""
     seed: int = 1234
     """Seeds data order, init and tokenizer sampling."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = 40
     """Save resumable state every N steps."""
     log_every: int = 10
     """Console line every N steps."""

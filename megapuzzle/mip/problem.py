@@ -8,6 +8,7 @@ budget[r]` for every constrained resource r. Everything here is solver-independe
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
@@ -54,14 +55,18 @@ def _as_layers(name: str, data, num_layers: int | None) -> tuple[np.ndarray, ...
         raise ValueError(f"{name}: expected one sequence of candidate values per layer")
     layers = []
     for l, row in enumerate(data):
-        a = np.array(row, dtype=np.float64).reshape(-1) if np.ndim(row) <= 1 else None
+        if isinstance(row, np.ndarray) and row.dtype == np.float64 and row.ndim == 1 and not row.flags.writeable:
+            a = row  # frozen already (e.g. by another MIPProblem): share it, still check it below
+        else:
+            a = np.array(row, dtype=np.float64).reshape(-1) if np.ndim(row) <= 1 else None
         if a is None:
             raise ValueError(f"{name}[{l}]: expected a 1-D sequence, got shape {np.shape(row)}")
         if a.size == 0:
             raise ValueError(f"{name}[{l}]: layer {l} has no candidates")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{name}[{l}]: non-finite value(s) {a[~np.isfinite(a)][:3].tolist()}")
-        a.flags.writeable = False
+        if a.flags.writeable:
+            a.flags.writeable = False
         layers.append(a)
     if not layers:
         raise ValueError(f"{name}: no layers")
@@ -88,6 +93,7 @@ class Cut:
         object.__setattr__(self, "pairs", pairs)
         if int(self.max_selected) != self.max_selected or self.max_selected < 0:
             raise ValueError(f"Cut.max_selected must be a non-negative integer, got {self.max_selected}")
+        object.__setattr__(self, "max_selected", int(self.max_selected))
 
 
 @dataclass
@@ -179,7 +185,7 @@ class MIPProblem:
         return tuple(r for r in self.costs if r in self.budgets)
 
     def with_budgets(self, budgets: Mapping[str, float], replace_all: bool = False) -> "MIPProblem":
-        """A copy with budgets updated (or replaced entirely); the arrays are shared."""
+        """A copy with budgets updated (or replaced entirely); the frozen arrays are shared."""
         new = dict(budgets) if replace_all else {**self.budgets, **budgets}
         return replace(self, budgets=new)
 
@@ -266,7 +272,7 @@ def beaten_counts(features: np.ndarray, valid: np.ndarray) -> np.ndarray:
     out = np.zeros((L, M), dtype=np.int64)
     idx = np.arange(M)
     lower_index = idx[:, None] < idx[None, :]
-    chunk = max(1, int(4e6 // max(1, M * M * K)))  # bounds the (chunk, M, M, K) temporaries
+    chunk = max(1, int(4e6 // max(1, M * M)))  # bounds the (chunk, M, M) temporaries
     for a in range(0, L, chunk):
         F = features[a:a + chunk]
         # One feature at a time: K small 3-D ops beat a 4-D broadcast reduced over a tiny axis.
@@ -439,7 +445,7 @@ def compile_problem(problem: MIPProblem, cuts: Sequence[Cut] = (), levels: int =
 
 
 def local_search(model: CompiledModel, cur: np.ndarray, cand: np.ndarray, tol: float = 1e-9,
-                 max_moves: int = 2000) -> np.ndarray | None:
+                 max_moves: int = 2000, deadline: float | None = None) -> np.ndarray | None:
     """Cheap incumbent for the MIP: repair `cur` (one column per layer) into feasibility,
     then apply improving moves (best single swap, else best pair of swaps in two layers)
     drawn from the columns `cand`. Returns columns per layer, or None if repair fails.
@@ -473,6 +479,8 @@ def local_search(model: CompiledModel, cur: np.ndarray, cand: np.ndarray, tol: f
     else:
         return None
     for _ in range(max_moves):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         s = h + tol - t
         dG = G[:, cand] - G[:, cur[lay]]
         dobj = obj[cand] - obj[cur[lay]]

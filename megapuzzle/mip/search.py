@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Sequence, Union
 
 from .problem import Cut, InfeasibleBudgetError, MIPProblem, Solution
 from .solvers import MIPSession, diagnose_infeasible

@@ -140,11 +140,18 @@ def choose_solver(requested: str, num_vars: int, num_rows: int) -> tuple[str, st
 
 @dataclass
 class RawResult:
-    status: str          # "optimal" | "time_limit" | "infeasible"
+    """What a backend hands back to MIPSession."""
+
+    status: str
+    """"optimal" (within mip_gap), "time_limit" (feasible, unproven) or "infeasible"."""
     x: np.ndarray | None
+    """Column values of the best solution (None when infeasible)."""
     bound: float
+    """Proven lower bound on the objective."""
     gap: float
+    """Relative gap of x to the bound."""
     seconds: float
+    """Wall time spent in the backend."""
 
 
 class HighsBackend:
@@ -156,10 +163,11 @@ class HighsBackend:
     solution using column j can never beat an incumbent of value inc when d_j > inc - z.
     We solve the MIP on the columns with small d, then check that every column it left out
     has d_j > inc - z; otherwise we add those columns and re-solve from the incumbent.
-    The answer is the proven optimum of the full model, but the MIPs HiGHS sees have tens
-    of columns instead of thousands: HiGHS's own heuristics, restarts and symmetry
-    detection on the full model cost ~0.3-0.5 s on the 405B library, the core ~20-50 ms.
-    core=False runs plain HiGHS on the full model (kept for comparison and as a fallback).
+    A cheap local search (problem.local_search) from the rounded LP point supplies the first
+    incumbent, so usually one MIP on ~200-300 of the 2,900 columns settles it. The answer
+    is the proven optimum of the full model; on the 405B library plain HiGHS spends
+    0.5-1.5 s (mostly heuristics hunting an incumbent), the core 0.05-0.2 s
+    (benchmarks/bench_mip.py). core=False runs plain HiGHS on the full model.
     """
 
     name = "highs"
@@ -231,13 +239,15 @@ class HighsBackend:
             return ("optimal" if st == MS.kOptimal else "time_limit", np.asarray(h.getSolution().col_value),
                     info.mip_dual_bound, max(0.0, info.mip_gap))
         if st == MS.kTimeLimit:
-            raise MIPError(f"highs: no feasible solution within the time limit ({time_limit} s)")
+            return "no_solution", None, info.mip_dual_bound, math.inf
         raise MIPError(f"highs: solve ended with status {h.modelStatusToString(st)}")
 
     def run(self, time_limit: float | None, start: np.ndarray | None) -> RawResult:
         t = time.perf_counter()
         if not self.core:
             status, x, bound, gap = self._mip(self.h, time_limit, start)
+            if status == "no_solution":
+                raise MIPError(f"highs: no feasible solution within the time limit ({time_limit} s)")
             return RawResult(status, x, bound, gap, time.perf_counter() - t)
         deadline = None if time_limit is None else t + float(time_limit)
 
@@ -252,8 +262,10 @@ class HighsBackend:
             return RawResult("infeasible", None, math.inf, math.inf, time.perf_counter() - t)
         start_, index, value, lower, upper = self.arrays
         n = len(self.obj)
-        if lp_status != MS.kOptimal:  # odd LP outcome: plain MIP on everything
+        if lp_status != MS.kOptimal:  # LP out of time (or odd): plain MIP on everything
             status, x, bound, gap = self._mip(self._load(None, True), left(), start)
+            if status == "no_solution":
+                raise MIPError(f"highs: no feasible solution within the time limit ({time_limit} s)")
             return RawResult(status, x, bound, gap, time.perf_counter() - t)
         sol = self.h.getSolution()
         y = np.asarray(sol.row_dual, dtype=np.float64)
@@ -261,6 +273,9 @@ class HighsBackend:
         col_of = np.repeat(np.arange(n), np.diff(start_))
         d = self.obj - np.bincount(col_of, weights=value * y[index], minlength=n)
         z = float(y @ upper + np.minimum(d, 0.0).sum())  # weak-duality lower bound (eq rows: upper = 1)
+        # Solutions may overrun a row by the feasibility tolerance, which is worth |y_i| * tol
+        # of objective: lower the bound by that so no tolerated solution escapes the proof.
+        z -= float(np.abs(y[~np.isfinite(lower)]).sum()) * FEAS_TOL
         x_lp = np.asarray(sol.col_value)
         # Columns within 0.1 % of the bound plus the 2 best per layer and the LP support: room
         # for the incumbent heuristic, and the first restricted MIP if the heuristic fails.
@@ -275,8 +290,11 @@ class HighsBackend:
             inside |= start > 0.5
             seeds.append(np.nonzero(start > 0.5)[0])  # one column per layer, in layer order
         x_best, inc_best = None, math.inf
+        cand = np.nonzero(inside)[0]
+        cand = cand[np.argsort(d[cand], kind="stable")[:400]]  # pair moves are O(len(cand)^2)
         for seed in seeds:
-            cols_h = local_search(model, seed, np.nonzero(inside)[0], tol=FEAS_TOL)
+            cols_h = local_search(model, seed, cand, tol=FEAS_TOL,
+                                  deadline=None if deadline is None else t + 0.2 * float(time_limit))
             if cols_h is not None and self.obj[cols_h].sum() < inc_best:
                 inc_best = float(self.obj[cols_h].sum())
                 x_best = np.zeros(n)
@@ -288,6 +306,12 @@ class HighsBackend:
             cols = np.nonzero(inside)[0]
             x0 = None if x_best is None else x_best[cols]
             status, xs, rbound, _ = self._mip(self._load(cols, True, seeded=x0 is not None), left(), x0)
+            if status == "no_solution":  # out of time before HiGHS even took our start
+                if x_best is None:
+                    raise MIPError(f"highs: no feasible solution within the time limit ({time_limit} s)")
+                inc = float(self.obj @ x_best)
+                return RawResult("time_limit", x_best, z, max(0.0, inc - z) / max(abs(inc), 1e-12),
+                                 time.perf_counter() - t)
             if status == "infeasible":
                 if cols.size == n:
                     return RawResult("infeasible", None, math.inf, math.inf, time.perf_counter() - t)
@@ -302,10 +326,10 @@ class HighsBackend:
             out_d = d[~inside]
             bound = min(rbound, z + float(out_d.min())) if out_d.size else rbound
             slack = 1e-12 * max(1.0, abs(inc))
-            gap = max(0.0, inc - bound) / max(abs(inc), 1e-12)
+            bound = min(bound, inc)
+            gap = (inc - bound) / max(abs(inc), 1e-12) if inc - bound > slack else 0.0
             if inc - bound <= self.mip_gap * max(abs(inc), 1e-12) + slack:
-                return RawResult("optimal" if status == "optimal" else "time_limit", x,
-                                 min(bound, inc), gap if status != "optimal" else 0.0, time.perf_counter() - t)
+                return RawResult(status, x, bound, gap, time.perf_counter() - t)
             grow = inside | (d <= inc - z + slack)
             if status != "optimal" or grow.sum() == inside.sum():  # out of time: report what is proven
                 return RawResult("time_limit", x, bound, gap, time.perf_counter() - t)
@@ -442,7 +466,7 @@ class MIPSession:
         names = None
         if problem.candidate_names is not None:
             names = tuple(problem.candidate_names[l][v] for l, v in enumerate(choice))
-        gap = 0.0 if raw.status == "optimal" else raw.gap
+        gap = raw.gap if raw.gap > 1e-12 else 0.0  # solvers report ~1e-17 "gaps" at optimality
         return Solution(tuple(choice), objective, totals, status=raw.status, gap=gap, bound=raw.bound,
                         names=names, **common)
 
@@ -456,6 +480,8 @@ def solve(problem: MIPProblem, solver: str = "auto", time_limit: float | None = 
 
     solver: "auto" (Gurobi if licensed for this size, else HiGHS; Solution.reason says why),
     "highs" or "gurobi". mip_gap: relative optimality gap to stop at (0 = proven optimum).
+    time_limit: seconds; when hit, the best solution found comes back with status
+    "time_limit" and its proven gap (MIPError if none was found).
     verbose: show the solver's log. start: a warm-start choice (original indices).
     prune=False / core=False switch off dominance pruning / HiGHS's LP-guided core (A/B checks).
     Raises InfeasibleBudgetError (one-line diagnosis) when no architecture fits.
@@ -470,10 +496,8 @@ def solve(problem: MIPProblem, solver: str = "auto", time_limit: float | None = 
 def _least(problem: MIPProblem, resource: str, others: dict[str, float], cuts, solver) -> float | None:
     """Least achievable total of `resource` under the `others` budgets and cuts (None: infeasible)."""
     sub = MIPProblem(problem.costs[resource], problem.costs, others)
-    try:
-        sol = MIPSession(sub, solver if solver != "gurobi" else "auto", cuts).solve()
-    except SolverLicenceError:
-        sol = MIPSession(sub, "highs", cuts).solve()
+    # "auto" rather than a forced gurobi: a diagnosis must not fail on the licence size.
+    sol = MIPSession(sub, "highs" if solver == "highs" else "auto", cuts).solve()
     return sol.totals[resource] if sol.feasible else None
 
 

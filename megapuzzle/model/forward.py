@@ -25,7 +25,7 @@ def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
-def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """[b, s, V/tp] shards -> [b, s, V] (autograd-aware all-gather over the TP group)."""
     if _ps().get_tensor_model_parallel_world_size() == 1:
         return logits
@@ -92,11 +92,11 @@ def forward_logits(model, tokens: torch.Tensor, *, micro_batch_size: int | None 
     tokens = tokens.to(_device(model))
     if ps.get_pipeline_model_parallel_world_size() == 1:
         outs = [m(t, _position_ids(t), None) for t in _microbatches(tokens, micro_batch_size)[0]]
-        return _gather_vocab(torch.cat(outs, dim=0) if len(outs) > 1 else outs[0])
+        return gather_vocab(torch.cat(outs, dim=0) if len(outs) > 1 else outs[0])
     with torch.no_grad():
         outs = _run_pipeline(model, tokens, micro_batch_size)
         last = ps.get_pipeline_model_parallel_world_size() - 1
-        logits = _gather_vocab(torch.cat(outs, dim=0)) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+        logits = gather_vocab(torch.cat(outs, dim=0)) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
         if not broadcast:
             return logits
         shape = (tokens.shape[0], tokens.shape[1], m.vocab_size)

@@ -69,7 +69,7 @@ def build_gpt_model(arch: Architecture, *, tp: int | None = None, pp: int | None
 
     kind = rope_kind(arch)
     scaling = arch.rope_scaling or {}
-    with _quiet_unknown_mlp():
+    with quiet_unknown_mlp():
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -85,6 +85,7 @@ def build_gpt_model(arch: Architecture, *, tp: int | None = None, pp: int | None
             rope_scaling_factor=float(scaling.get("factor", 8.0)) if kind == "llama3" else 8.0,
             seq_len_interpolation_factor=float(scaling["factor"]) if kind == "linear" else None,
         )
+    mark_tensor_parallel_weights(model)
     if kind == "llama3":
         # Megatron's llama3 scaling fixes low/high_freq_factor and the original context at the
         # Llama-3.1 values; use the HF formula with this config's own values.
@@ -100,13 +101,34 @@ def build_gpt_model(arch: Architecture, *, tp: int | None = None, pp: int | None
     return model
 
 
+def mark_tensor_parallel_weights(module: torch.nn.Module) -> None:
+    """Set Megatron's `tensor_model_parallel` / `partition_dim` on TP-split weights.
+
+    Megatron sets them only while it initialises a weight; with perform_initialization=False
+    (weights loaded right after) they stay unset and Megatron's grad-norm / clipping code then
+    treats split weights as replicated. The split is a property of the layer type, so restore it."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for m in module.modules():
+        dim = 0 if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)) else \
+            1 if isinstance(m, RowParallelLinear) else None
+        w = getattr(m, "weight", None)
+        if dim is not None and isinstance(w, torch.nn.Parameter) and not getattr(w, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(w, True, dim, 1)
+
+
 class _DropUnknownMLP(logging.Filter):
     def filter(self, record):
         return not str(record.msg).startswith("Unknown MLP type")
 
 
 @contextlib.contextmanager
-def _quiet_unknown_mlp():
+def quiet_unknown_mlp():
     """TransformerLayer logs "Unknown MLP type ... Using default kwargs" for every linear / no-op
     FFN of the heterogeneous spec; default kwargs are exactly right for those, so drop it."""
     lg = logging.getLogger("megatron.core.transformer.transformer_layer")

@@ -120,7 +120,7 @@ def _first_present(params: Mapping[str, torch.nn.Parameter], *candidates: str) -
     raise WeightsError(f"model has none of the parameters {list(candidates)}; was it built by build_gpt_model?")
 
 
-def _layer_entries(params, j: int, i: int, a: AttentionVariant, f: FFNVariant) -> list[_Entry]:
+def layer_param_plan(params, j: int, i: int, a: AttentionVariant, f: FFNVariant) -> list[_Entry]:
     mp, cp = f"decoder.layers.{j}.", f"model.layers.{i}."
     out = []
     if a.kind == "gqa":
@@ -158,7 +158,7 @@ def _plan(model, arch: Architecture) -> tuple[list[_Entry], dict[str, torch.nn.P
         entries.append(_Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "dim0"))
     for j, layer in enumerate(m.decoder.layers):
         i = layer.layer_number - 1  # Megatron's layer_number is global and 1-based
-        entries += _layer_entries(params, j, i, arch.layers[i].attention, arch.layers[i].ffn)
+        entries += layer_param_plan(params, j, i, arch.layers[i].attention, arch.layers[i].ffn)
     if m.post_process:
         entries.append(_Entry("decoder.final_layernorm.weight", ("model.norm.weight",), "rep"))
         if m.output_layer.weight is not None:  # None when tied on a single stage
@@ -175,13 +175,13 @@ def _plan(model, arch: Architecture) -> tuple[list[_Entry], dict[str, torch.nn.P
     return entries, params
 
 
-def _tp():
+def tp_rank_and_size():
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-def _local_shard(e: _Entry, full: list[torch.Tensor], arch: Architecture, r: int, t: int) -> torch.Tensor:
+def local_tp_shard(e: _Entry, full: list[torch.Tensor], arch: Architecture, r: int, t: int) -> torch.Tensor:
     if e.kind == "rep":
         return full[0]
     if e.kind == "dim0":
@@ -211,14 +211,14 @@ def load_canonical_into_model(model, tensors: Mapping[str, torch.Tensor], arch: 
     want = canonical_shapes(arch)
     _check_names(tensors, want)  # names: all of them; shapes: those this rank reads (below)
     entries, params = _plan(model, arch)
-    r, t = _tp()
+    r, t = tp_rank_and_size()
     with torch.no_grad():
         for e in entries:
             p = params[e.param]
             full = [tensors[n] for n in e.names]
             for n, x in zip(e.names, full):
                 _check_shape(n, x, want)
-            local = _local_shard(e, full, arch, r, t)
+            local = local_tp_shard(e, full, arch, r, t)
             if tuple(local.shape) != tuple(p.shape):
                 raise WeightsError(f"{e.param}: shard of {e.names[0]} has shape {list(local.shape)}, "
                                    f"the model parameter has {list(p.shape)}")
@@ -227,7 +227,7 @@ def load_canonical_into_model(model, tensors: Mapping[str, torch.Tensor], arch: 
 
 # ----------------------------------------------------------------------------- gather
 
-def _tp_all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+def tp_all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
     t = ps.get_tensor_model_parallel_world_size()
@@ -241,7 +241,7 @@ def _tp_all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
 def _gather_local(model, arch: Architecture) -> dict[str, torch.Tensor]:
     """Full canonical tensors for the layers this PP stage holds (TP shards all-gathered)."""
     entries, params = _plan(model, arch)
-    _, t = _tp()
+    _, t = tp_rank_and_size()
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for e in entries:
@@ -249,14 +249,14 @@ def _gather_local(model, arch: Architecture) -> dict[str, torch.Tensor]:
             if e.kind == "rep":
                 out[e.names[0]] = x.clone()
             elif e.kind in ("dim0", "dim1"):
-                full = _tp_all_gather(x, 0 if e.kind == "dim0" else 1)
+                full = tp_all_gather(x, 0 if e.kind == "dim0" else 1)
                 out.setdefault(e.names[0], full)  # tied: embedding and output copy agree
             elif e.kind == "qkv":
-                full = _tp_all_gather(x, 0)
+                full = tp_all_gather(x, 0)
                 q, k, v = split_qkv(full, arch.num_attention_heads, e.num_kv)
                 out.update(zip(e.names, (q.contiguous(), k.contiguous(), v.contiguous())))
             elif e.kind == "fc1":
-                parts = _tp_all_gather(x, 0).chunk(t, dim=0)
+                parts = tp_all_gather(x, 0).chunk(t, dim=0)
                 gate = torch.cat([p.chunk(2, dim=0)[0] for p in parts], dim=0)
                 up = torch.cat([p.chunk(2, dim=0)[1] for p in parts], dim=0)
                 out[e.names[0]], out[e.names[1]] = gate, up

@@ -1,0 +1,262 @@
+"""BLD's Megatron-core pieces: the teacher forward and the student blocks.
+
+Teacher: the parent GPTModel (TP-sharded like any Megatron model). One forward per batch runs
+the embedding and the decoder layers up to the deepest layer this rank trains, and records per
+layer the residual stream entering it (x), after its attention (m, the input of
+`pre_mlp_layernorm`) and leaving it (y). No logits: BLD never needs them.
+
+Students: each block is a Megatron-core `TransformerLayer`, built from Megatron's own
+heterogeneous layer spec for a 1-layer architecture (so TP shards it exactly as it shards the
+parent) and fed the teacher's RoPE table (same RoPE, llama3 scaling included):
+
+* attention variant (decoupled): TransformerLayer(variant attention, no-op FFN) whose FFN
+  slots (`pre_mlp_layernorm`, `mlp`, `mlp_bda`) are the teacher's own modules for that layer,
+  frozen (requires_grad False) and shared, not copied. It runs on x; gradients flow through
+  the frozen FFN into the attention only.
+* FFN variant (decoupled): TransformerLayer(no-op attention, variant FFN) run on m. The frozen
+  parent attention in front of it is deterministic and identical to the teacher's, so its
+  output (m) is taken from the teacher forward instead of being recomputed per variant.
+* coupled (attention, FFN) pair: TransformerLayer(variant attention, variant FFN) on x.
+
+In every case the block's layer output is compared with the teacher's y, and the canonical
+<-> Megatron mapping is megapuzzle.model.weights' own (its private per-layer plan, reused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
+from megapuzzle.model.config import ModelOptions, make_transformer_config, resolve_use_te
+from megapuzzle.model.gpt import mark_tensor_parallel_weights, quiet_unknown_mlp, unwrap_model
+from megapuzzle.model.weights import (
+    WeightsError,
+    layer_param_plan,
+    local_tp_shard,
+    tp_rank_and_size,
+    tp_all_gather,
+    split_qkv,
+)
+
+NO_ATTN, NO_FFN = AttentionVariant("no_op"), FFNVariant("no_op")
+MEGATRON_PREFIX = "decoder.layers.0."  # the names weights.layer_param_plan expects for local layer 0
+
+
+# ----------------------------------------------------------------------------- teacher
+
+@dataclass
+class TeacherOutputs:
+    """Residual streams of one batch, Megatron layout [s, b, h], keyed by global layer index."""
+
+    x: dict[int, torch.Tensor]
+    """Input of each layer."""
+    m: dict[int, torch.Tensor]
+    """After the layer's attention (input of its pre-MLP norm); only for the layers asked for."""
+    y: dict[int, torch.Tensor]
+    """Output of each layer."""
+    rotary: torch.Tensor | None
+    """The parent's RoPE table for this sequence length (None without RoPE)."""
+
+
+class Teacher:
+    """The frozen parent; `forward(tokens)` captures x / m / y of the layers BLD needs."""
+
+    def __init__(self, model, layers: set[int], mid_layers: set[int]):
+        self.model = unwrap_model(model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+        self.layers, self.mid_layers = set(layers), set(mid_layers)
+        self._mid: dict[int, torch.Tensor] | None = None
+        by_index = {l.layer_number - 1: l for l in self.model.decoder.layers}
+        self.by_index = by_index
+        # A pre-hook on pre_mlp_layernorm sees exactly the residual after attention. Students
+        # share these modules (attention variants run the frozen parent FFN), so the hook only
+        # records while the teacher itself is running.
+        for i in self.mid_layers:
+            by_index[i].pre_mlp_layernorm.register_forward_pre_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def pre(mod, args):
+            if self._mid is not None:
+                self._mid[i] = args[0].detach()
+        return pre
+
+    def layer(self, i: int):
+        return self.by_index[i]
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> TeacherOutputs:
+        m = self.model
+        dev = next(m.parameters()).device
+        tokens = tokens.to(dev)
+        pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+        h = m.embedding(input_ids=tokens, position_ids=pos)  # [s, b, h], TP-reduced
+        rot = None
+        if getattr(m, "rotary_pos_emb", None) is not None:
+            rot = m.rotary_pos_emb(m.rotary_pos_emb.get_rotary_seq_len(None, m.decoder, h, m.config, None))
+        last = max(self.layers | self.mid_layers)
+        out = TeacherOutputs({}, {}, {}, rot)
+        self._mid = out.m
+        try:
+            for i in range(last + 1):
+                layer = self.by_index[i]
+                if i in self.layers:
+                    out.x[i] = h
+                h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rot)
+                if i in self.layers:
+                    out.y[i] = h
+        finally:
+            self._mid = None
+        return out
+
+
+# ----------------------------------------------------------------------------- students
+
+def one_layer_arch(parent: Architecture, la: LayerArch) -> Architecture:
+    return parent.with_layers([la])
+
+
+def build_layer(arch1: Architecture, tp: int):
+    """A Megatron-core TransformerLayer for the single layer of `arch1`, from Megatron's
+    heterogeneous layer spec (local spec on CPU, TE spec where TE and CUDA are present)."""
+    from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    te = resolve_use_te(None)
+    # weights are loaded right after, so skip Megatron's random init
+    config = make_transformer_config(arch1, tp, 1, ModelOptions(perform_initialization=False, use_te=te))
+    spec = get_gpt_heterogeneous_layer_spec(config, use_te=te).layer_specs[0]
+    with quiet_unknown_mlp():
+        layer = build_module(spec, config=config.get_config_for_layer(1), layer_number=1)
+    mark_tensor_parallel_weights(layer)
+    if torch.cuda.is_available():
+        layer.cuda(torch.cuda.current_device())
+    return layer
+
+
+class StudentBlock(torch.nn.Module):
+    """One BLD block: a TransformerLayer plus the bookkeeping to load / gather its canonical tensors.
+
+    `own` is the (attention, FFN) pair whose weights the block owns and trains (the other
+    slot is no-op in `own`); `layer_arch` is what it computes (own + frozen parent parts).
+    """
+
+    def __init__(self, key: str, kind: str, layer_index: int, parent: Architecture, variant: LayerArch,
+                 teacher: Teacher | None, tp: int):
+        """`kind` attention | ffn | layer; `teacher` is needed only for attention blocks (their
+        frozen FFN is the teacher's). kind "layer" with a full LayerArch builds and loads the
+        whole layer (scoring uses that for any block plus the parent's other subblock)."""
+        super().__init__()
+        self.key, self.kind, self.layer_index = key, kind, layer_index
+        self.variant = variant
+        if kind == "attention":
+            self.own = LayerArch(variant.attention, NO_FFN)
+        elif kind == "ffn":
+            self.own = LayerArch(NO_ATTN, variant.ffn)
+        else:
+            self.own = variant
+        self.arch1 = one_layer_arch(parent, self.own)
+        self.layer = build_layer(self.arch1, tp)
+        if kind == "attention":
+            if teacher is None:
+                raise ValueError(f"{key}: an attention block needs the teacher (its frozen parent FFN)")
+            t = teacher.layer(layer_index)
+            for name in ("pre_mlp_layernorm", "mlp", "mlp_bda"):
+                delattr(self.layer, name)  # the frozen parent FFN, shared with the teacher
+                setattr(self.layer, name, getattr(t, name))
+        params = {MEGATRON_PREFIX + n: p for n, p in self.layer.named_parameters()}
+        self.entries = layer_param_plan(params, 0, layer_index, self.own.attention, self.own.ffn)
+        owned = {e.param for e in self.entries}
+        for n, p in params.items():
+            if n not in owned and p.requires_grad:
+                raise WeightsError(f"{key}: parameter {n} has no canonical source; not a BLD block layout")
+        self.owned = {e.param[len(MEGATRON_PREFIX):]: params[e.param] for e in self.entries}
+        # TP-split or replicated, from the weight plan: Megatron sets `tensor_model_parallel`
+        # only when it initialises the weight, and students skip that init.
+        self.sharded = {e.param[len(MEGATRON_PREFIX):]: e.kind != "rep" for e in self.entries}
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """This block's own parameters by Megatron name (empty for no-op blocks)."""
+        return dict(self.owned)
+
+    def forward(self, t: TeacherOutputs) -> torch.Tensor:
+        """The block's layer output [s, b, h] for the teacher's streams of one batch."""
+        i = self.layer_index
+        inp = t.m[i] if self.kind == "ffn" else t.x[i]
+        out, _ = self.layer(hidden_states=inp, attention_mask=None, rotary_pos_emb=t.rotary)
+        return out
+
+    # -- canonical <-> Megatron (same plan as weights.py, one layer)
+    def load_canonical(self, local: Mapping[str, torch.Tensor]) -> None:
+        """Load layer-local canonical tensors of the owned subblock(s) into this TP shard."""
+        from megapuzzle.init import with_layer_prefix
+
+        full = with_layer_prefix(local, self.layer_index)
+        r, t = tp_rank_and_size()
+        want = {n for e in self.entries for n in e.names}
+        if set(full) != want:
+            raise WeightsError(f"{self.key}: block tensors {sorted(full)} do not match {sorted(want)}")
+        with torch.no_grad():
+            for e in self.entries:
+                p = self.owned[e.param[len(MEGATRON_PREFIX):]]
+                shard = local_tp_shard(e, [full[n] for n in e.names], self.arch1, r, t)
+                if tuple(shard.shape) != tuple(p.shape):
+                    raise WeightsError(f"{self.key}: {e.names[0]} shard {list(shard.shape)} vs parameter "
+                                       f"{list(p.shape)}")
+                p.copy_(shard.to(device=p.device, dtype=p.dtype))
+
+    def gather_canonical(self) -> dict[str, torch.Tensor]:
+        """Full layer-local canonical tensors of the owned subblock(s) (TP all-gather: collective)."""
+        _, t = tp_rank_and_size()
+        pre = f"model.layers.{self.layer_index}."
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for e in self.entries:
+                x = self.owned[e.param[len(MEGATRON_PREFIX):]].detach()
+                if e.kind == "rep":
+                    out[e.names[0]] = x.clone()
+                elif e.kind in ("dim0", "dim1"):
+                    out[e.names[0]] = tp_all_gather(x, 0 if e.kind == "dim0" else 1)
+                elif e.kind == "qkv":
+                    q, k, v = split_qkv(tp_all_gather(x, 0), self.arch1.num_attention_heads, e.num_kv)
+                    out.update(zip(e.names, (q.contiguous(), k.contiguous(), v.contiguous())))
+                elif e.kind == "fc1":
+                    parts = tp_all_gather(x, 0).chunk(t, dim=0)
+                    out[e.names[0]] = torch.cat([p.chunk(2, dim=0)[0] for p in parts], dim=0)
+                    out[e.names[1]] = torch.cat([p.chunk(2, dim=0)[1] for p in parts], dim=0)
+        return {k[len(pre):]: v.cpu() for k, v in out.items()}
+
+
+def tp_grad_norms(blocks: list[StudentBlock]) -> list[float]:
+    """Each block's gradient L2 norm over its full (unsharded) parameters: TP-sharded grads are
+    summed over the TP group, replicated ones (norms) counted once, as Megatron's clip does.
+    Per block, so clipping never couples blocks (a block trains the same alone or with others)."""
+    from megatron.core import parallel_state as ps
+
+    shard_sq, rep_sq = [], []
+    for b in blocks:
+        s = r = torch.zeros((), dtype=torch.float64)
+        for n, p in b.owned.items():
+            if p.grad is None:
+                continue
+            g = p.grad.detach().double().pow(2).sum().cpu()
+            if b.sharded[n]:
+                s = s + g
+            else:
+                r = r + g
+        shard_sq.append(s)
+        rep_sq.append(r)
+    if not blocks:
+        return []
+    shard = torch.stack(shard_sq)
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dev = next(iter(blocks[0].owned.values())).device if blocks[0].owned else torch.device("cpu")
+        shard = shard.to(dev)
+        dist.all_reduce(shard, group=ps.get_tensor_model_parallel_group())
+        shard = shard.cpu()
+    return (shard + torch.stack(rep_sq)).sqrt().tolist()

@@ -1,0 +1,203 @@
+"""Child initialisation (Puzzle stage 2): a variant's starting weights from the parent's, no training.
+
+Pure torch over the canonical tensors of ONE layer, under layer-local names (the canonical
+names without `model.layers.{i}.`: `input_layernorm.weight`, `self_attn.q_proj.weight`, ...,
+`post_attention_layernorm.weight`, `mlp.gate_proj.weight`, ...). Rules (arXiv 2411.19146):
+
+* FFN to a smaller intermediate size: keep the channels with the largest contribution
+  C_i = mean over tokens of |X_i| * ||W_down[:, i]||_2, X = silu(x W_gate^T) * (x W_up^T),
+  x = post_attention_layernorm(residual after the parent's attention) on calibration tokens.
+  The kept channels stay in their original order.
+* Attention to fewer KV heads: mean-pool the K and V rows of each new group of consecutive
+  old KV heads (query head j uses group j // (heads / kv), Megatron's and HF's GQA layout, so
+  pooling consecutive groups keeps every query head on the pooled version of its own head).
+  Q, O and the norm are kept.
+* Linear attention: W = W_o . W_v_expanded, each query head's V rows taken from its KV head;
+  it is the attention output when every token attends only to itself.
+* Linear FFN: W = W_down . W_up (the gate is dropped).
+* No-op: no weights. The parent's own variant: the parent's tensors unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant
+
+ATTN_NAMES = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+              "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.linear_attn.weight")
+FFN_NAMES = ("post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+             "mlp.down_proj.weight", "mlp.linear_mlp.weight")
+
+
+class InitError(ValueError):
+    """A variant cannot be initialised from this parent subblock; one line says why."""
+
+
+# ----------------------------------------------------------------------------- names
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def local_layer_tensors(tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """The canonical tensors of one layer under layer-local names."""
+    p = layer_prefix(layer)
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def with_layer_prefix(local: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    p = layer_prefix(layer)
+    return {p + k: v for k, v in local.items()}
+
+
+def attention_part(local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The attention subblock's tensors (incl. its norm) of a layer-local dict."""
+    return {k: v for k, v in local.items() if k in ATTN_NAMES}
+
+
+def ffn_part(local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The FFN subblock's tensors (incl. its norm) of a layer-local dict."""
+    return {k: v for k, v in local.items() if k in FFN_NAMES}
+
+
+# ----------------------------------------------------------------------------- FFN pruning
+
+def ffn_intermediate(local: Mapping[str, torch.Tensor], post_attn_residual: torch.Tensor, eps: float) -> torch.Tensor:
+    """X = silu(x W_gate^T) * (x W_up^T), x = post_attention_layernorm(residual); [..., intermediate].
+
+    `post_attn_residual` is the residual stream after the parent's attention (the FFN's input
+    before its norm), any leading shape. Computed in fp32."""
+    h = post_attn_residual.float()
+
+    def w(name):  # on the activations' device (the teacher's GPU when there is one)
+        return local[name].to(device=h.device, dtype=torch.float32)
+
+    x = F.rms_norm(h, (h.shape[-1],), w("post_attention_layernorm.weight"), eps)
+    return F.silu(x @ w("mlp.gate_proj.weight").T) * (x @ w("mlp.up_proj.weight").T)
+
+
+class FFNChannelScorer:
+    """Accumulates C_i = mean over tokens of |X_i| * ||W_down[:, i]||_2 over calibration batches."""
+
+    def __init__(self, local: Mapping[str, torch.Tensor], eps: float):
+        self.local, self.eps = local, eps
+        self.abs_sum: torch.Tensor | None = None
+        self.tokens = 0
+
+    def update(self, post_attn_residual: torch.Tensor) -> None:
+        x = ffn_intermediate(self.local, post_attn_residual, self.eps)
+        x = x.reshape(-1, x.shape[-1])
+        s = x.abs().sum(dim=0, dtype=torch.float64).cpu()
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.tokens += x.shape[0]
+
+    def scores(self) -> torch.Tensor:
+        if self.abs_sum is None:
+            raise InitError("no calibration tokens seen; FFN pruning needs calibration_batches >= 1")
+        col_norm = self.local["mlp.down_proj.weight"].double().norm(dim=0)
+        return (self.abs_sum / self.tokens) * col_norm
+
+
+def ffn_channel_contributions(local: Mapping[str, torch.Tensor], post_attn_residual: torch.Tensor,
+                              eps: float) -> torch.Tensor:
+    """C_i for one set of calibration activations ([..., hidden] residual after attention)."""
+    s = FFNChannelScorer(local, eps)
+    s.update(post_attn_residual)
+    return s.scores()
+
+
+def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, sorted ascending (original order kept). Ties go to the
+    lower index (a stable sort), so the choice is deterministic."""
+    if not 0 < k <= scores.numel():
+        raise InitError(f"cannot keep {k} of {scores.numel()} FFN channels")
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def prune_ffn(local: Mapping[str, torch.Tensor], channels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The FFN subblock keeping only `channels` (rows of gate/up, columns of down); norm kept."""
+    return {
+        "post_attention_layernorm.weight": local["post_attention_layernorm.weight"].clone(),
+        "mlp.gate_proj.weight": local["mlp.gate_proj.weight"][channels].clone(),
+        "mlp.up_proj.weight": local["mlp.up_proj.weight"][channels].clone(),
+        "mlp.down_proj.weight": local["mlp.down_proj.weight"][:, channels].clone(),
+    }
+
+
+def linear_ffn(local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W = W_down . W_up (gate ignored), post_attention_layernorm kept."""
+    w = local["mlp.down_proj.weight"].double() @ local["mlp.up_proj.weight"].double()
+    return {"post_attention_layernorm.weight": local["post_attention_layernorm.weight"].clone(),
+            "mlp.linear_mlp.weight": w.to(local["mlp.down_proj.weight"].dtype)}
+
+
+# ----------------------------------------------------------------------------- attention
+
+def pool_kv_heads(local: Mapping[str, torch.Tensor], old_kv: int, new_kv: int, head_dim: int
+                  ) -> dict[str, torch.Tensor]:
+    """Mean-pool K and V over each group of old_kv // new_kv consecutive KV heads."""
+    if new_kv > old_kv or old_kv % new_kv:
+        raise InitError(f"cannot pool {old_kv} KV heads into {new_kv}; the new count must divide the old")
+    r = old_kv // new_kv
+    out = {k: local[k].clone() for k in ("input_layernorm.weight", "self_attn.q_proj.weight",
+                                         "self_attn.o_proj.weight")}
+    for name in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        w = local[name]
+        h = w.shape[1]
+        out[name] = w.double().reshape(new_kv, r, head_dim, h).mean(dim=1).reshape(new_kv * head_dim, h).to(w.dtype)
+    return {k: out[k] for k in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                "self_attn.v_proj.weight", "self_attn.o_proj.weight")}
+
+
+def expand_v(w_v: torch.Tensor, num_heads: int, num_kv: int, head_dim: int) -> torch.Tensor:
+    """[kv*d, h] -> [heads*d, h]: query head j gets the V rows of KV head j // (heads / kv)."""
+    h = w_v.shape[1]
+    return w_v.reshape(num_kv, head_dim, h).repeat_interleave(num_heads // num_kv, dim=0).reshape(-1, h)
+
+
+def linear_attention(local: Mapping[str, torch.Tensor], num_heads: int, num_kv: int, head_dim: int
+                     ) -> dict[str, torch.Tensor]:
+    """W = W_o . W_v_expanded ([h, h]), input_layernorm kept."""
+    wv = expand_v(local["self_attn.v_proj.weight"].double(), num_heads, num_kv, head_dim)
+    w = local["self_attn.o_proj.weight"].double() @ wv
+    return {"input_layernorm.weight": local["input_layernorm.weight"].clone(),
+            "self_attn.linear_attn.weight": w.to(local["self_attn.o_proj.weight"].dtype)}
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def init_attention(arch: Architecture, parent: AttentionVariant, variant: AttentionVariant,
+                   local: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """(layer-local attention tensors, init method name) for `variant` from the parent subblock."""
+    if variant == parent:
+        return {k: v.clone() for k, v in attention_part(local).items()}, "parent"
+    if variant.kind == "no_op":
+        return {}, "no_op"
+    if parent.kind == "gqa" and variant.kind == "gqa":
+        return pool_kv_heads(local, parent.num_kv_heads, variant.num_kv_heads, arch.kv_channels), "kv_mean_pool"
+    if parent.kind == "gqa" and variant.kind == "linear":
+        return linear_attention(local, arch.num_attention_heads, parent.num_kv_heads, arch.kv_channels), "wo_wv"
+    raise InitError(f"no initialisation from {parent.name} attention to {variant.name}")
+
+
+def init_ffn(parent: FFNVariant, variant: FFNVariant, local: Mapping[str, torch.Tensor],
+             scores: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(layer-local FFN tensors, init method name) for `variant`; `scores` (C_i) for pruning."""
+    if variant == parent:
+        return {k: v.clone() for k, v in ffn_part(local).items()}, "parent"
+    if variant.kind == "no_op":
+        return {}, "no_op"
+    if parent.kind == "mlp" and variant.kind == "mlp":
+        if variant.intermediate_size > parent.intermediate_size:
+            raise InitError(f"cannot grow the FFN from {parent.intermediate_size} to {variant.intermediate_size}")
+        if scores is None:
+            raise InitError(f"{variant.name} needs channel contributions (calibration) to prune the parent FFN")
+        return prune_ffn(local, top_channels(scores, variant.intermediate_size)), "channel_contribution"
+    if parent.kind == "mlp" and variant.kind == "linear":
+        return linear_ffn(local), "wdown_wup"
+    raise InitError(f"no initialisation from {parent.name} FFN to {variant.name}")

@@ -1,0 +1,311 @@
+"""`megapuzzle run CONFIG`: every Puzzle stage in order, in one run directory.
+
+    megapuzzle run examples/cpu_demo.yaml                       # -> runs/cpu_demo (config's run_dir)
+    megapuzzle run examples/cpu_demo.yaml --run-dir /tmp/demo
+    megapuzzle run examples/cpu_demo.yaml --only score          # one stage (its inputs must exist)
+
+Stages: parent (import-hf or train-parent) -> data -> bld -> score -> measure -> mip ->
+realize -> gkd -> evaluate -> export. RUN/manifest.json records each stage's config (the
+config sections it reads), its inputs, status and timing. On a re-run a finished stage whose
+config is unchanged is skipped; a stage whose config changed runs again, and so does every
+stage after it (nothing before it). An interrupted stage simply runs again: every long stage
+resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from megapuzzle.config import RunDir, load_config, section
+from megapuzzle.errors import UserError
+from megapuzzle.fileio import atomic_write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class ParentSection:
+    """The `parent:` section: exactly one source."""
+
+    train: str | None = None
+    """Train the embedded parent with this train-parent flavour (default, debug)."""
+    steps: int | None = None
+    """Override the flavour's optimizer steps."""
+    hf_dir: str | None = None
+    """Import this HuggingFace Llama directory."""
+    checkpoint: str | None = None
+    """Copy this megapuzzle checkpoint."""
+    threads: int | None = None
+    """torch CPU threads for train-parent."""
+
+    def __post_init__(self):
+        given = [k for k in ("train", "hf_dir", "checkpoint") if getattr(self, k)]
+        if len(given) != 1:
+            raise UserError(f"parent: give exactly one of train / hf_dir / checkpoint (got {given or 'none'})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """The `data:` section (ignored when the parent is trained here: its own data is used)."""
+
+    train: str | None = None
+    """Megatron indexed-dataset prefix of training tokens (parent's tokenizer)."""
+    heldout: str | None = None
+    """Indexed-dataset prefix of held-out tokens."""
+    stdlib: bool = False
+    """Tokenize the embedded stdlib corpus with the parent's tokenizer instead."""
+
+
+# ----------------------------------------------------------------------------- stages
+
+def _stage_parent(run: RunDir, cfg: dict, log) -> dict:
+    p = section(cfg, "parent", ParentSection)
+    if p.train:
+        from megapuzzle.train_parent import FLAVOURS, train_parent
+
+        if p.train not in FLAVOURS:
+            raise UserError(f"parent.train {p.train!r} unknown; use one of {sorted(FLAVOURS)}")
+        pcfg = FLAVOURS[p.train] if not p.steps else dataclasses.replace(FLAVOURS[p.train], steps=p.steps)
+        out = run.root / "parent_train"
+        res = train_parent(out, pcfg, threads=p.threads, log=log)
+        _replace_tree(out / "checkpoint", run.parent)
+        run.data.mkdir(parents=True, exist_ok=True)
+        for f in (out / "data").iterdir():
+            shutil.copy2(f, run.data / f.name)
+        return {"heldout_loss": res.get("heldout_loss"), "unigram_entropy": res.get("heldout_unigram_entropy")}
+    if p.hf_dir:
+        from megapuzzle.checkpoints.import_hf import import_hf
+
+        import_hf(p.hf_dir, run.parent, force=True)
+    else:
+        from megapuzzle.checkpoints.canonical import load_arch
+
+        load_arch(p.checkpoint)  # validates
+        _replace_tree(Path(p.checkpoint), run.parent)
+    return {}
+
+
+def _stage_data(run: RunDir, cfg: dict, log) -> dict:
+    if section(cfg, "parent", ParentSection).train:
+        run.require_data("train"), run.require_data("heldout")  # written by the parent stage
+        return {"source": "train-parent"}
+    d = section(cfg, "data", DataSection)
+    run.data.mkdir(parents=True, exist_ok=True)
+    if d.stdlib:
+        from megapuzzle.checkpoints.canonical import tokenizer_path
+        from megapuzzle.data.prepare import prepare_data
+
+        tok = tokenizer_path(run.parent)
+        if tok is None:
+            raise UserError(f"{run.parent} has no tokenizer/; data.stdlib needs the parent's tokenizer")
+        for split in ("train", "heldout"):
+            prepare_data("stdlib", tok, run.data / split, split=split)
+        return {"source": "stdlib"}
+    if not (d.train and d.heldout):
+        raise UserError("data: give train and heldout indexed-dataset prefixes, or stdlib: true")
+    for split, prefix in (("train", d.train), ("heldout", d.heldout)):
+        for ext in (".bin", ".idx"):
+            src = Path(prefix + ext)
+            if not src.is_file():
+                raise UserError(f"data.{split}: {src} does not exist; run `megapuzzle prepare-data` first")
+            shutil.copy2(src, run.data / (split + ext))
+    return {"source": "prefixes"}
+
+
+def _stage_bld(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.bld import run_bld
+
+    res = run_bld(run.root, cfg, log=log)
+    return {"trained": len(res.get("trained", []))}
+
+
+def _stage_score(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.score import ScoreConfig, run_score
+
+    res = run_score(run.root, section(cfg, "score", ScoreConfig), log=log)
+    return {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
+
+
+def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.arch import SearchSpace
+    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.cost import MeasureConfig, format_check, measure_costs
+
+    costs = measure_costs(load_arch(run.require_parent()), section(cfg, "measure", MeasureConfig),
+                          space=SearchSpace.from_dict(cfg.get("search_space")),
+                          state_path=run.state / "measure_partial.json", log=log)
+    atomic_write_json(run.costs, costs)
+    if "check" in costs:
+        log("[measure] whole parent, predicted (sum of parts) vs measured:\n" + format_check(costs))
+    return {"device": costs.get("device")}
+
+
+def _stage_mip(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.mip.stage import MIPConfig, run_mip
+
+    out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log)
+    return {"predicted_speedup": out["solutions"][0]["predicted_speedup"], "objective": out["solutions"][0]["objective"]}
+
+
+def _stage_realize(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.info import architecture_table
+    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.realize import realize
+
+    realize(run.root, int((cfg.get("realize") or {}).get("solution", 0)), log=log)
+    log(architecture_table(load_arch(run.child)))
+    return {}
+
+
+def _stage_gkd(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.gkd import GKDConfig, run_gkd
+
+    return _jsonable(run_gkd(run.root, section(cfg, "gkd", GKDConfig), log=log))
+
+
+def _stage_evaluate(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.evaluate import EvaluateConfig, run_evaluate
+
+    return _jsonable(run_evaluate(run.root, section(cfg, "evaluate", EvaluateConfig), log=log))
+
+
+def _stage_export(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.checkpoints.export_hf import export_hf
+
+    e = cfg.get("export") or {}
+    src = run.gkd / "checkpoint" if (run.gkd / "checkpoint" / "arch.json").is_file() else run.child
+    warnings = export_hf(src, run.export, dtype=e.get("dtype", "bf16"), force=True)
+    for w in warnings:
+        log(f"[export] warning: not loadable by {w.rsplit(': ', 1)[-1]}: {w.rsplit(': ', 1)[0]}")
+    log(f"[export] {src} -> {run.export} (DeciLMForCausalLM)")
+    return {"source": str(src), "warnings": warnings}
+
+
+# (name, config sections it reads, function). Order is the pipeline's order.
+STAGES: list[tuple[str, tuple[str, ...], Callable[[RunDir, dict, Any], dict]]] = [
+    ("parent", ("parent",), _stage_parent),
+    ("data", ("parent", "data"), _stage_data),
+    ("bld", ("search_space", "bld"), _stage_bld),
+    ("score", ("score",), _stage_score),
+    ("measure", ("search_space", "measure"), _stage_measure),
+    ("mip", ("mip",), _stage_mip),
+    ("realize", ("realize",), _stage_realize),
+    ("gkd", ("gkd",), _stage_gkd),
+    ("evaluate", ("evaluate",), _stage_evaluate),
+    ("export", ("export",), _stage_export),
+]
+STAGE_NAMES = [s[0] for s in STAGES]
+
+
+def _jsonable(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=str)) if d is not None else {}
+
+
+def _replace_tree(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def stage_config(cfg: dict, sections: tuple[str, ...]) -> dict:
+    return {s: cfg.get(s) for s in sections}
+
+
+def config_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("megapuzzle", "torch", "megatron-core", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, *, only: str | None = None,
+                 until: str | None = None, log=print) -> dict:
+    cfg = load_config(config_path)
+    run = RunDir(run_dir or cfg.get("run_dir") or Path("runs") / Path(config_path).stem)
+    known = set(STAGE_NAMES) | {"run_dir", "search_space", "data", "realize", "export"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise UserError(f"unknown config section(s) {unknown}; known: {sorted(known)}")
+    for name in (only, until):
+        if name is not None and name not in STAGE_NAMES:
+            raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    run.root.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(run.manifest.read_text()) if run.manifest.is_file() else {}
+    manifest.setdefault("stages", {})
+    manifest.update(config=cfg, config_path=str(Path(config_path).resolve()), versions=_versions(),
+                    command=" ".join(sys.argv))
+    atomic_write_json(run.manifest, manifest)
+    t_all = time.perf_counter()
+    dirty = False  # a stage before this one ran: everything after runs too
+    n = len(STAGES)
+    for i, (name, sections, fn) in enumerate(STAGES, 1):
+        if only and name != only:
+            continue
+        sc = stage_config(cfg, sections)
+        h = config_hash(sc)
+        prev = manifest["stages"].get(name, {})
+        if not only and not dirty and prev.get("status") == "done" and prev.get("config_hash") == h:
+            log(f"[{i}/{n}] {name}: done, config unchanged - skipped")
+            if until == name:
+                break
+            continue
+        why = ("resuming an interrupted run" if prev.get("status") == "running" else
+               "config changed" if prev.get("status") == "done" and prev.get("config_hash") != h else
+               "an earlier stage ran" if prev.get("status") in ("done", "stale") else "first run")
+        log(f"[{i}/{n}] {name}: running ({why})")
+        manifest["stages"][name] = {"status": "running", "config": sc, "config_hash": h,
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(run.manifest, manifest)
+        t0 = time.perf_counter()
+        try:
+            result = fn(run, cfg, log)
+        except BaseException as e:
+            manifest["stages"][name].update(status="failed" if not isinstance(e, KeyboardInterrupt) else "running",
+                                            error=f"{type(e).__name__}: {e}")
+            atomic_write_json(run.manifest, manifest)
+            raise
+        manifest["stages"][name].update(status="done", wall_s=round(time.perf_counter() - t0, 2),
+                                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"), result=_jsonable(result))
+        for later in STAGE_NAMES[i:]:  # their inputs changed: never skip them on a later invocation
+            if manifest["stages"].get(later, {}).get("status") == "done":
+                manifest["stages"][later]["status"] = "stale"
+        atomic_write_json(run.manifest, manifest)
+        log(f"[{i}/{n}] {name}: done in {time.perf_counter() - t0:.1f}s")
+        dirty = True
+        if until == name:
+            break
+    manifest["wall_s_last_invocation"] = round(time.perf_counter() - t_all, 1)
+    atomic_write_json(run.manifest, manifest)
+    log(f"[run] {run.root}: finished in {time.perf_counter() - t_all:.0f}s"
+        + (f"; report {run.report}" if run.report.is_file() else ""))
+    return manifest
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML (examples/cpu_demo.yaml is the embedded default)")
+    p.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<config name>)")
+    p.add_argument("--only", help=f"run just this stage ({', '.join(STAGE_NAMES)})")
+    p.add_argument("--until", help="stop after this stage")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    run_pipeline(args.config, args.run_dir, only=args.only, until=args.until)
+    return 0

@@ -1,0 +1,65 @@
+"""`megapuzzle realize`: stitch a MIP solution's library blocks into a child checkpoint.
+
+    megapuzzle realize --run-dir runs/demo [--solution 0]        # -> runs/demo/child
+    megapuzzle export-hf --checkpoint runs/demo/child --out runs/demo/export
+
+The child is the parent's embeddings, final norm and head plus, per layer, the chosen
+(attention, FFN) blocks from RUN/library (checksums verified). No training happens here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from megapuzzle.arch import AttentionVariant, FFNVariant, LayerArch
+from megapuzzle.config import RunDir
+from megapuzzle.errors import UserError
+
+
+def solution_layers(run: RunDir, k: int) -> tuple[list[LayerArch], dict]:
+    path = run.mip / "solutions.json"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; run `megapuzzle mip --run-dir {run.root}` first")
+    sols = json.loads(path.read_text())["solutions"]
+    if not 0 <= k < len(sols):
+        raise UserError(f"--solution {k} out of range: {path} has {len(sols)} solution(s) (0..{len(sols) - 1})")
+    s = sols[k]
+    return [LayerArch(AttentionVariant.from_name(l["attention"]), FFNVariant.from_name(l["ffn"]))
+            for l in s["layers"]], s
+
+
+def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = None, force: bool = True,
+            layers: list[LayerArch] | None = None, log=print) -> Path:
+    """Write the child checkpoint (RUN/child by default); `layers` overrides the MIP solution."""
+    from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint, tokenizer_path
+    from megapuzzle.library import BlockLibrary
+
+    run = RunDir(run_dir)
+    parent_arch, parent_tensors, _ = load_checkpoint(run.require_parent())
+    meta: dict = {"source": "realize"}
+    if layers is None:
+        layers, sol = solution_layers(run, solution)
+        meta.update(solution=solution, objective=sol["objective"], predicted_speedup=sol.get("predicted_speedup"))
+    arch, tensors = BlockLibrary(run.library).assemble(parent_arch, parent_tensors, layers)
+    dest = Path(out) if out is not None else run.child
+    save_checkpoint(dest, arch, tensors, meta=meta, tokenizer_dir=tokenizer_path(run.parent), force=force)
+    log(f"[realize] child with {arch.num_params() / 1e6:.2f}M params ({arch.num_params() / parent_arch.num_params():.1%} "
+        f"of the parent) -> {dest}")
+    return dest
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="run directory (parent/, library/, mip/solutions.json)")
+    p.add_argument("--solution", type=int, default=0, help="which MIP candidate (0 = best)")
+    p.add_argument("--out", help="checkpoint dir to write (default RUN/child)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    realize(args.run_dir, args.solution, out=args.out)
+    from megapuzzle.info import architecture_table
+    from megapuzzle.checkpoints.canonical import load_arch
+
+    print(architecture_table(load_arch(args.out or RunDir(args.run_dir).child)))
+    return 0

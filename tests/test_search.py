@@ -1,0 +1,162 @@
+"""Scoring, the MIP stage and realize on the debug parent's real library (no stand-ins):
+cached + stacked scoring equals the naive loop, the stage's optimum equals brute force over
+the library, infeasible budgets name the binding constraint, realizing the parent's own
+variants reproduces the parent's logits."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_run
+from megapuzzle.config import section
+from megapuzzle.errors import UserError
+from megapuzzle.mip.stage import MIPConfig, library_candidates, run_mip, ScenarioCosts, load_scores
+from megapuzzle.score import ScoreConfig, run_score
+
+CFG = {
+    "search_space": {"kv_heads": [1], "ffn_fractions": [0.5], "ffn_granularity": 64},
+    "bld": {"tokens_per_block": 512, "batch_size": 4, "seq_len": 32, "checkpoint_every": 100, "log_every": 100,
+            "eval_batches": 1, "calibration_batches": 1},
+    "score": {"batch_size": 2, "seq_len": 32, "num_batches": 2, "candidates_per_pass": 3},
+    "measure": {"batch_sizes": [1, 2], "seq_lens": [8, 16], "repeats": 1, "warmup": 0, "min_sample_s": 0.0,
+                "stack_layers": 2, "check_parent": False, "passes": 1},
+}
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def run(debug_parent, tmp_path_factory):
+    from megapuzzle.arch import SearchSpace
+    from megapuzzle.bld import run_bld
+    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.cost import MeasureConfig, measure_costs
+    from megapuzzle.fileio import atomic_write_json
+
+    torch.set_num_threads(1)
+    r = make_run(debug_parent, tmp_path_factory.mktemp("search") / "run")
+    run_bld(r, CFG, progress=False, **QUIET)
+    run_score(r, section(CFG, "score", ScoreConfig), progress=False, **QUIET)
+    costs = measure_costs(load_arch(r / "parent"), section(CFG, "measure", MeasureConfig),
+                          space=SearchSpace.from_dict(CFG["search_space"]))
+    atomic_write_json(r / "costs.json", costs)
+    return r
+
+
+def test_scores_cover_the_library_and_parent_blocks_are_exact(run):
+    scores = json.loads((run / "scores.json").read_text())
+    index = json.loads((run / "library/index.json").read_text())["blocks"]
+    assert set(scores["blocks"]) == set(index)
+    for key, b in scores["blocks"].items():
+        assert b["kl"] >= -1e-6 and 0 <= b["top1"] <= 1
+        if index[key]["init"] == "parent":  # the parent's own block: the parent itself
+            assert abs(b["kl"]) < 1e-5 and b["top1"] == 1.0 and b["topk"] == 1.0
+            assert abs(b["lm_loss"] - scores["parent"]["lm_loss"]) < 1e-4
+    # removing a whole FFN hurts more than halving it, at every layer
+    for l in range(4):
+        assert scores["blocks"][f"L{l:03d}.ffn.no_op"]["kl"] > scores["blocks"][f"L{l:03d}.ffn.mlp_128"]["kl"]
+
+
+def test_cached_stacked_scoring_equals_the_naive_loop(run, tmp_path):
+    import shutil
+
+    naive = tmp_path / "naive"
+    shutil.copytree(run / "parent", naive / "parent")
+    shutil.copytree(run / "data", naive / "data")
+    shutil.copytree(run / "library", naive / "library")
+    res = run_score(naive, section(CFG, "score", ScoreConfig), progress=False, naive=True, **QUIET)
+    fast = json.loads((run / "scores.json").read_text())
+    for key, b in res["blocks"].items():
+        for m in ("kl", "lm_loss", "top1", "topk"):
+            assert b[m] == pytest.approx(fast["blocks"][key][m], rel=1e-4, abs=1e-5), (key, m)
+
+
+def test_scoring_resumes_after_a_kill(run, tmp_path):
+    import shutil
+
+    r = tmp_path / "r"
+    for d in ("parent", "data", "library"):
+        shutil.copytree(run / d, r / d)
+    cfg = section(CFG, "score", ScoreConfig)
+    assert run_score(r, cfg, progress=False, stop_after=5, **QUIET) == {"stopped_after": 5}
+    assert not (r / "scores.json").exists()
+    res = run_score(r, cfg, progress=False, **QUIET)
+    assert res["blocks"] == json.loads((run / "scores.json").read_text())["blocks"]
+
+
+def _brute_force(run, cfg: MIPConfig, batch: int):
+    """Best summed score over every combination of library candidates meeting the budgets."""
+    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.cost_table import load_costs
+    from megapuzzle.library import BlockLibrary
+
+    parent = load_arch(run / "parent")
+    cands = library_candidates(parent, BlockLibrary(run / "library"), load_scores(run / "scores.json"), cfg.metric)
+    sc = ScenarioCosts(load_costs(run / "costs.json"), parent, cfg)
+    limit = batch * cfg.gen_len / (cfg.throughput_x * sc.tokens_per_s(parent, batch))
+    best, best_choice = np.inf, None
+    for choice in itertools.product(*[range(len(c)) for c in cands.layers]):
+        child = parent.with_layers([cands.layers[l][v] for l, v in enumerate(choice)])
+        if sc.generation_time(child, batch) <= limit * (1 + 1e-9):
+            s = sum(cands.scores[l][v] for l, v in enumerate(choice))
+            if s < best - 1e-12:
+                best, best_choice = s, choice
+    return best, best_choice
+
+
+@pytest.mark.parametrize("x", [1.2, 1.6])
+def test_mip_stage_optimum_equals_brute_force_over_the_library(run, x):
+    cfg = MIPConfig(throughput_x=x, batch_sizes=(2,), prefill_len=8, gen_len=4, solver="highs")
+    out = run_mip(run, cfg, **QUIET)
+    best, _ = _brute_force(run, cfg, 2)
+    assert out["solutions"][0]["objective"] == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert out["solutions"][0]["predicted_speedup"] >= x * (1 - 1e-9)
+
+
+def test_mip_stage_infeasible_target_names_the_constraint(run):
+    with pytest.raises(UserError, match="runtime_s") as e:
+        run_mip(run, MIPConfig(throughput_x=1000.0, batch_sizes=(1,), prefill_len=8, gen_len=4), **QUIET)
+    assert "least achievable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_realizing_the_parent_variants_reproduces_the_parent(run, tmp_path):
+    from megapuzzle.checkpoints.canonical import load_checkpoint
+    from megapuzzle.model.forward import forward_logits
+    from megapuzzle.model.gpt import build_gpt_model
+    from megapuzzle.model.weights import load_canonical_into_model
+    from megapuzzle.realize import realize
+
+    parent, pt, _ = load_checkpoint(run / "parent")
+    dest = realize(run, layers=list(parent.layers), out=tmp_path / "child", **QUIET)
+    child, ct, _ = load_checkpoint(dest)
+    assert child == parent
+    tokens = torch.randint(0, parent.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for arch, t in ((parent, pt), (child, ct)):
+        m = build_gpt_model(arch)
+        load_canonical_into_model(m, t, arch)
+        with torch.no_grad():
+            logits.append(forward_logits(m, tokens))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_realize_a_mip_solution_and_export_loads(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megapuzzle.checkpoints.export_hf import export_hf
+    from megapuzzle.realize import realize
+
+    out = run_mip(run, MIPConfig(throughput_x=1.3, batch_sizes=(1, 2), prefill_len=8, gen_len=4, num_solutions=2),
+                  **QUIET)
+    dest = realize(run, 1, out=tmp_path / "child", **QUIET)
+    from megapuzzle.checkpoints.canonical import load_arch
+
+    arch = load_arch(dest)
+    assert [{"attention": l.attention.name, "ffn": l.ffn.name} for l in arch.layers] == out["solutions"][1]["layers"]
+    export_hf(dest, tmp_path / "export", dtype="fp32")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    assert sum(p.numel() for p in m.parameters()) == arch.num_params()
