@@ -1,6 +1,7 @@
 """Cost-stage benchmark: per-variant costs on this machine, and how well their sums predict whole models.
 
-    python benchmarks/bench_cost.py [CHECKPOINT] [--threads 2] [--repeats 7] [--out benchmarks/results/cost.md]
+    python benchmarks/bench_cost.py [CHECKPOINT] [--threads 2] [--clock wall|cpu] [--passes 3] [--repeats 5]
+                                    [--out-dir DIR]
 
 Default architecture: the embedded parent's shape (vocab 4096, hidden 384, 8 heads of 48,
 4 KV heads, FFN 1536, 6 layers); a megapuzzle checkpoint path measures its shape instead.
@@ -8,8 +9,9 @@ Steps: `measure_costs` (the `megapuzzle measure` stage, default search space) ->
 table -> for the parent and three heterogeneous children, predicted (sum of parts) vs measured
 whole-model runtime at every grid point and phase -> end-to-end generation throughput
 (`measure_model_throughput`) vs `predict_generation_time`, as speedups over the parent.
-Timings are medians over repeats on a 2-core box shared with other jobs: re-run when noisy
-(measurements are cached in OUT_DIR/state.json; --force re-measures).
+Timings are medians over repeats; on a 2-core box shared with other jobs, `--threads 1 --clock
+cpu` gives stable numbers, `--threads 2` wall-clock ones swing with the load: re-run when noisy
+(measurements are cached in OUT_DIR/state.json; --force re-measures; OUT_DIR/cost.md is the report).
 """
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ def main() -> int:
                         repeats=args.repeats, passes=args.passes, clock=args.clock, roofline_gpus=("h100",))
     t0 = time.perf_counter()
     costs = measure_costs(parent, cfg, state_path=state)
-    lines = [f"# cost benchmark: {costs['device']}, {costs['threads']} threads, {costs['clock']} clock, {costs['dtype']}, "
+    lines = [f"# cost benchmark: {costs['device']}, {costs['threads']} threads, {costs['clock']} clock, "
+             f"{costs['dtype']}, "
              f"runtime: {costs['runtime']}", "",
              f"per-variant costs (ms, medians; measured in {time.perf_counter() - t0:.0f} s)", "",
              format_costs(costs), "", "parent check stored in costs.json:", "", format_check(costs), ""]
@@ -102,7 +105,8 @@ def main() -> int:
                                    min_sample_s=cfg.min_sample_s, runner=runner, clock=cfg.clock)["median"]
                     p = predict_runtime(costs, arch, b, s, ph)
                     errs.setdefault(name, []).append((p - m) / m)
-                    rows.append(f"| {name} | {ph} | {b} | {s} | {1e3 * p:.2f} | {1e3 * m:.2f} | {100 * (p - m) / m:+.1f}% |")
+                    rows.append(f"| {name} | {ph} | {b} | {s} | {1e3 * p:.2f} | {1e3 * m:.2f} | "
+                                f"{100 * (p - m) / m:+.1f}% |")
         del runner
     summary = ["| arch | mean abs error | max abs error |", "|---|---:|---:|"]
     for name, e in errs.items():

@@ -79,7 +79,8 @@ def test_param_and_kv_bytes_match_built_model(sub, v):
     with torch.inference_mode():
         runner.prefill(ctx, runner.tokens(2, 5))
     kv_arch = runner.arch.kv_cache_bytes_per_token(bytes_per_elem=4)  # fp32 on CPU
-    assert runner.kv_cache_bytes_per_token(ctx) == kv_arch == (2 * v.num_kv_heads * H // NQ * 4 if v.kind == "gqa" else 0)
+    want = 2 * v.num_kv_heads * (H // NQ) * 4 if v.kind == "gqa" else 0
+    assert runner.kv_cache_bytes_per_token(ctx) == kv_arch == want
 
 
 def test_costs_json_sizes_equal_arch(measured):

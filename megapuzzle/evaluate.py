@@ -1,0 +1,391 @@
+"""`megapuzzle evaluate`: the child next to its parent, quality and measured speed.
+
+    megapuzzle evaluate --config CFG --run-dir RUN        # -> RUN/eval.json, RUN/report.md, RUN/pareto.png
+
+The child is RUN/gkd/checkpoint when GKD ran, else the realized RUN/child (`--child` picks
+another checkpoint). For parent and child, side by side:
+
+* quality on RUN/data/heldout: LM loss, next-token top-1 accuracy, KL(parent || model) and
+  top-1 agreement with the parent; retention = child accuracy / parent accuracy (the paper's
+  "98.4%"). When GKD ran, the realized child before healing is scored too.
+* speed: end-to-end greedy generation (prefill `prefill_len` tokens, then `gen_len` new ones,
+  KV cache on) at `batch_size` on the cost runtime (megapuzzle.cost_runtime), timed like
+  costs.json was measured (threads, clock, dtype), parent and child alternating, medians.
+* memory: parameter bytes + KV cache for batch_size x (prefill_len + gen_len) tokens.
+* predicted vs measured speedup: costs.json's prediction for the same scenario
+  (cost_table.predict_generation_time) and the MIP's own recorded prediction.
+
+The scenario defaults to the MIP's (mip/solutions.json: its best batch size, prefill_len,
+gen_len), so the measured speedup checks the MIP's promise like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megapuzzle.arch import Architecture
+from megapuzzle.config import RunDir, load_config, section, section_dict
+from megapuzzle.errors import UserError
+from megapuzzle.fileio import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate:` config section."""
+
+    batch_size: int | None = None
+    """Sequences generated together when timing (None: the MIP's chosen batch size, else 1)."""
+    prefill_len: int | None = None
+    """Prompt tokens per sequence when timing (None: the MIP's, else 128)."""
+    gen_len: int | None = None
+    """Generated tokens per sequence when timing (None: the MIP's, else 64)."""
+    repeats: int = 3
+    """Timed generations per model and round (median taken)."""
+    warmup: int = 1
+    """Untimed generations before each timing."""
+    rounds: int = 2
+    """Parent/child timing rounds, alternating the order (machine drift hits both alike); the
+    median is taken over all rounds x repeats generations."""
+    threads: int | None = None
+    """torch threads while timing (None: what costs.json was measured with)."""
+    dtype: str | None = None
+    """Timing dtype: auto, float32 or bfloat16 (None: costs.json's)."""
+    quality_batch_size: int = 8
+    """Held-out sequences per quality batch."""
+    seq_len: int = 256
+    """Held-out tokens per sequence."""
+    eval_batches: int = 8
+    """Held-out batches for the quality metrics (0 = the whole split)."""
+
+    def __post_init__(self):
+        for f in ("batch_size", "prefill_len", "gen_len", "threads"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise UserError(f"evaluate.{f} must be a positive integer or omitted, got {v!r}")
+        for f in ("repeats", "rounds", "quality_batch_size", "seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise UserError(f"evaluate.{f} must be an integer >= 1, got {v!r}")
+        if self.warmup < 0 or self.eval_batches < 0:
+            raise UserError("evaluate.warmup and evaluate.eval_batches must be >= 0")
+        if self.dtype not in (None, "auto", "float32", "bfloat16"):
+            raise UserError(f"evaluate.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
+
+
+# ----------------------------------------------------------------------------- quality
+
+def _build(arch: Architecture, tensors):
+    from megapuzzle.model import ModelOptions, build_gpt_model, load_canonical_into_model
+
+    m = build_gpt_model(arch, options=ModelOptions(perform_initialization=False))
+    load_canonical_into_model(m, tensors, arch)
+    return m.eval()
+
+
+@torch.no_grad()
+def quality_metrics(parent, models: dict[str, Any], batches) -> dict[str, dict[str, float]]:
+    """{name: lm_loss, accuracy, kl_to_parent, top1_agreement, tokens} on the same batches.
+    The parent's log-probs are computed once per batch and every model compares against them;
+    a model that IS the parent gets exactly KL 0 and agreement 1."""
+    from megapuzzle.model import forward_logits
+
+    sums = {n: torch.zeros(4, dtype=torch.float64) for n in models}
+    tokens = 0
+    for batch in batches:
+        inp, tgt = batch[:, :-1], batch[:, 1:]
+        lp = torch.log_softmax(forward_logits(parent, inp).float(), dim=-1)
+        p_top = lp.argmax(-1)
+        for name, m in models.items():
+            lq = lp if m is parent else torch.log_softmax(forward_logits(m, inp).float(), dim=-1)
+            top = lq.argmax(-1)
+            sums[name] += torch.stack([
+                -lq.gather(-1, tgt.unsqueeze(-1)).sum(), (top == tgt).sum(),
+                (lp.exp() * (lp - lq)).sum(), (top == p_top).sum()]).double()
+        tokens += tgt.numel()
+    if not tokens:
+        raise UserError("no held-out batch to evaluate on; lower evaluate.seq_len or add held-out data")
+    return {n: {"lm_loss": s[0].item() / tokens, "accuracy": s[1].item() / tokens,
+                "kl_to_parent": s[2].item() / tokens, "top1_agreement": s[3].item() / tokens, "tokens": tokens}
+            for n, s in sums.items()}
+
+
+# ----------------------------------------------------------------------------- speed + memory
+
+def scenario(run: RunDir, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Timing scenario: the config's values, else the MIP's, else 1 x (128 + 64)."""
+    sols = _solutions(run)
+    mcfg = (sols or {}).get("config", {})
+    mip = {"batch_size": (sols or {}).get("best_batch_size"), "prefill_len": mcfg.get("prefill_len"),
+           "gen_len": mcfg.get("gen_len")}
+    out, src = {}, {}
+    for k, default in (("batch_size", 1), ("prefill_len", 128), ("gen_len", 64)):
+        v = getattr(cfg, k)
+        out[k], src[k] = (v, "config") if v is not None else (mip[k], "mip") if mip[k] else (default, "default")
+    out["source"] = src
+    return out
+
+
+def _solutions(run: RunDir) -> dict | None:
+    f = run.mip / "solutions.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def measure_pair(archs: dict[str, Architecture], tensors: dict[str, Any], sc: dict, cfg: EvaluateConfig,
+                 settings: dict) -> dict[str, dict]:
+    """Median generation throughput of each model, `rounds` rounds in alternating order."""
+    from megapuzzle.cost_runtime import measure_model_throughput
+
+    samples: dict[str, list] = {n: [] for n in archs}
+    names = list(archs)
+    threads0 = torch.get_num_threads()
+    try:
+        for r in range(cfg.rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                res = measure_model_throughput(archs[n], tensors[n], sc["batch_size"], sc["prefill_len"],
+                                               sc["gen_len"], repeats=cfg.repeats, warmup=cfg.warmup, **settings)
+                samples[n].append(res)
+    finally:
+        torch.set_num_threads(threads0)  # timing pins threads; leave the process as it was
+    out = {}
+    for n, res in samples.items():
+        # pool every repeat of every round: one disturbed generation on a shared machine moves a
+        # median of rounds x repeats samples far less than a median of per-round medians
+        pre = [x["prefill_s"] for r in res for x in r.samples]
+        dec = [x["decode_s"] for r in res for x in r.samples]
+        total = statistics.median(a + b for a, b in zip(pre, dec))
+        out[n] = {"tokens_per_s": sc["batch_size"] * sc["gen_len"] / total, "total_s": total,
+                  "prefill_s": statistics.median(pre), "decode_s": statistics.median(dec),
+                  "timed_generations": len(pre)}
+    return out
+
+
+def memory(arch: Architecture, sc: dict, bytes_per_param: int) -> dict[str, int]:
+    kv_tok = arch.kv_cache_bytes_per_token(bytes_per_param)
+    kv = sc["batch_size"] * (sc["prefill_len"] + sc["gen_len"]) * kv_tok
+    p = arch.num_params()
+    return {"params": p, "param_bytes": p * bytes_per_param, "kv_bytes_per_token": kv_tok, "kv_cache_bytes": kv,
+            "memory_bytes": p * bytes_per_param + kv}
+
+
+def _chosen_solution(sols: dict | None, child: Architecture, meta: dict) -> tuple[int | None, dict | None]:
+    """The MIP candidate this child was realized from (checkpoint meta, else by its layers)."""
+    if not sols:
+        return None, None
+    k = meta.get("solution", (meta.get("child_meta") or {}).get("solution"))
+    layers = [{"attention": l.attention.name, "ffn": l.ffn.name} for l in child.layers]
+    cands = sols.get("solutions", [])
+    if isinstance(k, int) and 0 <= k < len(cands) and cands[k]["layers"] == layers:
+        return k, cands[k]
+    return next(((i, s) for i, s in enumerate(cands) if s["layers"] == layers), (None, None))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None, log=print) -> dict:
+    """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content."""
+    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint
+    from megapuzzle.cost_runtime import ensure_runtime, resolve_dtype
+    from megapuzzle.cost_table import load_costs, predict_generation_time, throughput_settings
+    from megapuzzle.data.datasets import PackedSequenceDataset
+
+    t0 = time.perf_counter()
+    run = RunDir(run_dir)
+    gkd_ckpt = run.gkd / "checkpoint"
+    child_dir = Path(child) if child is not None else gkd_ckpt if is_checkpoint(gkd_ckpt) else run.child
+    if not is_checkpoint(child_dir):
+        raise UserError(f"{child_dir} holds no child checkpoint; run `megapuzzle realize` (and `megapuzzle gkd`) first")
+    heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
+    ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
+    parent_arch, parent_t, _ = load_checkpoint(run.require_parent(), dtype=torch.float32)
+    child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
+    if (child_arch.vocab_size, child_arch.hidden_size) != (parent_arch.vocab_size, parent_arch.hidden_size):
+        raise UserError(f"{child_dir} does not share the parent's vocabulary / hidden size; it is no child of it")
+
+    # quality: parent, child and (when GKD healed it) the realized child before healing
+    parent = _build(parent_arch, parent_t)
+    models = {"parent": parent, "child": _build(child_arch, child_t)}
+    if child is None and child_dir == gkd_ckpt and is_checkpoint(run.child):
+        ra, rt, _ = load_checkpoint(run.child, dtype=torch.float32)
+        models["child_realized"] = _build(ra, rt)
+    batches = list(heldout.eval_batches(cfg.quality_batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None))
+    quality = quality_metrics(parent, models, batches)
+    del models
+    log(f"[evaluate] quality on {quality['parent']['tokens']} held-out tokens in {time.perf_counter() - t0:.1f}s")
+
+    # speed + memory, timed like costs.json was measured
+    costs = load_costs(run.costs) if run.costs.is_file() else None
+    settings = throughput_settings(costs) if costs else {"threads": None, "clock": "wall", "dtype": "auto",
+                                                         "fp8": False, "fp8_recipe": "delayed"}
+    if cfg.threads is not None:
+        settings["threads"] = cfg.threads
+    if cfg.dtype is not None:
+        settings["dtype"] = cfg.dtype
+    sc = scenario(run, cfg)
+    speed = measure_pair({"parent": parent_arch, "child": child_arch}, {"parent": parent_t, "child": child_t},
+                         sc, cfg, settings)
+    bpp = 1 if settings.get("fp8") else torch.empty((), dtype=resolve_dtype(settings["dtype"])).element_size()
+    sols = _solutions(run)
+    k, sol = _chosen_solution(sols, child_arch, child_meta)
+    out: dict[str, Any] = {"config": section_dict(cfg), "scenario": sc, "timing": settings, "bytes_per_param": bpp,
+                           "parent_dir": str(run.parent), "child_dir": str(child_dir)}
+    for name, arch in (("parent", parent_arch), ("child", child_arch)):
+        out[name] = {**quality[name], **memory(arch, sc, bpp), **speed[name]}
+        if costs:
+            out[name]["predicted_tokens_per_s"] = predict_generation_time(
+                costs, arch, sc["batch_size"], sc["prefill_len"], sc["gen_len"])["tokens_per_s"]
+    if "child_realized" in quality:
+        out["child_realized"] = quality["child_realized"]
+    measured = out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"]
+    predicted = out["child"]["predicted_tokens_per_s"] / out["parent"]["predicted_tokens_per_s"] if costs else None
+    out["speedup"] = {"measured": measured, "predicted": predicted,
+                      "prediction_error_pct": 100 * (predicted / measured - 1) if predicted else None,
+                      "mip_predicted": sol.get("predicted_speedup") if sol else None,
+                      "mip_batch_size": sol.get("batch_size") if sol else None, "mip_solution": k}
+    pa = out["parent"]["accuracy"]
+    out["quality_retention_pct"] = 100.0 * out["child"]["accuracy"] / pa if pa > 0 else None
+    out["memory_ratio"] = out["child"]["memory_bytes"] / out["parent"]["memory_bytes"]
+    gkd_res = run.gkd / "result.json"
+    out["gkd"] = {k2: v for k2, v in json.loads(gkd_res.read_text()).items() if k2 in ("steps", "tokens", "initial",
+                                                                                          "final")} \
+        if gkd_res.is_file() and child_dir == gkd_ckpt else None
+    out["pareto_png"] = str(run.root / "pareto.png") if plot_pareto(sols, sol, out, run.root / "pareto.png") else None
+    out["wall_s"] = time.perf_counter() - t0
+    atomic_write_json(run.root / "eval.json", out)
+    atomic_write_text(run.report, report_markdown(out, parent_arch, child_arch, sols))
+    log(f"[evaluate] child: {out['quality_retention_pct']:.1f}% of the parent's accuracy, KL "
+        f"{out['child']['kl_to_parent']:.4f}; speedup measured {measured:.2f}x"
+        + (f", predicted {predicted:.2f}x" if predicted else "") + f" -> {run.root / 'eval.json'}, {run.report}")
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def plot_pareto(sols: dict | None, chosen: dict | None, ev: dict, path: Path) -> bool:
+    """The MIP's predicted quality/throughput frontier with the parent, the chosen candidate and
+    the child at its MEASURED speedup. False (no file) without mip/solutions.json."""
+    if not sols or not sols.get("solutions"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = sols.get("config", {}).get("metric", "kl")
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+    front = sorted((p["predicted_speedup"], p["objective"]) for p in sols.get("pareto", []) if p.get("feasible"))
+    if front:
+        ax.plot(*zip(*front), "o-", color="tab:blue", label="MIP frontier (predicted)")
+    others = [(s["predicted_speedup"], s["objective"]) for s in sols["solutions"] if s is not chosen]
+    if others:
+        ax.scatter(*zip(*others), marker="x", color="grey", label="other MIP candidates")
+    ax.scatter([1.0], [0.0], marker="s", s=70, color="black", label="parent (1x, 0)", zorder=5)
+    if chosen:
+        cx, cy = chosen["predicted_speedup"], chosen["objective"]
+        ax.scatter([cx], [cy], marker="*", s=220, color="tab:orange", label=f"chosen ({cx:.2f}x predicted)", zorder=6)
+        mx = ev["speedup"]["measured"]
+        ax.scatter([mx], [cy], marker="D", s=70, color="tab:red", zorder=7,
+                   label=f"child measured ({mx:.2f}x, KL {ev['child']['kl_to_parent']:.3g}, "
+                         f"{ev['quality_retention_pct']:.1f}% acc.)")
+        ax.annotate("", xy=(mx, cy), xytext=(cx, cy), arrowprops={"arrowstyle": "->", "color": "tab:red"})
+    ax.set_xlabel(f"throughput speedup vs parent (batch {ev['scenario']['batch_size']}, "
+                  f"{ev['scenario']['prefill_len']}+{ev['scenario']['gen_len']} tokens)")
+    ax.set_ylabel(f"estimated quality loss (sum of block {metric})")
+    ax.set_title("Puzzle: quality / throughput frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def report_markdown(ev: dict, parent: Architecture, child: Architecture, sols: dict | None) -> str:
+    from megapuzzle.info import architecture_table
+
+    p, c, s, sc = ev["parent"], ev["child"], ev["speedup"], ev["scenario"]
+    f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+    rows = [
+        ("parameters", f"{p['params']:,}", f"{c['params']:,}", f"{c['params'] / p['params']:.2f}x"),
+        ("memory (params + KV cache)", _fmt_bytes(p["memory_bytes"]), _fmt_bytes(c["memory_bytes"]),
+         f"{ev['memory_ratio']:.2f}x"),
+        ("KV cache / token", _fmt_bytes(p["kv_bytes_per_token"]), _fmt_bytes(c["kv_bytes_per_token"]), ""),
+        ("held-out LM loss (nats)", f"{p['lm_loss']:.4f}", f"{c['lm_loss']:.4f}",
+         f"{c['lm_loss'] - p['lm_loss']:+.4f}"),
+        ("top-1 accuracy", f"{p['accuracy']:.4f}", f"{c['accuracy']:.4f}", f"{f(ev['quality_retention_pct'], '.1f')}%"),
+        ("KL(parent ‖ model)", f"{p['kl_to_parent']:.4f}", f"{c['kl_to_parent']:.4f}", ""),
+        ("top-1 agreement with parent", f"{p['top1_agreement']:.4f}", f"{c['top1_agreement']:.4f}", ""),
+        ("measured tokens/s", f"{p['tokens_per_s']:.1f}", f"{c['tokens_per_s']:.1f}", f"{s['measured']:.2f}x"),
+        ("predicted tokens/s (costs.json)", f(p.get("predicted_tokens_per_s"), ".1f"),
+         f(c.get("predicted_tokens_per_s"), ".1f"), f"{f(s['predicted'], '.2f')}x"),
+    ]
+    lines = [
+        "# Puzzle run report", "",
+        f"Parent `{ev['parent_dir']}` vs child `{ev['child_dir']}`. Timing scenario: batch {sc['batch_size']}, "
+        f"prefill {sc['prefill_len']} + generate {sc['gen_len']} tokens, KV cache on "
+        f"({ev['timing'].get('dtype')}, {ev['timing'].get('threads')} threads, {ev['timing'].get('clock')} clock; "
+        f"scenario from {', '.join(f'{k}: {v}' for k, v in sc['source'].items())}).", "",
+        f"**Quality retention: {f(ev['quality_retention_pct'], '.1f')}%** of the parent's top-1 accuracy; "
+        f"**measured speedup {s['measured']:.2f}x** (predicted {f(s['predicted'], '.2f')}x from costs.json, "
+        f"the MIP's own prediction {f(s['mip_predicted'], '.2f')}x"
+        + (f" at batch {s['mip_batch_size']}" if s.get("mip_batch_size") else "") + ").", "",
+        "| | parent | child | child / parent |", "|---|---:|---:|---:|",
+        *[f"| {a} | {b} | {c_} | {d} |" for a, b, c_, d in rows], "",
+        "## Speedup: predicted vs measured", "",
+        "| source | speedup |", "|---|---:|",
+        f"| MIP (mip/solutions.json, solution {f(s['mip_solution'], 'd')}) | {f(s['mip_predicted'], '.3f')}x |",
+        f"| costs.json at this scenario | {f(s['predicted'], '.3f')}x |",
+        f"| measured (this machine) | {s['measured']:.3f}x |",
+        f"| prediction error | {f(s['prediction_error_pct'], '+.1f')}% |", "",
+    ]
+    if ev.get("gkd") or ev.get("child_realized"):
+        lines += ["## Global knowledge distillation", ""]
+        if ev.get("gkd"):
+            g = ev["gkd"]
+            lines += [f"{g['steps']} steps, {g['tokens']:,} tokens. Held-out, before -> after:", "",
+                      "| metric | before | after |", "|---|---:|---:|",
+                      *[f"| {k} | {g['initial'][k]:.4f} | {g['final'][k]:.4f} |" for k in ("kl", "cosine", "lm_loss")],
+                      ""]
+        if ev.get("child_realized"):
+            r = ev["child_realized"]
+            lines += [f"Realized child before GKD: LM loss {r['lm_loss']:.4f}, accuracy {r['accuracy']:.4f} "
+                      f"({100 * r['accuracy'] / p['accuracy']:.1f}% retention), KL {r['kl_to_parent']:.4f}.", ""]
+    lines += ["## Child architecture", "",
+              f"{child.num_layers} layers; the parent's layers are all {parent.layers[0].name} "
+              f"({parent.layer_params(0):,} params each).", "", architecture_table(child), ""]
+    if ev.get("pareto_png"):
+        lines += ["## Quality / throughput frontier", "", "![pareto](pareto.png)", "",
+                  "Blue: the MIP's Pareto sweep (predicted speedup vs summed block score); star: the chosen "
+                  "candidate; red diamond: the child at its measured speedup.", ""]
+    return "\n".join(lines)
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML with an evaluate: section (defaults otherwise)")
+    p.add_argument("--run-dir", required=True, help="run directory (parent/, child/ or gkd/checkpoint, data/)")
+    p.add_argument("--child", help="evaluate this checkpoint instead of RUN/gkd/checkpoint or RUN/child")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = section(load_config(args.config) if args.config else {}, "evaluate", EvaluateConfig)
+    run_evaluate(args.run_dir, cfg, child=args.child)
+    print(RunDir(args.run_dir).report.read_text())
+    return 0

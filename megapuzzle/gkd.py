@@ -1,0 +1,555 @@
+"""`megapuzzle gkd`: global knowledge distillation (Puzzle stage 8): heal the realized child.
+
+    megapuzzle gkd --config CFG --run-dir RUN
+    torchrun --nproc-per-node 4 -m megapuzzle.cli gkd --config CFG --run-dir RUN   # TP x DP (gkd.tensor_parallel)
+
+The child (RUN/child) learns from the frozen parent (RUN/parent: eval mode, no grad), both
+Megatron-core GPTModels, on RUN/data/train with
+
+    L = cosine_weight * sum_l mean_tokens (1 - cos(h_child^l, h_parent^l))
+      + kl_weight     * mean_tokens T^2 KL(softmax(z_parent / T) || softmax(z_child / T))
+      + lm_weight     * mean_tokens CE(z_child, next token)            (default 0: it hurt in the paper)
+
+h^l = the residual stream at the OUTPUT of layer l (same layer count; the last one is the final
+norm's input), from forward hooks. KL and CE run on the vocab-parallel logit shards (no TP
+all-gather of [tokens, vocab]), like Megatron's vocab_parallel_cross_entropy; T^2 keeps the
+gradient scale independent of the temperature.
+
+Megatron-LM-like training: global batch over DP ranks (and micro-batches), batch = pure function
+of the step, warmup + cosine LR, AdamW (0.9, 0.95), global grad-norm clip over TP shards, console
+line + tensorboard (RUN/tb/gkd), resumable state every `checkpoint_every` steps. On CPU (the
+tested loop) a killed run resumes to bitwise the weights of an uninterrupted one. On CUDA the
+child trains under Megatron-core's DistributedDataParallel + distributed optimizer (bf16 params,
+fp32 main params / grads) with dist-checkpoints; `fp8: true` (TransformerEngine) fails at start
+where it cannot run. Writes RUN/gkd/checkpoint (tokenizer from RUN/child) and
+RUN/gkd/result.json (held-out KL / LM loss / cosine before and after, the loss curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megapuzzle.config import RunDir, load_config, section, section_dict
+from megapuzzle.train.distill import all_reduce_if, distill_terms, tp_group_rank_size
+from megapuzzle.errors import UserError
+from megapuzzle.fileio import atomic_write_json, atomic_write_text
+
+DEFAULT_STEPS = 200
+TERMS = ("loss", "cosine", "kl", "lm")
+
+
+@dataclass(frozen=True)
+class GKDConfig:
+    """The `gkd:` config section."""
+
+    steps: int | None = None
+    """Optimizer steps (default 200 when neither steps nor tokens is set)."""
+    tokens: int | None = None
+    """Training tokens instead of steps: steps = ceil(tokens / (batch_size * seq_len)) (paper: 45B)."""
+    batch_size: int = 8
+    """Global batch in sequences (split over data-parallel ranks)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on a rank (gradient accumulation); None = the rank's whole share."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate."""
+    min_lr: float = 3e-5
+    """Cosine floor."""
+    warmup_steps: int | None = None
+    """Linear warmup steps; overrides warmup_fraction."""
+    warmup_fraction: float = 0.05
+    """Linear warmup as a fraction of the steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices (never on norms); healing runs are short."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    cosine_weight: float = 1.0
+    """Weight of the summed per-layer (1 - cosine) hidden-state term."""
+    kl_weight: float = 1.0
+    """Weight of KL(parent || child) on the logits."""
+    lm_weight: float = 0.0
+    """Weight of the child's own next-token loss (off by default: it hurt in the paper)."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL term (the term is scaled by T^2)."""
+    checkpoint_every: int = 50
+    """Save the resumable train state every N steps."""
+    log_every: int = 10
+    """Console line + tensorboard scalars every N steps (averaged over the interval)."""
+    eval_batches: int = 8
+    """Held-out batches (RUN/data/heldout) for the before / after metrics."""
+    seed: int = 1234
+    """Seeds the training-data order."""
+    tensor_parallel: int = 1
+    """TP size (world = TP x DP processes; pipeline parallelism is not used)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's choice)."""
+    dtype: str = "auto"
+    """Parameter dtype: auto (bf16 on a GPU, fp32 on CPU), float32 or bfloat16."""
+    fp8: bool = False
+    """FP8 GEMMs for the child via TransformerEngine (GPU only; fails at start elsewhere)."""
+
+    def __post_init__(self):
+        for f in ("lr", "min_lr", "warmup_fraction", "weight_decay", "grad_clip", "cosine_weight", "kl_weight",
+                  "lm_weight", "temperature"):
+            try:  # PyYAML reads `3e-4` (no dot) as a string
+                object.__setattr__(self, f, float(getattr(self, f)))
+            except (TypeError, ValueError):
+                raise UserError(f"gkd.{f} must be a number, got {getattr(self, f)!r}") from None
+        for f in ("steps", "tokens", "micro_batch_size", "warmup_steps", "threads", "batch_size", "seq_len",
+                  "checkpoint_every", "log_every", "eval_batches", "tensor_parallel"):
+            v, optional = getattr(self, f), f in ("steps", "tokens", "micro_batch_size", "warmup_steps", "threads")
+            if not (v is None and optional) and (not isinstance(v, int) or v < (0 if f == "warmup_steps" else 1)):
+                raise UserError(f"gkd.{f} must be an integer >= {int(f != 'warmup_steps')}"
+                                + (" or omitted" if optional else "") + f", got {v!r}")
+        if self.steps is not None and self.tokens is not None:
+            raise UserError("gkd.steps and gkd.tokens are alternatives; set one of them")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"gkd.lr must be > 0 and 0 <= gkd.min_lr <= lr (got lr={self.lr}, min_lr={self.min_lr})")
+        if not 0 <= self.warmup_fraction < 1:
+            raise UserError(f"gkd.warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
+        if min(self.weight_decay, self.grad_clip, self.cosine_weight, self.kl_weight, self.lm_weight) < 0:
+            raise UserError("gkd.weight_decay, grad_clip and the loss weights must be >= 0")
+        if self.cosine_weight + self.kl_weight + self.lm_weight == 0:
+            raise UserError("gkd: every loss weight is 0; set cosine_weight, kl_weight or lm_weight > 0")
+        if self.temperature <= 0:
+            raise UserError(f"gkd.temperature must be > 0, got {self.temperature}")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise UserError(f"gkd.batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                            f"{self.micro_batch_size}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"gkd.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.tokens is not None:
+            return math.ceil(self.tokens / self.tokens_per_step)
+        return self.steps or DEFAULT_STEPS
+
+    @property
+    def warmup(self) -> int:
+        w = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_fraction * self.total_steps)
+        return min(w, self.total_steps - 1)
+
+
+def _combine(terms: dict[str, torch.Tensor], w: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Token means, the cosine term summed over layers, and the weighted total."""
+    m = {"cosine": terms["cosine"].mean(dim=(1, 2)).sum(), "kl": terms["kl"].mean(), "lm": terms["lm"].mean()}
+    m["loss"] = sum(w[k] * m[k] for k in ("cosine", "kl", "lm") if w[k] > 0)
+    return m
+
+
+# ----------------------------------------------------------------------------- held-out metrics
+
+@torch.no_grad()
+def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, float]:
+    """Held-out KL(parent || child), child and parent LM loss, summed per-layer cosine term and
+    the weighted loss; the fixed eval batches are split over DP ranks and the sums all-reduced."""
+    from megatron.core import parallel_state as ps
+
+    was = child.training
+    child.eval()
+    dev = next(parent.parameters()).device
+    acc = torch.zeros(5, dtype=torch.float64, device=dev)  # cosine, kl, lm, parent lm, tokens
+    for i, batch in enumerate(heldout.eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches)):
+        if i % info.dp_size != info.dp_rank:
+            continue
+        for mb in batch.to(dev).split(cfg.micro_batch_size or cfg.batch_size):
+            tokens, labels = mb[:, :-1], mb[:, 1:]
+            t = distill_terms(child, parent, tokens, labels, cfg.temperature, parent_lm=True)
+            acc += torch.stack([t["cosine"].sum(), t["kl"].sum(), t["lm"].sum(), t["parent_lm"].sum(),
+                                torch.tensor(float(labels.numel()), device=dev)]).double()
+    if info.dp_size > 1:
+        dist.all_reduce(acc, group=ps.get_data_parallel_group())
+    child.train(was)
+    n = max(acc[4].item(), 1.0)
+    out = {"cosine": acc[0].item() / n, "kl": acc[1].item() / n, "lm_loss": acc[2].item() / n,
+           "parent_lm_loss": acc[3].item() / n, "tokens": int(acc[4].item())}
+    out["loss"] = cfg.cosine_weight * out["cosine"] + cfg.kl_weight * out["kl"] + cfg.lm_weight * out["lm_loss"]
+    return out
+
+
+# ----------------------------------------------------------------------------- optimizer + state
+
+def tp_grad_norm(params) -> float:
+    """Global grad L2 norm as Megatron computes it: TP-split grads summed over the TP group,
+    replicated ones (norms) counted once (on TP rank 0)."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    group, _, _ = tp_group_rank_size()
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            sq = sq + p.grad.detach().double().pow(2).sum().cpu()
+    if group is not None:
+        dev = next(iter(params)).device
+        sq = all_reduce_if(sq.to(dev), group).cpu()
+    return math.sqrt(sq.item())
+
+
+class LocalTrainer:
+    """The tested loop (CPU): torch AdamW on every rank, DP gradient all-reduce, TP-aware
+    clip; resumable state in safetensors (megapuzzle.train.state), bitwise on resume."""
+
+    def __init__(self, model, cfg: GKDConfig, info, state_dir: Path):
+        from megapuzzle.train_parent import _param_groups
+
+        self.model, self.cfg, self.info, self.state_dir = model, cfg, info, state_dir
+        self.params = dict(model.named_parameters())
+        self.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, lr: float) -> float:
+        from megatron.core import parallel_state as ps
+        from megapuzzle.train.schedule import set_lr
+
+        if self.info.dp_size > 1:
+            group = ps.get_data_parallel_group()
+            for p in self.params.values():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=group)
+                    p.grad /= self.info.dp_size
+        norm = tp_grad_norm(self.params.values())
+        if self.cfg.grad_clip > 0:
+            coef = self.cfg.grad_clip / (norm + 1e-6)
+            if coef < 1.0:
+                for p in self.params.values():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        set_lr(self.opt, lr)
+        self.opt.step()
+        return norm
+
+    def save(self, step: int, extra: dict) -> None:
+        from megapuzzle.train.state import save_train_state
+
+        save_train_state(self.state_dir, step, self.params, self.opt, extra)
+
+    def load(self) -> dict | None:
+        from megapuzzle.train.state import load_train_state
+
+        return load_train_state(self.state_dir, self.params, self.opt)
+
+
+class MegatronTrainer:
+    """CUDA: Megatron-core DistributedDataParallel (fp32 grad buffers, reduce-scatter) + the
+    distributed optimizer (fp32 main params sharded over DP, Megatron's grad clip), as
+    Megatron-LM trains; state in Megatron dist-checkpoints (one per step, `latest` file)."""
+
+    def __init__(self, module, cfg: GKDConfig, info, state_dir: Path):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.module, self.cfg, self.info, self.state_dir = module, cfg, info, state_dir
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=True)
+        self.model = DistributedDataParallel(config=module.config, ddp_config=ddp, module=module)
+        dtype = module.config.params_dtype
+        oc = OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=cfg.grad_clip,
+                             bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=True)
+        self.opt = get_megatron_optimizer(oc, [self.model])
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad_buffer()
+        self.opt.zero_grad()
+
+    def step(self, lr: float) -> float:
+        self.model.finish_grad_sync()  # DP reduce-scatter of the grad buffers (averaged over DP)
+        for g in self.opt.param_groups:  # as Megatron-LM's OptimizerParamScheduler: norms get wd_mult 0
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+            g["weight_decay"] = self.cfg.weight_decay * g.get("wd_mult", 1.0)
+        ok, norm, _ = self.opt.step()
+        return float(norm) if ok and norm is not None else float("nan")  # Megatron-LM: skipped iteration
+
+    def save(self, step: int, extra: dict) -> None:
+        from megatron.core import dist_checkpointing
+
+        d = self.state_dir / f"step_{step:08d}"
+        if self.info.rank == 0:
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+        dist.barrier()
+        msd = self.module.sharded_state_dict()
+        dist_checkpointing.save({"model": msd, "optimizer": self.opt.sharded_state_dict(msd)}, str(d))
+        dist.barrier()
+        if self.info.rank == 0:
+            atomic_write_json(d / "state.json", {"step": step, "extra": extra})
+            atomic_write_text(self.state_dir / "latest", d.name + "\n")  # the commit point
+            for old in sorted(self.state_dir.glob("step_*"))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def load(self) -> dict | None:
+        from megatron.core import dist_checkpointing
+        from megapuzzle.train.state import latest_step_dir
+
+        d = latest_step_dir(self.state_dir)
+        if d is None:
+            return None
+        msd = self.module.sharded_state_dict()
+        loaded = dist_checkpointing.load({"model": msd, "optimizer": self.opt.sharded_state_dict(msd, is_loading=True)},
+                                         str(d))
+        self.module.load_state_dict(loaded["model"])
+        self.opt.load_state_dict(loaded["optimizer"])
+        st = json.loads((d / "state.json").read_text())
+        return {"step": st["step"], "extra": st.get("extra", {})}
+
+
+def _resume_point(state_dir: Path, info, sig: str, log) -> None:
+    """Make every rank resume from the newest step ALL ranks saved completely (a kill during a
+    save can leave the per-rank CPU states one checkpoint apart; each keeps two) by repointing
+    `latest`; start over when the ranks share none or the state was written for other inputs
+    (as BLD does). Collective on the CPU path, so every rank reaches the same verdict."""
+    from megapuzzle.train.state import latest_step_dir
+
+    cur, cuda = latest_step_dir(state_dir), torch.cuda.is_available()
+    saved = json.loads((cur / "state.json").read_text()).get("extra", {}).get("signature") if cur else None
+    mine = sorted(int(p.name[5:]) for p in state_dir.glob("step_*") if (p / "state.json").is_file()) if cur else []
+    every = [(mine, saved)]
+    if info.world_size > 1 and not cuda:  # one state dir per rank; on CUDA all ranks share one
+        every = [None] * info.world_size
+        dist.all_gather_object(every, (mine, saved))
+    common = set(mine).intersection(*(set(m) for m, _ in every))
+    if any(s not in (None, sig) for _, s in every):
+        log(f"[gkd] {state_dir.parent} was written for another config / child / world size; starting over")
+        common = set()
+    if not common:
+        if not cuda or info.rank == 0:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    elif cur.name != f"step_{max(common):08d}" and (not cuda or info.rank == 0):
+        atomic_write_text(state_dir / "latest", f"step_{max(common):08d}\n")
+    if cuda and info.world_size > 1:
+        dist.barrier()  # rank 0 decided for the shared state dir
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def _fingerprint(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """Cheap content fingerprint of a (possibly 100+ GB) weights file: its size and `samples`
+    evenly spaced 64 KiB chunks (the first holds the safetensors header: names, shapes, dtypes)."""
+    size, h = path.stat().st_size, hashlib.sha256()
+    h.update(str(size).encode())
+    with open(path, "rb") as fh:
+        for i in range(samples):
+            fh.seek(max(0, size - chunk) * i // max(samples - 1, 1))
+            h.update(fh.read(chunk))
+    return h.hexdigest()
+
+
+def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path) -> str:
+    """Everything that changes the trained weights (not logging / checkpoint cadence / eval)."""
+    d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
+                                                                 "threads")}
+    d.update(world=[info.tp_size, info.dp_size], parent=_fingerprint(parent_dir / "model.safetensors"),
+             child=_fingerprint(child_dir / "model.safetensors"), child_arch=(child_dir / "arch.json").read_text())
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = True,
+            stop_after: int | None = None) -> dict:
+    """Distil RUN/parent into RUN/child; returns result.json's content ({} on ranks > 0).
+    `stop_after`: tests' kill switch: returns {"stopped_at": step} after that many steps of
+    this run without saving, like a kill between checkpoints."""
+    from tqdm import tqdm
+
+    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, save_checkpoint, tokenizer_path
+    from megapuzzle.cost_runtime import resolve_dtype
+    from megapuzzle.data.datasets import PackedSequenceDataset
+    from megapuzzle.model.config import ModelOptions
+    from megapuzzle.model.gpt import build_gpt_model
+    from megapuzzle.model.weights import gather_canonical_from_model, load_canonical_into_model
+    from megapuzzle.runtime.distributed import init_distributed
+    from megapuzzle.train.schedule import LRSchedule
+    from megapuzzle.train.train_logger import TrainLogger
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.fp8:  # fail at start, not after loading two models
+        from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te
+
+        try:
+            check_fp8(True, resolve_use_te(None))
+        except ModelConfigError as e:
+            raise UserError(f"gkd.fp8: {e}") from None
+    run = RunDir(run_dir)
+    parent_dir = run.require_parent()
+    if not is_checkpoint(run.child):
+        raise UserError(f"{run.child} holds no child checkpoint; run `megapuzzle realize --run-dir {run.root}` first")
+    train = PackedSequenceDataset.from_prefix(run.require_data("train"))
+    heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
+    info = init_distributed(tp=cfg.tensor_parallel, pp=1, seed=cfg.seed)
+    main = info.rank == 0
+    if cfg.batch_size % info.dp_size:
+        raise UserError(f"gkd.batch_size {cfg.batch_size} is not divisible by the data-parallel size {info.dp_size}")
+    local_batch = cfg.batch_size // info.dp_size
+    micro = min(cfg.micro_batch_size or local_batch, local_batch)
+    if local_batch % micro:
+        raise UserError(f"the per-rank batch {local_batch} is not a multiple of gkd.micro_batch_size {micro}")
+    sig = _signature(cfg, info, parent_dir, run.child)
+    result_file = run.gkd / "result.json"
+    if result_file.is_file():
+        res = json.loads(result_file.read_text())
+        if res.get("signature") == sig:
+            if main:
+                log(f"[gkd] {run.gkd} already holds this distillation (result.json); nothing to do")
+            return res if main else {}
+        # Inputs changed (a re-realized child, another config): the stage runs again, as
+        # `megapuzzle run` expects; the old checkpoint and result are replaced when it finishes.
+        if main:
+            log(f"[gkd] {run.gkd} holds a distillation of another config / child; distilling again")
+    cuda = torch.cuda.is_available()
+    state_dir = run.gkd / "train_state" / ("dist" if cuda else f"rank{info.rank:03d}")
+    _resume_point(state_dir, info, sig, log if main else (lambda *a: None))
+
+    dtype = resolve_dtype(cfg.dtype)
+    parent_arch, tensors, _ = load_checkpoint(parent_dir)
+    child_arch, child_tensors, child_meta = load_checkpoint(run.child)
+    for f in ("num_layers", "hidden_size", "vocab_size"):
+        if getattr(parent_arch, f) != getattr(child_arch, f):
+            raise UserError(f"child {f}={getattr(child_arch, f)} differs from the parent's {getattr(parent_arch, f)}; "
+                            f"GKD compares layer i with layer i, so realize the child from this parent")
+    ckpt_dtype = next(iter(child_tensors.values())).dtype
+    opts = ModelOptions(perform_initialization=False)  # every weight is loaded right after
+    # The teacher stays in bf16/fp32 even with fp8: its targets should be as exact as possible.
+    parent = build_gpt_model(parent_arch, params_dtype=dtype, options=opts)
+    load_canonical_into_model(parent, tensors, parent_arch)
+    parent.eval().requires_grad_(False)
+    child = build_gpt_model(child_arch, params_dtype=dtype, fp8=cfg.fp8, options=opts)
+    load_canonical_into_model(child, child_tensors, child_arch)
+    del tensors, child_tensors
+    child.train()
+    trainer = (MegatronTrainer if cuda else LocalTrainer)(child, cfg, info, state_dir)
+    model = getattr(trainer, "model", child)  # the DDP wrapper on CUDA
+
+    resumed = trainer.load()
+    start = resumed["step"] if resumed else 0
+    if resumed:
+        extra = resumed["extra"]
+        if main:
+            log(f"[gkd] resumed from step {start}")
+    else:
+        extra = {"signature": sig, "initial": evaluate_heldout(model, parent, heldout, cfg, info), "history": []}
+    initial, history = extra["initial"], extra["history"]
+    total = cfg.total_steps
+    if main and not resumed:  # one line: sizes, budget, layout, where the child starts
+        log(f"[gkd] child {child_arch.num_params() / 1e6:.2f}M params <- parent {parent_arch.num_params() / 1e6:.2f}M; "
+            f"{total} steps x {cfg.tokens_per_step} tokens; TP {info.tp_size} x DP {info.dp_size}; held-out KL "
+            f"{initial['kl']:.4f}, cosine {initial['cosine']:.4f}, LM loss {initial['lm_loss']:.4f} "
+            f"(parent {initial['parent_lm_loss']:.4f})")
+    sched = LRSchedule(cfg.lr, total, cfg.warmup, cfg.min_lr)
+    logger = TrainLogger(run.tb / "gkd" if main else None, total, prefix="gkd/", enabled=main)
+    if main and start == 0:
+        for k in ("kl", "cosine", "lm_loss", "loss"):
+            logger.scalar(f"heldout/{k}", initial[k], 0)
+    bar = tqdm(total=total, initial=start, desc="gkd", unit="step", disable=not (progress and main))
+    dev = next(child.parameters()).device
+    w = {"cosine": cfg.cosine_weight, "kl": cfg.kl_weight, "lm": cfg.lm_weight}
+    # interval sums on the device (no host sync per step): loss terms, grad norm, per-layer cosine
+    nt = len(TERMS)
+    window = torch.zeros(nt + 1 + child_arch.num_layers, dtype=torch.float64, device=dev)
+    last_log, n_micro = start, local_batch // micro
+    for step in range(start, total):
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            logger.close()
+            return {"stopped_at": step}
+        batch = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
+        trainer.zero_grad()
+        for mb in batch.to(dev).split(micro):
+            terms = distill_terms(model, parent, mb[:, :-1], mb[:, 1:], cfg.temperature)
+            m = _combine(terms, w)
+            (m["loss"] / n_micro).backward()
+            window[:nt] += torch.stack([m[k].detach() for k in TERMS]).double() / n_micro
+            window[nt + 1:] += terms["cosine"].detach().mean(dim=(1, 2)).double() / n_micro
+        window[nt] += trainer.step(sched(step))
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            done = step + 1 - last_log
+            avg = window / done
+            if info.dp_size > 1:  # the loss terms of the global batch (the grad norm is global already)
+                from megatron.core import parallel_state as ps
+
+                dist.all_reduce(avg, group=ps.get_data_parallel_group())
+                avg /= info.dp_size
+                avg[nt] = window[nt] / done
+            avg = avg.tolist()
+            row = {"step": step + 1, **dict(zip(TERMS, avg)), "lr": sched(step), "grad_norm": avg[nt]}
+            history.append(row)
+            logger.log(step + 1, done * cfg.tokens_per_step,
+                       {"loss": row["loss"], "cosine loss": row["cosine"], "kl loss": row["kl"],
+                        "lm loss": row["lm"], "lr": row["lr"], "grad norm": row["grad_norm"]}, iters=done)
+            for i, v in enumerate(avg[nt + 1:]):
+                logger.scalar(f"cosine/layer_{i:03d}", v, step + 1)
+            window.zero_()
+            last_log = step + 1
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            trainer.save(step + 1, extra)
+    bar.close()
+
+    final = evaluate_heldout(model, parent, heldout, cfg, info)
+    canonical = gather_canonical_from_model(child, child_arch)  # collective; rank 0 gets the dict
+    result: dict = {}
+    if main:
+        for k in ("kl", "cosine", "lm_loss", "loss"):
+            logger.scalar(f"heldout/{k}", final[k], total)
+        logger.close()
+        out = save_checkpoint(run.gkd / "checkpoint", child_arch, {k: v.to(ckpt_dtype) for k, v in canonical.items()},
+                              tokenizer_dir=tokenizer_path(run.child), force=True,
+                              meta={"source": "gkd", "steps": total, "tokens": total * cfg.tokens_per_step,
+                                    "heldout": final, "child_meta": child_meta})
+        result = {
+            "config": section_dict(cfg), "signature": sig, "steps": total, "tokens": total * cfg.tokens_per_step,
+            "world": {"tp": info.tp_size, "dp": info.dp_size}, "parent": str(parent_dir), "child": str(run.child),
+            "checkpoint": str(out), "child_params": child_arch.num_params(), "parent_params": parent_arch.num_params(),
+            "initial": initial, "final": final, "history": history, "resumed_from_step": start,
+            "wall_seconds_this_run": time.perf_counter() - t_start,
+        }
+        atomic_write_json(result_file, result)  # written last: its presence means "done"
+        log(f"[gkd] held-out KL {initial['kl']:.4f} -> {final['kl']:.4f}, cosine {initial['cosine']:.4f} -> "
+            f"{final['cosine']:.4f}, LM loss {initial['lm_loss']:.4f} -> {final['lm_loss']:.4f} (parent "
+            f"{final['parent_lm_loss']:.4f}); {time.perf_counter() - t_start:.0f}s -> {out}")
+    if info.world_size > 1:
+        dist.barrier()  # result.json exists before any rank drops its state
+    if not cuda or main:
+        shutil.rmtree(state_dir, ignore_errors=True)  # the final checkpoint holds the weights
+    return result
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML with a gkd: section (defaults otherwise)")
+    p.add_argument("--run-dir", required=True, help="run directory with parent/, child/ and data/; writes gkd/")
+    p.add_argument("--steps", type=int, help="override gkd.steps (and drop gkd.tokens)")
+    p.add_argument("--tp", type=int, help="override gkd.tensor_parallel")
+    p.add_argument("--threads", type=int, help="override gkd.threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = section(load_config(args.config) if args.config else {}, "gkd", GKDConfig)
+    over = {k: v for k, v in (("steps", args.steps), ("tensor_parallel", args.tp), ("threads", args.threads))
+            if v is not None}
+    if "steps" in over:
+        over["tokens"] = None
+    if over:
+        cfg = dataclasses.replace(cfg, **over)
+    run_gkd(args.run_dir, cfg, progress=not args.no_progress)
+    return 0

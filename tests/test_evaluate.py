@@ -1,0 +1,129 @@
+"""`megapuzzle evaluate` on a real tiny run (debug parent -> bld -> score -> measure -> mip with a
+Pareto sweep -> realize -> gkd): eval.json / report.md / pareto.png carry the right fields, the
+predicted speedup is the MIP's own, and the parent against itself has KL 0 and 100% retention."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_run
+from megapuzzle.config import section
+from megapuzzle.errors import UserError
+from megapuzzle.evaluate import EvaluateConfig, run_evaluate
+from megapuzzle.runtime import destroy_distributed
+
+QUIET = dict(log=lambda *a: None)
+CFG = {
+    "search_space": {"kv_heads": [1], "ffn_fractions": [0.5], "ffn_granularity": 64},
+    "bld": {"tokens_per_block": 512, "batch_size": 4, "seq_len": 32, "checkpoint_every": 100, "log_every": 100,
+            "eval_batches": 1, "calibration_batches": 1},
+    "score": {"batch_size": 2, "seq_len": 32, "num_batches": 2, "candidates_per_pass": 3},
+    "measure": {"batch_sizes": [1, 2], "seq_lens": [8, 16], "repeats": 1, "warmup": 0, "min_sample_s": 0.0,
+                "stack_layers": 2, "check_parent": False, "passes": 1},
+    "mip": {"throughput_x": 1.3, "batch_sizes": [1, 2], "prefill_len": 8, "gen_len": 4, "sweep_points": 4,
+            "sweep_max_x": 3.0},
+    "gkd": {"steps": 2, "batch_size": 4, "seq_len": 32, "eval_batches": 1, "log_every": 1, "checkpoint_every": 2},
+    "evaluate": {"repeats": 1, "warmup": 0, "rounds": 1, "quality_batch_size": 4, "seq_len": 32, "eval_batches": 2},
+}
+MODEL_FIELDS = {"lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens", "params", "param_bytes",
+                "kv_bytes_per_token", "kv_cache_bytes", "memory_bytes", "tokens_per_s", "total_s",
+                "predicted_tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def run(debug_parent, tmp_path_factory):
+    from megapuzzle.arch import SearchSpace
+    from megapuzzle.bld import run_bld
+    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.cost import MeasureConfig, measure_costs
+    from megapuzzle.fileio import atomic_write_json
+    from megapuzzle.gkd import GKDConfig, run_gkd
+    from megapuzzle.mip.stage import MIPConfig, run_mip
+    from megapuzzle.realize import realize
+    from megapuzzle.score import ScoreConfig, run_score
+
+    torch.set_num_threads(1)
+    r = make_run(debug_parent, tmp_path_factory.mktemp("evaluate") / "run")
+    run_bld(r, CFG, progress=False, **QUIET)
+    run_score(r, section(CFG, "score", ScoreConfig), progress=False, **QUIET)
+    atomic_write_json(r / "costs.json", measure_costs(load_arch(r / "parent"), section(CFG, "measure", MeasureConfig),
+                                                      space=SearchSpace.from_dict(CFG["search_space"])))
+    run_mip(r, section(CFG, "mip", MIPConfig), **QUIET)
+    realize(r, 0, **QUIET)
+    run_gkd(r, section(CFG, "gkd", GKDConfig), progress=False, **QUIET)
+    torch.set_num_threads(1)
+    yield r
+    destroy_distributed()
+
+
+def test_evaluate_writes_eval_report_and_pareto(run):
+    from megapuzzle.checkpoints.canonical import load_arch
+
+    res = run_evaluate(run, section(CFG, "evaluate", EvaluateConfig), **QUIET)
+    assert torch.get_num_threads() == 1  # timing pinned costs.json's threads, then restored them
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["speedup"] == res["speedup"]
+    assert ev["child_dir"] == str(run / "gkd" / "checkpoint")  # the healed child wins over RUN/child
+    assert ev["scenario"] == {"batch_size": ev["speedup"]["mip_batch_size"], "prefill_len": 8, "gen_len": 4,
+                              "source": {"batch_size": "mip", "prefill_len": "mip", "gen_len": "mip"}}
+    for who in ("parent", "child"):
+        assert MODEL_FIELDS <= set(ev[who]), MODEL_FIELDS - set(ev[who])
+        arch = load_arch(run / ("parent" if who == "parent" else "gkd/checkpoint"))
+        m, b = ev[who], ev["bytes_per_param"]
+        assert b == 4 and m["params"] == arch.num_params() and m["param_bytes"] == 4 * arch.num_params()
+        batch = ev["scenario"]["batch_size"]  # the MIP's pick from measured (noisy) costs: 1 or 2
+        assert m["kv_cache_bytes"] == batch * (8 + 4) * arch.kv_cache_bytes_per_token(4)
+        assert m["memory_bytes"] == m["param_bytes"] + m["kv_cache_bytes"] and m["tokens_per_s"] > 0
+        assert 0 <= m["accuracy"] <= 1 and m["lm_loss"] > 0
+    assert ev["parent"]["kl_to_parent"] == 0.0 and ev["parent"]["top1_agreement"] == 1.0
+    assert ev["child"]["kl_to_parent"] > 0 and ev["child"]["params"] < ev["parent"]["params"]
+    assert {"lm_loss", "accuracy", "kl_to_parent"} <= set(ev["child_realized"])
+    s = ev["speedup"]
+    sol = json.loads((run / "mip" / "solutions.json").read_text())["solutions"][0]
+    assert s["mip_solution"] == 0 and s["mip_predicted"] == sol["predicted_speedup"]
+    assert s["predicted"] == pytest.approx(sol["predicted_speedup"], rel=1e-9)  # same scenario, same costs
+    assert s["measured"] == pytest.approx(ev["child"]["tokens_per_s"] / ev["parent"]["tokens_per_s"])
+    assert ev["quality_retention_pct"] == pytest.approx(100 * ev["child"]["accuracy"] / ev["parent"]["accuracy"])
+    assert ev["gkd"]["steps"] == 2 and {"kl", "lm_loss"} <= set(ev["gkd"]["final"])
+
+    report = (run / "report.md").read_text()
+    for text in ("Quality retention", "measured speedup", "| MIP (mip/solutions.json, solution 0) |",
+                 "| layer | attention | ffn | params |", "Global knowledge distillation", "![pareto](pareto.png)"):
+        assert text in report, text
+    arch = load_arch(run / "gkd" / "checkpoint")
+    for i, layer in enumerate(arch.layers):
+        assert f"| {i} | {layer.attention.name} | {layer.ffn.name} | {arch.layer_params(i):,} |" in report
+    png = (run / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000 and ev["pareto_png"] == str(run / "pareto.png")
+
+
+def test_the_parent_against_itself_has_zero_kl_and_full_retention(run, tmp_path):
+    r = tmp_path / "self"
+    for d in ("parent", "data"):
+        shutil.copytree(run / d, r / d)
+    shutil.copy(run / "costs.json", r / "costs.json")  # no mip/: the scenario comes from the config
+    cfg = EvaluateConfig(**{**CFG["evaluate"], "batch_size": 1, "prefill_len": 6, "gen_len": 3})
+    ev = run_evaluate(r, cfg, child=r / "parent", **QUIET)
+    for who in ("parent", "child"):
+        assert ev[who]["kl_to_parent"] == 0.0 and ev[who]["top1_agreement"] == 1.0
+    assert ev["child"]["lm_loss"] == ev["parent"]["lm_loss"] and ev["quality_retention_pct"] == 100.0
+    assert ev["speedup"]["predicted"] == pytest.approx(1.0) and ev["speedup"]["mip_predicted"] is None
+    assert ev["scenario"]["source"] == {"batch_size": "config", "prefill_len": "config", "gen_len": "config"}
+    assert ev["pareto_png"] is None and not (r / "pareto.png").exists() and ev["gkd"] is None
+    assert "Quality retention: 100.0%" in (r / "report.md").read_text()
+
+
+def test_evaluate_needs_a_child_and_validates_its_config(run, tmp_path):
+    r = tmp_path / "nochild"
+    for d in ("parent", "data"):
+        shutil.copytree(run / d, r / d)
+    with pytest.raises(UserError, match="no child checkpoint"):
+        run_evaluate(r, EvaluateConfig(), **QUIET)
+    with pytest.raises(UserError, match="unknown key"):
+        section({"evaluate": {"batch": 2}}, "evaluate", EvaluateConfig)
+    with pytest.raises(UserError, match="dtype"):
+        EvaluateConfig(dtype="fp16")

@@ -1,0 +1,95 @@
+"""`megapuzzle run`: every stage in order on the debug config, manifest bookkeeping, skip /
+re-run semantics, clear errors. The whole chain runs for real (examples/debug.yaml)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megapuzzle.errors import UserError
+from megapuzzle.pipeline import STAGE_NAMES, run_pipeline
+
+DEBUG = Path(__file__).resolve().parents[1] / "examples" / "debug.yaml"
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def full_run(debug_parent, tmp_path_factory):
+    """The debug pipeline end to end; the parent stage reuses the session's trained debug parent
+    (train-parent sees a finished run with the same config and does nothing)."""
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    shutil.copytree(debug_parent, run / "parent_train")
+    manifest = run_pipeline(DEBUG, run, **QUIET)
+    return run, manifest
+
+
+def _statuses(run):
+    return {k: v["status"] for k, v in json.loads((run / "manifest.json").read_text())["stages"].items()}
+
+
+def test_every_stage_runs_and_the_child_is_exported(full_run):
+    run, manifest = full_run
+    assert _statuses(run) == dict.fromkeys(STAGE_NAMES, "done")
+    cfg = json.loads((run / "export" / "config.json").read_text())
+    assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
+    assert (run / "report.md").is_file() and (run / "pareto.png").is_file()
+    for name in ("scores.json", "costs.json", "mip/solutions.json", "child/arch.json", "library/index.json"):
+        assert (run / name).is_file(), name
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["stages"]["bld"]["config"]["bld"]["tokens_per_block"] == 512
+    assert m["versions"]["megatron-core"] and m["versions"]["torch"]
+
+
+def test_rerun_skips_finished_stages(full_run):
+    run, _ = full_run
+    lines = []
+    run_pipeline(DEBUG, run, log=lines.append)
+    assert [l for l in lines if "skipped" in l] == [
+        f"[{i}/{len(STAGE_NAMES)}] {n}: done, config unchanged - skipped" for i, n in enumerate(STAGE_NAMES, 1)]
+
+
+def test_changed_stage_config_reruns_it_and_everything_after(full_run, tmp_path):
+    run, _ = full_run
+    cfg = yaml.safe_load(DEBUG.read_text())
+    cfg["mip"]["throughput_x"] = 1.2
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    before = (run / "library" / "index.json").stat().st_mtime_ns
+    lines = []
+    run_pipeline(changed, run, log=lines.append)
+    ran = [l.split("] ")[1].split(":")[0] for l in lines if ": running" in l]
+    assert ran == STAGE_NAMES[STAGE_NAMES.index("mip"):]
+    assert (run / "library" / "index.json").stat().st_mtime_ns == before  # nothing before mip re-ran
+    sol = json.loads((run / "mip" / "solutions.json").read_text())
+    assert sol["config"]["throughput_x"] == 1.2
+    run_pipeline(DEBUG, run, **QUIET)  # back to the module's config for the other tests
+
+
+def test_interrupted_stage_is_rerun(full_run):
+    run, _ = full_run
+    m = json.loads((run / "manifest.json").read_text())
+    m["stages"]["export"]["status"] = "running"  # as if killed during export
+    (run / "manifest.json").write_text(json.dumps(m))
+    lines = []
+    run_pipeline(DEBUG, run, log=lines.append)
+    assert any("export: running (resuming an interrupted run)" in l for l in lines)
+    assert _statuses(run)["export"] == "done"
+
+
+def test_bad_configs_fail_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parent: {train: debug}\nbld: {tokens_per_blok: 5}\n")
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['tokens_per_blok'\] in config section 'bld'"):
+        run_pipeline(bad, tmp_path / "r", only="bld", **QUIET)
+    bad.write_text("parent: {train: debug}\nbldd: {}\n")
+    with pytest.raises(UserError, match=r"unknown config section\(s\) \['bldd'\]"):
+        run_pipeline(bad, tmp_path / "r", **QUIET)
+    bad.write_text("parent: {train: debug, hf_dir: /x}\n")
+    with pytest.raises(UserError, match="exactly one of train / hf_dir / checkpoint"):
+        run_pipeline(bad, tmp_path / "r2", **QUIET)
+    with pytest.raises(UserError, match="unknown stage 'scroe'"):
+        run_pipeline(DEBUG, tmp_path / "r3", only="scroe", **QUIET)
