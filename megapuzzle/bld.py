@@ -309,12 +309,19 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, pro
 
 def _decide(lib: BlockLibrary, arch: Architecture, parent_tensors: dict, blocks: list[BlockSpec], state_root: Path,
             dp: int, sig: str, log) -> dict:
-    """Write the parent's own blocks, find the blocks to train (missing or failing their
-    checksum) and split them over the data-parallel ranks."""
+    """Write the parent's own blocks, find the blocks to train (missing, failing their
+    checksum, or trained under other BLD settings / another parent) and split them over the
+    data-parallel ranks."""
     parent_written = _write_parent_blocks(lib, arch, parent_tensors, [b for b in blocks if b.parent_own])
     entries = lib.entries()
-    todo = [b for b in blocks if not b.parent_own and not lib.entry_ok(entries.get(b.key), verify=True)]
-    corrupt = [b.key for b in todo if b.key in entries]
+    stale = [b.key for b in blocks if not b.parent_own and lib.entry_ok(entries.get(b.key), verify=True)
+             and entries[b.key].get("bld_signature") != sig]
+    todo = [b for b in blocks if not b.parent_own and (b.key in stale or
+                                                       not lib.entry_ok(entries.get(b.key), verify=True))]
+    corrupt = [b.key for b in todo if b.key in entries and b.key not in stale]
+    if stale:
+        log(f"[bld] {len(stale)} block(s) were trained with other BLD settings or another parent "
+            f"(e.g. {stale[0]}); retraining them")
     if todo:
         assign = _plan_for_ranks(state_root, todo, arch, dp, sig)
     else:

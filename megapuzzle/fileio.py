@@ -65,3 +65,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def weights_fingerprint(path: str | os.PathLike, full_below: int = 4 << 30, samples: int = 64,
+                        chunk: int = 1 << 16) -> str:
+    """Content fingerprint of a weights file, to tell whether a stage's input changed.
+
+    Files up to `full_below` bytes are hashed whole (every weight counts); bigger ones (100+ GB
+    checkpoints) by their size and `samples` evenly spaced chunks, the first of which holds
+    the safetensors header (names, shapes, dtypes)."""
+    size = os.stat(path).st_size
+    if size <= full_below:
+        return sha256_file(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        for i in range(samples):
+            fh.seek(max(0, size - chunk) * i // max(samples - 1, 1))
+            h.update(fh.read(chunk))
+    return "sampled:" + h.hexdigest()

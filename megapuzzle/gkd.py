@@ -43,7 +43,7 @@ import torch.distributed as dist
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.train.distill import all_reduce_if, distill_terms, tp_group_rank_size
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, atomic_write_text
+from megapuzzle.fileio import atomic_write_json, atomic_write_text, weights_fingerprint
 
 DEFAULT_STEPS = 200
 TERMS = ("loss", "cosine", "kl", "lm")
@@ -342,24 +342,12 @@ def _resume_point(state_dir: Path, info, sig: str, log) -> None:
 
 # ----------------------------------------------------------------------------- the stage
 
-def _fingerprint(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
-    """Cheap content fingerprint of a (possibly 100+ GB) weights file: its size and `samples`
-    evenly spaced 64 KiB chunks (the first holds the safetensors header: names, shapes, dtypes)."""
-    size, h = path.stat().st_size, hashlib.sha256()
-    h.update(str(size).encode())
-    with open(path, "rb") as fh:
-        for i in range(samples):
-            fh.seek(max(0, size - chunk) * i // max(samples - 1, 1))
-            h.update(fh.read(chunk))
-    return h.hexdigest()
-
-
 def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path) -> str:
     """Everything that changes the trained weights (not logging / checkpoint cadence / eval)."""
     d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
                                                                  "threads")}
-    d.update(world=[info.tp_size, info.dp_size], parent=_fingerprint(parent_dir / "model.safetensors"),
-             child=_fingerprint(child_dir / "model.safetensors"), child_arch=(child_dir / "arch.json").read_text())
+    d.update(world=[info.tp_size, info.dp_size], parent=weights_fingerprint(parent_dir / "model.safetensors"),
+             child=weights_fingerprint(child_dir / "model.safetensors"), child_arch=(child_dir / "arch.json").read_text())
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

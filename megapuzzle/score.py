@@ -15,6 +15,10 @@ candidates of one layer go through those shared layers stacked into one batch.
 
 Resumable: each rank appends finished blocks to RUN/state/score/rank{r}.json (atomic); a
 restart skips them. Rank 0 merges all ranks' files into scores.json.
+
+`--shard I/N` (a SLURM array task, slurm/score.sbatch): score only every N-th block starting
+at I (this job's DP ranks split that further), into RUN/state/score/shard{I}of{N}_rank{r}.json,
+without merging; a later run without --shard finds every block done and only merges.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from megapuzzle.arch import AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json
+from megapuzzle.fileio import atomic_write_json, weights_fingerprint
 
 FORMAT = "megapuzzle-scores/1"
 
@@ -243,7 +247,8 @@ def parent_metrics(model, batches, k: int) -> dict[str, float]:
 
 
 def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, progress: bool = True,
-              naive: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+              naive: bool = False, stop_after: int | None = None, shard: tuple[int, int] = (0, 1)
+              ) -> dict[str, Any]:
     from tqdm import tqdm
 
     from megapuzzle.checkpoints.canonical import load_checkpoint
@@ -261,17 +266,28 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
     refs = library_blocks(parent, library)
     if not refs:
         raise UserError(f"{run.library} holds no blocks; run `megapuzzle bld` first")
-    mine = [r for i, r in enumerate(refs) if i % info.dp_size == info.dp_rank]
+    shard_i, shards = shard
+    if not 0 <= shard_i < shards:
+        raise UserError(f"--shard {shard_i}/{shards}: need 0 <= I < N")
+    # worker w of W: the DP ranks of shard I are workers I*dp .. I*dp+dp-1
+    workers, me = shards * info.dp_size, shard_i * info.dp_size + info.dp_rank
+    mine = [r for i, r in enumerate(refs) if i % workers == me]
     model = build_gpt_model(parent)
     load_canonical_into_model(model, tensors, parent)
     batches = heldout_batches(run, cfg)
-    state = run.state / "score" / f"rank{info.rank:03d}.json"
-    settings = {"config": section_dict(cfg), "data": str(run.heldout_data), "naive": naive}
+    name = f"rank{info.rank:03d}.json" if shards == 1 else f"shard{shard_i:03d}of{shards:03d}_rank{info.rank:03d}.json"
+    state = run.state / "score" / name
+    # a saved score is reused only for the same settings, parent and block file (checksum)
+    settings = {"config": section_dict(cfg), "data": str(run.heldout_data), "naive": naive,
+                "parent": weights_fingerprint(run.parent / "model.safetensors")}
+    entries = library.entries()
     done: dict[str, Any] = {}
-    if state.is_file():
-        saved = json.loads(state.read_text())
+    keys = {r.key for r in mine}
+    for f in sorted((run.state / "score").glob("*.json")):  # any rank's / shard's finished blocks count
+        saved = json.loads(f.read_text())
         if saved.get("settings") == settings:
-            done = saved["blocks"]
+            done.update({k: v for k, v in saved["blocks"].items()
+                         if k in keys and v.get("sha256") == entries[k].get("sha256")})
     t0 = time.perf_counter()
     counter = {"n": 0}
 
@@ -279,7 +295,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
         pass
 
     def on_done(key, res):
-        done[key] = res
+        done[key] = {**res, "sha256": entries[key].get("sha256")}
         if info.tp_rank == 0:
             atomic_write_json(state, {"settings": settings, "blocks": done})
         counter["n"] += 1
@@ -299,12 +315,16 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
     if info.world_size > 1:
         torch.distributed.barrier()
     result: dict[str, Any] = {}
-    if info.rank == 0:
+    if shards > 1:
+        if info.rank == 0:
+            log(f"[score] shard {shard_i}/{shards}: {len(mine)} block(s) in {wall:.1f}s -> {state.parent}")
+    elif info.rank == 0:
         merged: dict[str, Any] = {}
-        for f in sorted((run.state / "score").glob("rank*.json")):
+        for f in sorted((run.state / "score").glob("*.json")):
             saved = json.loads(f.read_text())
             if saved.get("settings") == settings:
-                merged.update(saved["blocks"])
+                merged.update({k: v for k, v in saved["blocks"].items()
+                               if k in entries and v.get("sha256") == entries[k].get("sha256")})
         missing = [r.key for r in refs if r.key not in merged]
         if missing:
             raise UserError(f"scores for {len(missing)} block(s) missing after scoring (e.g. {missing[0]}); re-run")
@@ -329,11 +349,16 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML with a score: section (defaults otherwise)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="score only blocks I, I+N, I+2N, ... (a SLURM array task); a later run without it merges")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = section(load_config(args.config) if args.config else {}, "score", ScoreConfig)
-    res = run_score(args.run_dir, cfg, tp=args.tp, progress=not args.no_progress)
+    i, _, n = args.shard.partition("/")
+    if not (i.isdigit() and n.isdigit()):
+        raise UserError(f"--shard {args.shard!r}: expected I/N, e.g. 0/4")
+    res = run_score(args.run_dir, cfg, tp=args.tp, progress=not args.no_progress, shard=(int(i), int(n)))
     if res:
         print(scores_table(res))
     return 0

@@ -325,3 +325,19 @@ def test_dp2_splits_the_blocks_and_gives_the_same_library(full, base, tmp_path):
     for k in a:
         for n in a[k]:
             torch.testing.assert_close(b[k][n], a[k][n], rtol=1e-5, atol=1e-7, msg=f"{k} {n}")
+
+
+def test_changed_bld_settings_retrain_the_blocks(full, tmp_path):
+    """A library trained with other BLD settings is not silently reused: its blocks retrain."""
+    run, res = full
+    again = fresh(run, tmp_path, with_library=run)
+    before = BlockLibrary(again / "library").entries()
+    lines = []
+    res2 = run_bld(again, cfg(lr=BLD["lr"] / 2), log=lines.append, progress=False)
+    assert sorted(res2["trained"]) == sorted(res["trained"]) and res2["trained"]
+    assert any("trained with other BLD settings" in l for l in lines)
+    after = BlockLibrary(again / "library").entries()
+    for k in res["trained"]:
+        if after[k]["init"] != "no_op":
+            assert after[k]["sha256"] != before[k]["sha256"], k
+    assert run_bld(again, cfg(lr=BLD["lr"] / 2), **QUIET)["trained"] == []  # now up to date

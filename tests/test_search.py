@@ -160,3 +160,23 @@ def test_realize_a_mip_solution_and_export_loads(run, tmp_path):
     export_hf(dest, tmp_path / "export", dtype="fp32")
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True)
     assert sum(p.numel() for p in m.parameters()) == arch.num_params()
+
+
+def test_a_retrained_block_is_rescored_and_the_rest_reused(run, tmp_path):
+    import shutil
+
+    from megapuzzle.library import BlockLibrary
+
+    r = tmp_path / "r"
+    for d in ("parent", "data", "library", "state"):
+        shutil.copytree(run / d, r / d)
+    lib = BlockLibrary(r / "library")
+    key = "L001.ffn.mlp_128"
+    t = {k: v * 0.5 for k, v in lib.load_block(key).items()}  # as if retrained: other weights
+    lib.add_block(key, t, {k: v for k, v in lib.entry(key).items() if k not in ("sha256", "file", "key")})
+    res = run_score(r, section(CFG, "score", ScoreConfig), progress=False, **QUIET)
+    old = json.loads((run / "scores.json").read_text())["blocks"]
+    assert res["blocks"][key]["kl"] != pytest.approx(old[key]["kl"], rel=1e-6)
+    for k in old:
+        if k != key:
+            assert res["blocks"][k]["kl"] == old[k]["kl"], k
