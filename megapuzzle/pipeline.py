@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from megapuzzle.config import RunDir, load_config, section
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json
+from megapuzzle.fileio import atomic_write_json, replace_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,11 +209,11 @@ def _jsonable(d: Any) -> Any:
 
 
 def _replace_tree(src: Path, dst: Path) -> None:
+    """Copy `src` over `dst` atomically (a kill leaves the old copy or the new one)."""
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    replace_dir(tmp, dst)
 
 
 def stage_config(cfg: dict, sections: tuple[str, ...]) -> dict:

@@ -22,7 +22,7 @@ import torch
 
 from megapuzzle.arch import Architecture
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_safetensors_atomic
+from megapuzzle.fileio import atomic_write_json, atomic_write_text, replace_dir, save_safetensors_atomic
 
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -97,21 +97,11 @@ def save_checkpoint(out_dir: str | os.PathLike, arch: Architecture, tensors: dic
         atomic_write_json(tmp / META_FILE, meta or {})
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def load_arch(ckpt_dir: str | os.PathLike) -> Architecture:

@@ -26,7 +26,7 @@ import torch
 
 from megapuzzle.arch import Architecture
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_bytes, atomic_write_json, save_safetensors_atomic
+from megapuzzle.fileio import atomic_write_bytes, atomic_write_json, replace_dir, save_safetensors_atomic
 from megapuzzle.checkpoints.canonical import expected_canonical_shapes, validate_tensors  # noqa: F401 (re-exported)
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
@@ -218,13 +218,7 @@ def _write_hf_dir(arch: Architecture, tensors: dict[str, torch.Tensor], out_dir,
                 if (tok / name).is_file():
                     _copy_file(tok / name, tmp / name)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the export is meant to be shared
-        if out.exists():  # forced: swap, then delete the old one, so a crash leaves old or new
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # forced: swap, then delete the old one, so a crash leaves old or new
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
