@@ -64,6 +64,8 @@ def run_distributed(worker, world: int, tp: int = 1, pp: int = 1, args: tuple = 
                             if proc.is_alive():
                                 proc.terminate()
                         raise TimeoutError(f"distributed workers still running after {timeout} s")
+                # our own children's results in our own temp dir (dicts of tensors and ParallelInfo):
+                # trusted, unlike any checkpoint, which megapuzzle only ever reads as safetensors
                 return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
             except Exception as e:
                 errs = sorted(Path(outdir).glob("rank*.err"))
