@@ -63,6 +63,35 @@ class DataSection:
     """Tokenize the embedded stdlib corpus with the parent's tokenizer instead."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    """The `export:` section: the HF DeciLM directory (RUN/export) and, optionally, an FP8 one."""
+
+    dtype: str = "bf16"
+    """Weight dtype of RUN/export: bf16, fp16 or fp32."""
+    quantize: str | None = None
+    """fp8: also write RUN/export_fp8 (ModelOpt FP8, calibrated on RUN/data/heldout); needs
+    nvidia-modelopt (the [modelopt] extra)."""
+    calib_batches: int = 8
+    """FP8 calibration batches (x calib_batch_size x calib_seq_len tokens)."""
+    calib_batch_size: int = 4
+    """Sequences per calibration batch."""
+    calib_seq_len: int = 256
+    """Tokens per calibration sequence."""
+    max_shard_size: str = "2GB"
+    """Split safetensors files above this size."""
+
+    def __post_init__(self):
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise UserError(f"export.dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.quantize not in (None, "fp8"):
+            raise UserError(f"export.quantize must be fp8 or omitted, got {self.quantize!r}")
+        for f in ("calib_batches", "calib_batch_size", "calib_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise UserError(f"export.{f} must be an integer >= 1, got {v!r}")
+
+
 # ----------------------------------------------------------------------------- stages
 
 def _stage_parent(run: RunDir, cfg: dict, log) -> dict:
@@ -179,13 +208,23 @@ def _stage_evaluate(run: RunDir, cfg: dict, log) -> dict:
 def _stage_export(run: RunDir, cfg: dict, log) -> dict:
     from megapuzzle.checkpoints.export_hf import export_hf
 
-    e = cfg.get("export") or {}
+    e = section(cfg, "export", ExportSection)
     src = run.gkd / "checkpoint" if (run.gkd / "checkpoint" / "arch.json").is_file() else run.child
-    warnings = export_hf(src, run.export, dtype=e.get("dtype", "bf16"), force=True)
+    warnings = export_hf(src, run.export, dtype=e.dtype, force=True, max_shard_size=e.max_shard_size)
     for w in warnings:
         log(f"[export] warning: not loadable by {w.rsplit(': ', 1)[-1]}: {w.rsplit(': ', 1)[0]}")
-    log(f"[export] {src} -> {run.export} (DeciLMForCausalLM)")
-    return {"source": str(src), "warnings": warnings}
+    log(f"[export] {src} -> {run.export} (DeciLMForCausalLM, {e.dtype})")
+    out = {"source": str(src), "warnings": warnings}
+    if e.quantize == "fp8":
+        from megapuzzle.checkpoints.quantize_fp8 import export_fp8
+
+        fp8_dir = run.root / "export_fp8"
+        res = export_fp8(src, fp8_dir, calib_data=str(run.heldout_data), calib_batches=e.calib_batches,
+                         calib_batch_size=e.calib_batch_size, calib_seq_len=e.calib_seq_len, force=True,
+                         max_shard_size=e.max_shard_size, log=lambda *a: None)
+        log(f"[export] {src} -> {fp8_dir} (FP8 E4M3 via ModelOpt: {res['quantized_linears']} Linear layers)")
+        out["fp8"] = {"dir": str(fp8_dir), **{k: v for k, v in res.items() if k != "warnings"}}
+    return out
 
 
 # (name, config sections it reads, function). Order is the pipeline's order.
@@ -236,6 +275,33 @@ def _versions() -> dict:
     return out
 
 
+def validate_config(cfg: dict) -> None:
+    """Every section parsed (unknown keys, bad values) and FP8 checked against this machine
+    BEFORE the first stage runs: a bad config fails at start in one line, never half-way."""
+    from megapuzzle.arch import SearchSpace
+    from megapuzzle.bld import BLDConfig
+    from megapuzzle.cost import MeasureConfig
+    from megapuzzle.evaluate import EvaluateConfig
+    from megapuzzle.gkd import GKDConfig
+    from megapuzzle.mip.stage import MIPConfig
+    from megapuzzle.score import ScoreConfig
+
+    if not section(cfg, "parent", ParentSection).train:
+        section(cfg, "data", DataSection)
+    SearchSpace.from_dict(cfg.get("search_space"))
+    parsed = {name: section(cfg, name, C) for name, C in (
+        ("bld", BLDConfig), ("score", ScoreConfig), ("measure", MeasureConfig), ("mip", MIPConfig),
+        ("gkd", GKDConfig), ("evaluate", EvaluateConfig), ("export", ExportSection))}
+    fp8 = [name for name in ("bld", "measure", "gkd") if getattr(parsed[name], "fp8", False)]
+    if fp8:
+        from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te
+
+        try:
+            check_fp8(True, resolve_use_te(None))
+        except ModelConfigError as e:
+            raise UserError(f"{'/'.join(n + '.fp8' for n in fp8)}: {e}") from None
+
+
 def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, *, only: str | None = None,
                  until: str | None = None, log=print) -> dict:
     cfg = load_config(config_path)
@@ -247,6 +313,7 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, *, 
     for name in (only, until):
         if name is not None and name not in STAGE_NAMES:
             raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    validate_config(cfg)
     run.root.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(run.manifest.read_text()) if run.manifest.is_file() else {}
     manifest.setdefault("stages", {})

@@ -93,3 +93,38 @@ def test_bad_configs_fail_with_one_line(tmp_path):
         run_pipeline(bad, tmp_path / "r2", **QUIET)
     with pytest.raises(UserError, match="unknown stage 'scroe'"):
         run_pipeline(DEBUG, tmp_path / "r3", only="scroe", **QUIET)
+
+
+def test_every_section_is_validated_before_the_first_stage(tmp_path):
+    """A mistake in a late stage's section, or FP8 on a machine without TE + sm >= 89, fails at
+    start: no run directory, no stage run (never half-way, after hours of BLD)."""
+    cfg = yaml.safe_load(DEBUG.read_text())
+    for section, key, value, match in (("evaluate", "repeats", 0, "evaluate.repeats must be an integer >= 1"),
+                                       ("export", "quantize", "int4", "export.quantize must be fp8 or omitted"),
+                                       ("gkd", "fp8", True, "gkd.fp8: fp8=True needs")):
+        bad = yaml.safe_load(DEBUG.read_text())
+        bad[section][key] = value
+        path = tmp_path / f"{section}.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(UserError, match=match) as e:
+            run_pipeline(path, tmp_path / f"run_{section}", **QUIET)
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / f"run_{section}").exists()
+    assert cfg == yaml.safe_load(DEBUG.read_text())
+
+
+def test_export_stage_writes_an_fp8_checkpoint(full_run, tmp_path):
+    from megapuzzle.checkpoints.quantize_fp8 import check_fp8_dir
+
+    run, _ = full_run
+    cfg = yaml.safe_load(DEBUG.read_text())
+    cfg["export"].update(quantize="fp8", calib_batches=1, calib_seq_len=32)
+    path = tmp_path / "fp8.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    lines = []
+    run_pipeline(path, run, log=lines.append)
+    assert [l.split("] ")[1].split(":")[0] for l in lines if ": running" in l] == ["export"]
+    layers = len(json.loads((run / "export" / "config.json").read_text())["block_configs"])
+    assert check_fp8_dir(run / "export_fp8", layers)["torch.float8_e4m3fn"] > 0
+    assert json.loads((run / "manifest.json").read_text())["stages"]["export"]["result"]["fp8"]["quantized_linears"] > 0
+    run_pipeline(DEBUG, run, **QUIET)  # back to the module's config for the other tests

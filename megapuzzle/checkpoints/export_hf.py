@@ -1,6 +1,7 @@
 """`megapuzzle export-hf` (also `tools/convert_to_hf.py`): checkpoint -> HF DeciLM directory.
 
     megapuzzle export-hf --checkpoint runs/demo/child --out runs/demo/export [--dtype bf16] [--force]
+    megapuzzle export-hf --checkpoint runs/demo/child --out runs/demo/export_fp8 --quantize fp8  # ModelOpt
 
 The directory loads with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`
 (our own modeling_decilm.py is copied beside the weights) and is what TensorRT-LLM, vLLM and
@@ -55,9 +56,28 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype in the export")
     p.add_argument("--max-shard-size", default="2GB", help="split safetensors above this size (index file written)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    q = p.add_argument_group("quantization (nvidia-modelopt; megapuzzle.checkpoints.quantize_fp8)")
+    q.add_argument("--quantize", choices=["fp8"], default=None,
+                   help="fp8: ModelOpt-calibrated FP8 (E4M3) weights + static input scales for TensorRT-LLM / vLLM")
+    q.add_argument("--calib-data", default=None,
+                   help="indexed-dataset prefix for calibration (default: the embedded held-out corpus)")
+    q.add_argument("--calib-batches", type=int, default=8, help="calibration batches")
+    q.add_argument("--calib-batch-size", type=int, default=4, help="sequences per calibration batch")
+    q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.quantize == "fp8":
+        from megapuzzle.checkpoints.quantize_fp8 import export_fp8
+
+        res = export_fp8(args.checkpoint, args.out, calib_data=args.calib_data, calib_batches=args.calib_batches,
+                         calib_batch_size=args.calib_batch_size, calib_seq_len=args.calib_seq_len,
+                         force=args.force, max_shard_size=args.max_shard_size)
+        for w in res["warnings"]:
+            print(f"warning: not loadable by {w.rsplit(': ', 1)[-1]}: {w.rsplit(': ', 1)[0]}", file=sys.stderr)
+        print(f"exported {args.checkpoint} -> {args.out} (DeciLMForCausalLM, FP8 E4M3 via ModelOpt: "
+              f"{res['quantized_linears']} Linear layers, {res['calibration_tokens']} calibration tokens)")
+        return 0
     warnings = export_hf(args.checkpoint, args.out, dtype=args.dtype, force=args.force,
                          max_shard_size=args.max_shard_size)
     for w in warnings:
