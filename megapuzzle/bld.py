@@ -1,12 +1,13 @@
 """`megapuzzle bld`: blockwise local distillation (Puzzle stage 3) into the block library.
 
     megapuzzle bld --config CFG --run-dir RUN
-    torchrun --nproc-per-node 4 -m megapuzzle.cli bld --config CFG --run-dir RUN   # DP x TP
+    torchrun --nproc-per-node 4 -m megapuzzle.cli bld --config CFG --run-dir RUN           # DP x TP
+    torchrun --nproc-per-node 4 -m megapuzzle.cli bld --config CFG --run-dir RUN --tp 2 --pp 2
 
 Reads RUN/parent (canonical checkpoint), RUN/data/train (training windows) and
 RUN/data/heldout (the fixed eval batches); writes RUN/library (megapuzzle.library), the
 work split and per-rank resumable state under RUN/state/bld/<block-set hash>/ (removed as ranks
-finish) and tensorboard scalars (NMSE per block) under RUN/tb/bld/dp###/.
+finish) and tensorboard scalars (NMSE per block) under RUN/tb/bld/dp###/ (dp###_pp###/ with PP).
 
 Every student block gets the PARENT's input to its layer and learns to match the parent's
 layer there with the normalized MSE
@@ -23,11 +24,15 @@ rank holds, and no gradient crosses a block boundary.
 Work is split over data-parallel ranks by block (greedy by parameter count); each rank runs
 its own teacher on the SAME global batches, so a block's training does not depend on which
 rank or which other blocks it trains with. TP shards teacher and students as Megatron-core
-does. All students of a rank train in lockstep (tokens_per_block / (batch_size * seq_len)
-steps) and are written to the library together when the rank finishes. Blocks already in
-the library with a valid checksum are skipped (so a search space can be extended without
-retraining); the parent's own variants are written directly. Killed at any moment, a re-run
-resumes each rank from its last checkpoint (every `checkpoint_every` steps).
+does. PP splits the teacher's layers over pipeline stages; each stage trains the blocks of its
+own layers (split over its DP ranks) and only the boundary hidden state travels between stages
+(megapuzzle.bld_pipeline). All students of a rank train in lockstep (tokens_per_block /
+(batch_size * seq_len) steps; megapuzzle.bld_train) and are written to the library together
+when the rank finishes. Blocks already in the library with a valid checksum are skipped (so a
+search space can be extended without retraining); the parent's own variants are written
+directly. Killed at any moment, a re-run resumes each rank from its last checkpoint (every
+`checkpoint_every` steps; TP ranks and the stages of a pipeline resume from one step). With
+`fp8: true` the students run FP8 GEMMs (TransformerEngine, sm >= 89; checked at start).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 from megapuzzle.library import BlockLibrary, attention_key, ffn_key, layer_key
+
+
+FP8_RECIPES = ("delayed", "current")  # the keys of megapuzzle.cost_runtime._FP8_RECIPES
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,20 @@ class BLDConfig:
     layers: tuple[int, ...] | None = None
     """Only these layers (default: all)."""
     tensor_parallel: int = 1
-    """TP size of teacher and students (world = TP x DP processes)."""
+    """TP size of teacher and students (world = TP x PP x DP processes)."""
+    pipeline_parallel: int = 1
+    """PP size of the teacher (at most the parent's layer count): each stage trains the blocks of
+    its own layers from its own teacher activations, receiving the previous stage's boundary
+    hidden state (megapuzzle.bld_pipeline)."""
+    fp8: bool = False
+    """FP8 GEMMs for the students (TransformerEngine, an sm >= 89 GPU); the teacher keeps its dtype.
+    Checked before anything is loaded."""
+    fp8_recipe: str = "delayed"
+    """With fp8: "delayed" (delayed scaling) or "current" (per-tensor current scaling)."""
+    keep_best: bool = True
+    """Write a block's initial weights instead of its trained ones when training ended with a
+    higher held-out NMSE than the init (a nearly exact pruned block can drift off its optimum at a
+    learning rate the hard blocks need); the index records which was kept."""
 
     def __post_init__(self):
         if self.mode not in ("decoupled", "coupled"):
@@ -103,7 +124,7 @@ class BLDConfig:
             except (TypeError, ValueError):
                 raise UserError(f"bld.{f} must be a number, got {getattr(self, f)!r}") from None
         for f in ("tokens_per_block", "batch_size", "seq_len", "checkpoint_every", "log_every", "eval_batches",
-                  "calibration_batches", "tensor_parallel"):
+                  "calibration_batches", "tensor_parallel", "pipeline_parallel"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise UserError(f"bld.{f} must be an integer >= 1, got {v!r}")
@@ -115,6 +136,10 @@ class BLDConfig:
             raise UserError(f"bld.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError("bld.weight_decay and bld.grad_clip must be >= 0")
+        if not isinstance(self.fp8, bool):
+            raise UserError(f"bld.fp8 must be true or false, got {self.fp8!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise UserError(f"bld.fp8_recipe must be one of {list(FP8_RECIPES)}, got {self.fp8_recipe!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
 
@@ -133,7 +158,10 @@ class BLDConfig:
     def training_signature(self) -> str:
         """Hash of everything that changes a block's trained weights (not logging / layout)."""
         d = {k: v for k, v in section_dict(self).items()
-             if k not in ("checkpoint_every", "log_every", "layers", "mode", "coupled_pairs", "tensor_parallel")}
+             if k not in ("checkpoint_every", "log_every", "layers", "mode", "coupled_pairs", "tensor_parallel",
+                          "pipeline_parallel", "fp8", "fp8_recipe")}
+        if self.fp8:  # only then: libraries trained before these fields existed keep their signature
+            d.update(fp8=True, fp8_recipe=self.fp8_recipe)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -229,20 +257,26 @@ def split_work(blocks: list[BlockSpec], arch: Architecture, n: int) -> list[list
     return [sorted(x) for x in out]
 
 
-def _plan_for_ranks(state_root: Path, todo: list[BlockSpec], arch: Architecture, dp: int, sig: str) -> list[list[str]]:
-    """Reuse the persisted split when it still covers the work (so a restarted rank gets the
-    same blocks and can resume its state); otherwise make and persist a new one."""
+def _plan_for_ranks(state_root: Path, todo: list[BlockSpec], arch: Architecture, dp: int, sig: str,
+                    stages: list[range]) -> list[list[list[str]]]:
+    """assign[pp_rank][dp_rank]: the blocks of each pipeline stage's layers split over its
+    data-parallel ranks. Reuse the persisted split when it still covers the work (so a
+    restarted rank gets the same blocks and can resume its state); otherwise make and persist a
+    new one (PP = 1 keeps the flat per-DP-rank format)."""
     f = state_root / "plan.json"
-    keys = {b.key for b in todo}
+    keys, pp = {b.key for b in todo}, len(stages)
     if f.is_file():
         try:
             p = json.loads(f.read_text())
-            if p.get("signature") == sig and p.get("dp_size") == dp and keys <= {k for r in p["assign"] for k in r}:
-                return p["assign"]
+            assign = p["assign"] if pp > 1 else [p["assign"]]
+            if (p.get("signature") == sig and p.get("dp_size") == dp and p.get("pp_size", 1) == pp
+                    and keys <= {k for st in assign for r in st for k in r}):
+                return assign
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
-    assign = split_work(todo, arch, dp)
-    atomic_write_json(f, {"signature": sig, "dp_size": dp, "assign": assign})
+    assign = [split_work([b for b in todo if b.layer in rng], arch, dp) for rng in stages]
+    atomic_write_json(f, {"signature": sig, "dp_size": dp, "assign": assign[0]} if pp == 1 else
+                      {"signature": sig, "dp_size": dp, "pp_size": pp, "assign": assign})
     return assign
 
 
@@ -253,19 +287,32 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, pro
     """Build (or complete) RUN/library. `cfg_dict`: the whole run config (sections
     `search_space` and `bld`). `stop_after`: tests' kill switch, returns after that many steps
     of this run without saving, like a kill between checkpoints. Returns this rank's summary."""
-    from megapuzzle.checkpoints.canonical import load_checkpoint
-    from megapuzzle.runtime.distributed import init_distributed
+    from megapuzzle.bld_train import train_rank
+    from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint
+    from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te, stage_layer_ranges
+    from megapuzzle.runtime.distributed import DistributedError, init_distributed
 
     cfg_dict = cfg_dict or {}
     space = SearchSpace.from_dict(cfg_dict.get("search_space"))
     cfg = section(cfg_dict, "bld", BLDConfig)
+    if cfg.fp8:  # fail at start, before the parent is loaded
+        try:
+            check_fp8(True, resolve_use_te(None))
+        except ModelConfigError as e:
+            raise UserError(f"bld.fp8: {e}") from None
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    info = init_distributed(tp=cfg.tensor_parallel, pp=1, seed=cfg.seed)
-    if info.pp_size != 1:
-        raise UserError("BLD runs with pipeline parallel size 1 (blocks are split over data-parallel ranks)")
     rd = RunDir(run_dir)
+    try:
+        stages = stage_layer_ranges(load_arch(rd.require_parent()).num_layers, cfg.pipeline_parallel)
+    except ModelConfigError as e:
+        raise UserError(f"bld.pipeline_parallel={cfg.pipeline_parallel}: {e}") from None
+    try:
+        info = init_distributed(tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel, seed=cfg.seed)
+    except DistributedError as e:
+        raise UserError(f"bld (tensor_parallel={cfg.tensor_parallel}, pipeline_parallel="
+                        f"{cfg.pipeline_parallel}): {e}") from None
     arch, parent_tensors, _ = load_checkpoint(rd.require_parent())
     rd.require_data("train")
     rd.require_data("heldout")  # the fixed eval batches for init / final NMSE
@@ -282,7 +329,7 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, pro
     decision: list[Any] = [None]
     if info.rank == 0:
         try:
-            decision = [_decide(lib, arch, parent_tensors, blocks, state_root, info.dp_size, sig, log)]
+            decision = [_decide(lib, arch, parent_tensors, blocks, state_root, info.dp_size, sig, log, stages)]
         except (UserError, ValueError, OSError) as e:
             decision = [{"error": f"{type(e).__name__}: {e}"}]
             if info.world_size == 1:
@@ -293,25 +340,30 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, pro
         raise UserError(f"rank 0 could not plan BLD: {decision[0]['error']}")
     d = decision[0]
     todo = set(d["todo"])
-    mine = [b for b in blocks if b.key in todo and b.key in set(d["assign"][info.dp_rank])]
-    summary = {"rank": info.rank, "dp_rank": info.dp_rank, "trained": [b.key for b in mine],
+    plan_keys = d["assign"][info.pp_rank][info.dp_rank]
+    mine = [b for b in blocks if b.key in todo and b.key in set(plan_keys)]
+    summary = {"rank": info.rank, "dp_rank": info.dp_rank, "pp_rank": info.pp_rank, "trained": [b.key for b in mine],
                "parent_written": d["parent_written"], "corrupt": d["corrupt"], "todo": d["todo"],
                "steps": cfg.steps, "resumed_from": None, "timings": {}}
-    if mine:
+    role = None
+    if info.pp_size > 1:  # every stage of a pipeline with work takes part (relays, agrees on resume)
+        from megapuzzle.bld_pipeline import PipelineRole, deepest_stage
+
+        role = PipelineRole(info.pp_rank, deepest_stage(d["assign"], todo, info.dp_rank))
+    if mine or (role is not None and role.deepest >= 0):
         res = train_rank(rd, cfg, arch, parent_tensors, mine, lib, info,
                          state_dir=state_root / f"rank{info.rank:03d}", signature=sig,
-                         plan_keys=d["assign"][info.dp_rank], log=log,
-                         progress=progress, stop_after=stop_after)
+                         plan_keys=plan_keys, log=log, progress=progress, stop_after=stop_after, role=role)
         summary.update(res)
     summary["timings"]["total_s"] = time.perf_counter() - t0
     return summary
 
 
 def _decide(lib: BlockLibrary, arch: Architecture, parent_tensors: dict, blocks: list[BlockSpec], state_root: Path,
-            dp: int, sig: str, log) -> dict:
+            dp: int, sig: str, log, stages: list[range]) -> dict:
     """Write the parent's own blocks, find the blocks to train (missing, failing their
-    checksum, or trained under other BLD settings / another parent) and split them over the
-    data-parallel ranks."""
+    checksum, or trained under other BLD settings / another parent) and split each pipeline
+    stage's share over the data-parallel ranks (assign[pp_rank][dp_rank])."""
     parent_written = _write_parent_blocks(lib, arch, parent_tensors, [b for b in blocks if b.parent_own])
     entries = lib.entries()
     stale = [b.key for b in blocks if not b.parent_own and lib.entry_ok(entries.get(b.key), verify=True)
@@ -323,14 +375,16 @@ def _decide(lib: BlockLibrary, arch: Architecture, parent_tensors: dict, blocks:
         log(f"[bld] {len(stale)} block(s) were trained with other BLD settings or another parent "
             f"(e.g. {stale[0]}); retraining them")
     if todo:
-        assign = _plan_for_ranks(state_root, todo, arch, dp, sig)
+        assign = _plan_for_ranks(state_root, todo, arch, dp, sig, stages)
     else:
-        assign = [[] for _ in range(dp)]
+        assign = [[[] for _ in range(dp)] for _ in stages]
         shutil.rmtree(state_root, ignore_errors=True)  # nothing left to resume
     for k in corrupt:
         log(f"[bld] {k}: block file missing or corrupted (checksum mismatch); retraining it")
-    log(f"[bld] {len(blocks)} blocks in the search space; {len(todo)} to train over {dp} data-parallel "
-        f"rank(s); {len(blocks) - len(todo)} present or written from the parent")
+    over = f"{dp} data-parallel rank(s)" if len(stages) == 1 else \
+        f"{len(stages)} pipeline stages x {dp} data-parallel rank(s)"
+    log(f"[bld] {len(blocks)} blocks in the search space; {len(todo)} to train over {over}; "
+        f"{len(blocks) - len(todo)} present or written from the parent")
     return {"todo": [b.key for b in todo], "assign": assign, "parent_written": parent_written, "corrupt": corrupt}
 
 
@@ -349,245 +403,24 @@ def _write_parent_blocks(lib: BlockLibrary, arch: Architecture, tensors: dict, b
     return written
 
 
-# ----------------------------------------------------------------------------- one rank's training
-
 def _tensor_sig(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()[:16]
-
-
-def _saved_state(state_dir: Path) -> tuple[str, int, list[str]] | None:
-    """(signature, step, block keys) of a rank's last checkpoint, or None."""
-    from megapuzzle.train.state import latest_step_dir
-
-    d = latest_step_dir(state_dir)
-    if d is None:
-        return None
-    try:
-        st = json.loads((d / "state.json").read_text())
-        return st["extra"]["signature"], int(st["step"]), list(st["extra"]["keys"])
-    except (json.JSONDecodeError, KeyError, OSError, TypeError, ValueError):
-        return None
-
-
-def _tp_agree(value: int) -> bool:
-    """True when every rank of this TP group passes the same value."""
-    from megatron.core import parallel_state as ps
-
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    lo = torch.tensor([value], dtype=torch.int64, device=dev)
-    hi = lo.clone()
-    group = ps.get_tensor_model_parallel_group()
-    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN, group=group)
-    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX, group=group)
-    return lo.item() == hi.item()
-
-
-def _nmse_terms(student, t) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of squared errors, sum of squared targets) on the layer's update o = out - in."""
-    i = student.layer_index
-    x = t.x[i]
-    target = (t.y[i] - x).float()
-    err = (student(t) - x).float() - target
-    return err.pow(2).sum(), target.pow(2).sum()
-
-
-def evaluate(teacher, students, heldout, cfg: BLDConfig) -> dict[str, float]:
-    """NMSE per block over the fixed held-out batches (ratio of sums over all their tokens)."""
-    num = {s.key: 0.0 for s in students}
-    den = dict(num)
-    with torch.no_grad():
-        for batch in heldout.eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches):
-            t = teacher.forward(batch[:, :-1])
-            for s in students:
-                a, b = _nmse_terms(s, t)
-                num[s.key] += a.item()
-                den[s.key] += b.item()
-    return {k: num[k] / max(den[k], 1e-30) for k in num}
-
-
-def _calibrate(teacher, train, cfg: BLDConfig, arch: Architecture, tensors: dict, layers: set[int]) -> dict:
-    """C_i per channel of each layer's parent FFN, on the first calibration_batches training batches."""
-    from megapuzzle.init import FFNChannelScorer, local_layer_tensors
-
-    scorers = {i: FFNChannelScorer(local_layer_tensors(tensors, i), arch.rms_norm_eps) for i in layers}
-    for k in range(cfg.calibration_batches):
-        t = teacher.forward(train.batch(k, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1])
-        for i, s in scorers.items():
-            s.update(t.m[i])
-    return {i: s.scores() for i, s in scorers.items()}
-
-
-def _init_tensors(arch: Architecture, b: BlockSpec, tensors: dict, scores: dict) -> tuple[dict, str]:
-    from megapuzzle.init import init_attention, init_ffn, local_layer_tensors
-
-    local = local_layer_tensors(tensors, b.layer)
-    own = arch.layers[b.layer]
-    out, methods = {}, []
-    if b.kind in ("attention", "layer"):
-        t, m = init_attention(arch, own.attention, b.variant.attention, local)
-        out.update(t)
-        methods.append(m)
-    if b.kind in ("ffn", "layer"):
-        t, m = init_ffn(own.ffn, b.variant.ffn, local, scores.get(b.layer))
-        out.update(t)
-        methods.append(m)
-    return out, "+".join(methods)
-
-
-def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: dict, mine: list[BlockSpec],
-               lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str], log=print,
-               progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train this rank's blocks in lockstep and write them to the library."""
-    from tqdm import tqdm
-
-    from megapuzzle.bld_blocks import StudentBlock, Teacher, tp_grad_norms
-    from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.model.config import ModelOptions
-    from megapuzzle.model.gpt import build_gpt_model
-    from megapuzzle.model.weights import load_canonical_into_model
-    from megapuzzle.train.schedule import LRSchedule, set_lr
-    from megapuzzle.train.state import load_train_state, save_train_state
-    from megapuzzle.train.train_logger import TrainLogger
-
-    tim = dict.fromkeys(("setup_s", "calibration_s", "teacher_s", "students_s", "eval_s", "write_s"), 0.0)
-    t0 = time.perf_counter()
-    main, leader = info.rank == 0, info.tp_rank == 0
-    # The state belongs to this rank's whole planned key set: a rank killed while writing its
-    # finished blocks resumes the rest from the final checkpoint instead of retraining them.
-    keys_sig = _tensor_sig(signature + "|" + ",".join(sorted(plan_keys)))
-    saved, mine_keys = _saved_state(state_dir), sorted(b.key for b in mine)
-    resume = saved is not None and saved[0] == keys_sig and (
-        saved[2] == mine_keys or (saved[1] == cfg.steps and set(mine_keys) <= set(saved[2])))
-    if info.tp_size > 1 and not _tp_agree(saved[1] if resume else -1):
-        resume = False  # a kill mid-save left the TP ranks at different steps: restart together
-    if not resume:
-        shutil.rmtree(state_dir, ignore_errors=True)  # another plan / config: start these blocks afresh
-    train = PackedSequenceDataset.from_prefix(rd.train_data)
-    heldout = PackedSequenceDataset.from_prefix(rd.heldout_data)
-    model = build_gpt_model(arch, options=ModelOptions(perform_initialization=False))
-    load_canonical_into_model(model, parent_tensors, arch)
-    prune = {b.layer for b in mine if b.kind != "attention" and b.variant.ffn.kind == "mlp"
-             and b.variant.ffn != arch.layers[b.layer].ffn}
-    teacher = Teacher(model, {b.layer for b in mine}, {b.layer for b in mine if b.kind == "ffn"} | prune)
-    students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size) for b in mine]
-    spec = {b.key: b for b in mine}
-    named = {f"{s.key}/{n}": p for s in students for n, p in s.trainable().items()}
-    for p in named.values():
-        p.requires_grad_(True)
-    decay = [p for n, p in named.items() if p.ndim >= 2]
-    no_decay = [p for n, p in named.items() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            eps=1e-8) if named else None
-    tim["setup_s"] = time.perf_counter() - t0
-
-    start, init_nmse, methods = 0, {}, {}
-    if resume:
-        # optimizer moments only when every saved block is still to train (else training is over)
-        st = load_train_state(state_dir, named, opt if saved[2] == mine_keys else None)
-        start, init_nmse, methods = st["step"], st["extra"]["init_nmse"], st["extra"]["init"]
-        if main:
-            log(f"[bld] resumed {len(mine)} block(s) from step {start}")
-    else:
-        t = time.perf_counter()
-        scores = _calibrate(teacher, train, cfg, arch, parent_tensors, prune) if prune else {}
-        tim["calibration_s"] = time.perf_counter() - t
-        for s in students:
-            tensors, methods[s.key] = _init_tensors(arch, spec[s.key], parent_tensors, scores)
-            s.load_canonical(tensors)
-        t = time.perf_counter()
-        init_nmse = evaluate(teacher, students, heldout, cfg)
-        tim["eval_s"] += time.perf_counter() - t
-    extra = {"signature": keys_sig, "keys": mine_keys, "init_nmse": init_nmse, "init": methods}
-
-    trainable = [s for s in students if s.owned]
-    total = cfg.steps if trainable else 0
-    sched = LRSchedule(cfg.lr, max(total, 1), min(cfg.warmup, max(total - 1, 0)), cfg.min_lr)
-    logger = TrainLogger(rd.tb / "bld" / f"dp{info.dp_rank:03d}", total, prefix="bld/", enabled=leader)
-    bar = tqdm(total=total, initial=start, desc="bld", unit="step", disable=not (progress and main))
-    if leader and start == 0:
-        for k, v in init_nmse.items():
-            logger.scalar(f"eval_nmse/{k}", v, 0)
-    last_log, window = start, {s.key: [] for s in trainable}
-    for step in range(start, total):
-        if stop_after is not None and step >= stop_after:
-            bar.close()
-            logger.close()
-            return {"stopped_at": step, "resumed_from": start if resume else None, "timings": tim}
-        tokens = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1]  # same batch on every rank
-        t = time.perf_counter()
-        tout = teacher.forward(tokens)
-        t1 = time.perf_counter()
-        set_lr(opt, sched(step))
-        for s in trainable:  # one backward per block: no graph spans two blocks, activations freed early
-            num, den = _nmse_terms(s, tout)
-            loss = num / den
-            loss.backward()
-            window[s.key].append(loss.item())
-        norms = tp_grad_norms(trainable)
-        if cfg.grad_clip > 0:
-            for s, n in zip(trainable, norms):
-                coef = cfg.grad_clip / (n + 1e-6)
-                if coef < 1.0:
-                    for p in s.owned.values():
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tim["teacher_s"] += t1 - t
-        tim["students_s"] += time.perf_counter() - t1
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            means = {k: sum(v) / len(v) for k, v in window.items()}
-            done = step + 1 - last_log
-            logger.log(step + 1, done * cfg.tokens_per_step,
-                       {"nmse mean": sum(means.values()) / len(means), "nmse max": max(means.values()),
-                        "lr": sched(step), "grad norm max": max(norms)}, console=main, iters=done)
-            for k, v in means.items():
-                logger.scalar(f"nmse/{k}", v, step + 1)
-            last_log, window = step + 1, {k: [] for k in window}
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-            save_train_state(state_dir, step + 1, named, opt, extra)
-    bar.close()
-
-    t = time.perf_counter()
-    final = evaluate(teacher, students, heldout, cfg)
-    tim["eval_s"] += time.perf_counter() - t
-    t = time.perf_counter()
-    dtype = next(iter(parent_tensors.values())).dtype  # the library keeps the parent's dtype
-    for s in students:
-        tensors = s.gather_canonical()  # collective over the TP group: every TP rank calls it
-        if not leader:
-            continue
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-        b, trained = spec[s.key], bool(s.owned)
-        lib.add_block(s.key, tensors, {
-            "init": methods[s.key], "tokens": total * cfg.tokens_per_step if trained else 0,
-            "steps": total if trained else 0, "init_nmse": init_nmse[s.key],
-            "final_nmse": final[s.key] if trained else init_nmse[s.key], "params": b.num_params(arch),
-            "bld_signature": signature})
-        logger.scalar(f"eval_nmse/{s.key}", final[s.key], total)
-        if main:
-            log(f"[bld] {s.key}: nmse {init_nmse[s.key]:.4f} -> {final[s.key]:.4f} ({methods[s.key]})")
-    tim["write_s"] = time.perf_counter() - t
-    logger.close()
-    shutil.rmtree(state_dir, ignore_errors=True)  # the library now holds these blocks
-    return {"resumed_from": start if resume else None, "timings": tim,
-            "nmse": {k: (init_nmse[k], final[k]) for k in final}}
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config YAML (sections search_space: and bld:)")
     p.add_argument("--run-dir", required=True, help="run directory with parent/ and data/; library/ is written here")
     p.add_argument("--tp", type=int, default=None, help="override bld.tensor_parallel")
+    p.add_argument("--pp", type=int, default=None, help="override bld.pipeline_parallel")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    if args.tp is not None:
-        cfg = {**cfg, "bld": {**(cfg.get("bld") or {}), "tensor_parallel": args.tp}}
+    for flag, key in ((args.tp, "tensor_parallel"), (args.pp, "pipeline_parallel")):
+        if flag is not None:
+            cfg = {**cfg, "bld": {**(cfg.get("bld") or {}), key: flag}}
     res = run_bld(args.run_dir, cfg, progress=not args.no_progress, threads=args.threads)
     if res["rank"] == 0:
         print(f"[bld] rank 0 done: trained {len(res['trained'])} block(s) in {res['timings']['total_s']:.1f}s; "

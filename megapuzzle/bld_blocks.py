@@ -1,13 +1,17 @@
 """BLD's Megatron-core pieces: the teacher forward and the student blocks.
 
-Teacher: the parent GPTModel (TP-sharded like any Megatron model). One forward per batch runs
-the embedding and the decoder layers up to the deepest layer this rank trains, and records per
-layer the residual stream entering it (x), after its attention (m, the input of
+Teacher: the parent GPTModel (TP / PP-sharded like any Megatron model). One forward per batch
+runs the embedding (first stage; later stages receive the previous stage's hidden state through
+megapuzzle.bld_pipeline's relay) and this stage's decoder layers up to the deepest layer this
+rank trains (all of them when a later stage needs the boundary state, which is then sent on),
+and records per layer the residual stream entering it (x), after its attention (m, the input of
 `pre_mlp_layernorm`) and leaving it (y). No logits: BLD never needs them.
 
 Students: each block is a Megatron-core `TransformerLayer`, built from Megatron's own
 heterogeneous layer spec for a 1-layer architecture (so TP shards it exactly as it shards the
-parent) and fed the teacher's RoPE table (same RoPE, llama3 scaling included):
+parent) and fed the teacher's RoPE table (same RoPE, llama3 scaling included). With fp8 they
+are built with FP8 GEMMs (TransformerEngine spec) and run under Megatron's fp8 autocast with a
+TP-only amax reduction (the ranks of a TP group run the same students; DP ranks do not):
 
 * attention variant (decoupled): TransformerLayer(variant attention, no-op FFN) whose FFN
   slots (`pre_mlp_layernorm`, `mlp`, `mlp_bda`) are the teacher's own modules for that layer,
@@ -32,7 +36,7 @@ import torch.distributed as dist
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.model.config import ModelOptions, make_transformer_config, resolve_use_te
-from megapuzzle.model.gpt import mark_tensor_parallel_weights, quiet_unknown_mlp, unwrap_model
+from megapuzzle.model.gpt import fp8_autocast, mark_tensor_parallel_weights, quiet_unknown_mlp, unwrap_model
 from megapuzzle.model.weights import (
     WeightsError,
     layer_param_plan,
@@ -65,8 +69,12 @@ class TeacherOutputs:
 class Teacher:
     """The frozen parent; `forward(tokens)` captures x / m / y of the layers BLD needs."""
 
-    def __init__(self, model, layers: set[int], mid_layers: set[int]):
+    def __init__(self, model, layers: set[int], mid_layers: set[int], relay=None):
+        """`layers`: record x / y there; `mid_layers`: also m. `relay` (PP > 1): a
+        megapuzzle.bld_pipeline.PipelineRelay that receives this stage's input (non-first stages)
+        and sends its output on (while a later stage needs it)."""
         self.model = unwrap_model(model)
+        self.relay = relay
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
@@ -94,16 +102,20 @@ class Teacher:
         m = self.model
         dev = next(m.parameters()).device
         tokens = tokens.to(dev)
-        pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-        h = m.embedding(input_ids=tokens, position_ids=pos)  # [s, b, h], TP-reduced
+        if getattr(m, "pre_process", True):  # first pipeline stage (or no PP): embed
+            pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+            h = m.embedding(input_ids=tokens, position_ids=pos)  # [s, b, h], TP-reduced
+        else:  # the previous stage's boundary hidden state
+            h = self.relay.recv(tokens.shape[1], tokens.shape[0])
         rot = None
-        if getattr(m, "rotary_pos_emb", None) is not None:
+        if getattr(m, "rotary_pos_emb", None) is not None:  # on every stage: computed locally
             rot = m.rotary_pos_emb(m.rotary_pos_emb.get_rotary_seq_len(None, m.decoder, h, m.config, None))
-        last = max(self.layers | self.mid_layers)
+        first, send = min(self.by_index), self.relay is not None and self.relay.send_next
+        last = max(self.by_index) if send else max(self.layers | self.mid_layers, default=first - 1)
         out = TeacherOutputs({}, {}, {}, rot)
         self._mid = out.m
         try:
-            for i in range(last + 1):
+            for i in range(first, last + 1):
                 layer = self.by_index[i]
                 if i in self.layers:
                     out.x[i] = h
@@ -112,6 +124,8 @@ class Teacher:
                     out.y[i] = h
         finally:
             self._mid = None
+        if send:
+            self.relay.send(h)
         return out
 
 
@@ -121,15 +135,23 @@ def one_layer_arch(parent: Architecture, la: LayerArch) -> Architecture:
     return parent.with_layers([la])
 
 
-def build_layer(arch1: Architecture, tp: int):
+def build_layer(arch1: Architecture, tp: int, fp8_recipe: str | None = None):
     """A Megatron-core TransformerLayer for the single layer of `arch1`, from Megatron's
-    heterogeneous layer spec (local spec on CPU, TE spec where TE and CUDA are present)."""
+    heterogeneous layer spec (local spec on CPU, TE spec where TE and CUDA are present).
+    `fp8_recipe` ("delayed" | "current"): FP8 GEMMs (needs TE and an sm >= 89 GPU)."""
     from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
     from megatron.core.transformer.spec_utils import build_module
 
     te = resolve_use_te(None)
     # weights are loaded right after, so skip Megatron's random init
-    config = make_transformer_config(arch1, tp, 1, ModelOptions(perform_initialization=False, use_te=te))
+    opts = ModelOptions(perform_initialization=False, use_te=te)
+    if fp8_recipe is not None:
+        from megapuzzle.cost_runtime import _FP8_RECIPES  # our recipe name -> Megatron's fp8_recipe
+
+        # amax reduced over the TP group only: data-parallel ranks train other blocks
+        opts = ModelOptions(perform_initialization=False, use_te=te, fp8=True,
+                            extra={"fp8_recipe": _FP8_RECIPES[fp8_recipe], "tp_only_amax_red": True})
+    config = make_transformer_config(arch1, tp, 1, opts)
     spec = get_gpt_heterogeneous_layer_spec(config, use_te=te).layer_specs[0]
     with quiet_unknown_mlp():
         layer = build_module(spec, config=config.get_config_for_layer(1), layer_number=1)
@@ -147,10 +169,11 @@ class StudentBlock(torch.nn.Module):
     """
 
     def __init__(self, key: str, kind: str, layer_index: int, parent: Architecture, variant: LayerArch,
-                 teacher: Teacher | None, tp: int):
+                 teacher: Teacher | None, tp: int, fp8_recipe: str | None = None):
         """`kind` attention | ffn | layer; `teacher` is needed only for attention blocks (their
         frozen FFN is the teacher's). kind "layer" with a full LayerArch builds and loads the
-        whole layer (scoring uses that for any block plus the parent's other subblock)."""
+        whole layer (scoring uses that for any block plus the parent's other subblock).
+        `fp8_recipe`: build with FP8 GEMMs and run forward under fp8 autocast (see build_layer)."""
         super().__init__()
         self.key, self.kind, self.layer_index = key, kind, layer_index
         self.variant = variant
@@ -161,7 +184,7 @@ class StudentBlock(torch.nn.Module):
         else:
             self.own = variant
         self.arch1 = one_layer_arch(parent, self.own)
-        self.layer = build_layer(self.arch1, tp)
+        self.layer = build_layer(self.arch1, tp, fp8_recipe)
         if kind == "attention":
             if teacher is None:
                 raise ValueError(f"{key}: an attention block needs the teacher (its frozen parent FFN)")
@@ -188,7 +211,8 @@ class StudentBlock(torch.nn.Module):
         """The block's layer output [s, b, h] for the teacher's streams of one batch."""
         i = self.layer_index
         inp = t.m[i] if self.kind == "ffn" else t.x[i]
-        out, _ = self.layer(hidden_states=inp, attention_mask=None, rotary_pos_emb=t.rotary)
+        with fp8_autocast(self.layer.config):  # no-op unless built with fp8; backward needs no autocast
+            out, _ = self.layer(hidden_states=inp, attention_mask=None, rotary_pos_emb=t.rotary)
         return out
 
     # -- canonical <-> Megatron (same plan as weights.py, one layer)

@@ -341,3 +341,35 @@ def test_changed_bld_settings_retrain_the_blocks(full, tmp_path):
         if after[k]["init"] != "no_op":
             assert after[k]["sha256"] != before[k]["sha256"], k
     assert run_bld(again, cfg(lr=BLD["lr"] / 2), **QUIET)["trained"] == []  # now up to date
+
+
+def test_keep_best_writes_the_init_of_a_block_that_got_worse(full, base, tmp_path):
+    """At a learning rate far too high, blocks end worse than their init on held-out: keep_best
+    writes their init weights (bitwise) and records it; keep_best false keeps the trained ones."""
+    from megapuzzle.bld import plan_blocks
+    from megapuzzle.arch import SearchSpace
+    from megapuzzle.bld_train import _init_tensors
+
+    run = fresh(base, tmp_path / "a")
+    run_bld(run, cfg(lr=0.5, min_lr=0.5, grad_clip=0.0), **QUIET)
+    entries = BlockLibrary(run / "library").entries()
+    trained = {k: e for k, e in entries.items() if e["tokens"] > 0}
+    kept_init = [k for k, e in trained.items() if e["kept"] == "init"]
+    assert kept_init, {k: (e["init_nmse"], e["trained_nmse"]) for k, e in trained.items()}
+    for k, e in trained.items():
+        assert e["final_nmse"] <= e["init_nmse"]
+        assert (e["kept"] == "init") == (e["trained_nmse"] > e["init_nmse"]), k
+    arch, parent, _ = load_checkpoint(run / "parent")
+    specs = {b.key: b for b in plan_blocks(arch, SearchSpace.from_dict(SPACE), BLDConfig(**BLD))}
+    attn = [k for k in kept_init if specs[k].kind == "attention"]  # their init needs no calibration
+    assert attn
+    lib = BlockLibrary(run / "library")
+    for k in attn:
+        want, _ = _init_tensors(arch, specs[k], parent, {})
+        got = lib.load_block(k)
+        assert all(torch.equal(got[n], want[n].to(got[n].dtype)) for n in want), k
+
+    off = fresh(base, tmp_path / "b")
+    run_bld(off, cfg(lr=0.5, min_lr=0.5, grad_clip=0.0, keep_best=False), **QUIET)
+    e_off = BlockLibrary(off / "library").entries()
+    assert all(e_off[k]["kept"] == "trained" and e_off[k]["final_nmse"] > e_off[k]["init_nmse"] for k in kept_init)
