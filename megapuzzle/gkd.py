@@ -1,7 +1,7 @@
 """`megapuzzle gkd`: global knowledge distillation (Puzzle stage 8): heal the realized child.
 
     megapuzzle gkd --config CFG --run-dir RUN
-    torchrun --nproc-per-node 4 -m megapuzzle.cli gkd --config CFG --run-dir RUN   # TP x DP (gkd.tensor_parallel)
+    torchrun --nproc-per-node 4 -m megapuzzle.cli gkd --config CFG --run-dir RUN   # TP x PP x DP
 
 The child (RUN/child) learns from the frozen parent (RUN/parent: eval mode, no grad), both
 Megatron-core GPTModels, on RUN/data/train with
@@ -16,9 +16,12 @@ all-gather of [tokens, vocab]), like Megatron's vocab_parallel_cross_entropy; T^
 gradient scale independent of the temperature.
 
 Megatron-LM-like training: global batch over DP ranks (and micro-batches), batch = pure function
-of the step, warmup + cosine LR, AdamW (0.9, 0.95), global grad-norm clip over TP shards, console
-line + tensorboard (RUN/tb/gkd), resumable state every `checkpoint_every` steps. On CPU (the
-tested loop) a killed run resumes to bitwise the weights of an uninterrupted one. On CUDA the
+of the step, warmup + cosine LR, AdamW (0.9, 0.95), global grad-norm clip over TP shards and PP
+stages, console line + tensorboard (RUN/tb/gkd), resumable state every `checkpoint_every` steps.
+On CPU (the tested loop) a killed run resumes to bitwise the weights of an uninterrupted one.
+Pipeline parallelism (gkd.pipeline_parallel; world = TP x PP x DP) runs the parent forward-only
+and the child's forward + backward through Megatron-core's pipeline schedules, each stage
+comparing its own layers (megapuzzle/gkd_pipeline.py); logged losses sum the stages. On CUDA the
 child trains under Megatron-core's DistributedDataParallel + distributed optimizer (bf16 params,
 fp32 main params / grads) with dist-checkpoints; `fp8: true` (TransformerEngine) fails at start
 where it cannot run. Writes RUN/gkd/checkpoint (tokenizer from RUN/child) and
@@ -92,15 +95,22 @@ class GKDConfig:
     seed: int = 1234
     """Seeds the training-data order."""
     tensor_parallel: int = 1
-    """TP size (world = TP x DP processes; pipeline parallelism is not used)."""
+    """TP size (world = TP x PP x DP processes)."""
+    pipeline_parallel: int = 1
+    """PP size: Megatron's pipeline split of both models' layers (layer i of child and parent on
+    one stage); needs at least one layer per stage."""
     threads: int | None = None
     """torch CPU threads (None: torch's choice)."""
     dtype: str = "auto"
     """Parameter dtype: auto (bf16 on a GPU, fp32 on CPU), float32 or bfloat16."""
     fp8: bool = False
     """FP8 GEMMs for the child via TransformerEngine (GPU only; fails at start elsewhere)."""
+    fp8_recipe: str = "delayed"
+    """With fp8: "delayed" (delayed scaling) or "current" (per-tensor current scaling)."""
 
     def __post_init__(self):
+        if self.fp8_recipe not in ("delayed", "current"):
+            raise UserError(f"gkd.fp8_recipe must be delayed or current, got {self.fp8_recipe!r}")
         for f in ("lr", "min_lr", "warmup_fraction", "weight_decay", "grad_clip", "cosine_weight", "kl_weight",
                   "lm_weight", "temperature"):
             try:  # PyYAML reads `3e-4` (no dot) as a string
@@ -108,7 +118,7 @@ class GKDConfig:
             except (TypeError, ValueError):
                 raise UserError(f"gkd.{f} must be a number, got {getattr(self, f)!r}") from None
         for f in ("steps", "tokens", "micro_batch_size", "warmup_steps", "threads", "batch_size", "seq_len",
-                  "checkpoint_every", "log_every", "eval_batches", "tensor_parallel"):
+                  "checkpoint_every", "log_every", "eval_batches", "tensor_parallel", "pipeline_parallel"):
             v, optional = getattr(self, f), f in ("steps", "tokens", "micro_batch_size", "warmup_steps", "threads")
             if not (v is None and optional) and (not isinstance(v, int) or v < (0 if f == "warmup_steps" else 1)):
                 raise UserError(f"gkd.{f} must be an integer >= {int(f != 'warmup_steps')}"
@@ -188,17 +198,21 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
 
 def tp_grad_norm(params) -> float:
     """Global grad L2 norm as Megatron computes it: TP-split grads summed over the TP group,
-    replicated ones (norms) counted once (on TP rank 0)."""
+    replicated ones (norms) counted once (on TP rank 0); under PP summed over the stages, the
+    last stage's copy of a tied embedding (`shared`) left out."""
+    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     group, _, _ = tp_group_rank_size()
     sq = torch.zeros((), dtype=torch.float64)
     for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False):
             sq = sq + p.grad.detach().double().pow(2).sum().cpu()
     if group is not None:
         dev = next(iter(params)).device
         sq = all_reduce_if(sq.to(dev), group).cpu()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        sq = all_reduce_if(sq.to(next(iter(params)).device), ps.get_pipeline_model_parallel_group()).cpu()
     return math.sqrt(sq.item())
 
 
@@ -220,6 +234,10 @@ class LocalTrainer:
         from megatron.core import parallel_state as ps
         from megapuzzle.train.schedule import set_lr
 
+        if self.info.pp_size > 1:
+            from megapuzzle.gkd_pipeline import allreduce_tied_embedding_grads
+
+            allreduce_tied_embedding_grads(self.model)
         if self.info.dp_size > 1:
             group = ps.get_data_parallel_group()
             for p in self.params.values():
@@ -272,7 +290,12 @@ class MegatronTrainer:
         self.opt.zero_grad()
 
     def step(self, lr: float) -> float:
-        self.model.finish_grad_sync()  # DP reduce-scatter of the grad buffers (averaged over DP)
+        if self.info.pp_size > 1:  # + the tied embedding's grads over the first / last stage
+            from megatron.core.distributed import finalize_model_grads
+
+            finalize_model_grads([self.model])
+        else:
+            self.model.finish_grad_sync()  # DP reduce-scatter of the grad buffers (averaged over DP)
         for g in self.opt.param_groups:  # as Megatron-LM's OptimizerParamScheduler: norms get wd_mult 0
             g["lr"] = lr * g.get("lr_mult", 1.0)
             g["weight_decay"] = self.cfg.weight_decay * g.get("wd_mult", 1.0)
@@ -346,7 +369,12 @@ def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path) -> str:
     """Everything that changes the trained weights (not logging / checkpoint cadence / eval)."""
     d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
                                                                  "threads")}
-    d.update(world=[info.tp_size, info.dp_size], parent=weights_fingerprint(parent_dir / "model.safetensors"),
+    if info.pp_size == 1:  # as before PP existed: earlier PP = 1 results stay valid
+        d.pop("pipeline_parallel", None)
+    if not cfg.fp8:  # likewise for the recipe, which only matters with fp8
+        d.pop("fp8_recipe", None)
+    world = [info.tp_size, info.dp_size] if info.pp_size == 1 else [info.tp_size, info.pp_size, info.dp_size]
+    d.update(world=world, parent=weights_fingerprint(parent_dir / "model.safetensors"),
              child=weights_fingerprint(child_dir / "model.safetensors"), child_arch=(child_dir / "arch.json").read_text())
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -384,7 +412,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
         raise UserError(f"{run.child} holds no child checkpoint; run `megapuzzle realize --run-dir {run.root}` first")
     train = PackedSequenceDataset.from_prefix(run.require_data("train"))
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
-    info = init_distributed(tp=cfg.tensor_parallel, pp=1, seed=cfg.seed)
+    info = init_distributed(tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel, seed=cfg.seed)
     main = info.rank == 0
     if cfg.batch_size % info.dp_size:
         raise UserError(f"gkd.batch_size {cfg.batch_size} is not divisible by the data-parallel size {info.dp_size}")
@@ -415,18 +443,30 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
         if getattr(parent_arch, f) != getattr(child_arch, f):
             raise UserError(f"child {f}={getattr(child_arch, f)} differs from the parent's {getattr(parent_arch, f)}; "
                             f"GKD compares layer i with layer i, so realize the child from this parent")
+    if child_arch.num_layers < info.pp_size:
+        raise UserError(f"gkd.pipeline_parallel {info.pp_size} exceeds the {child_arch.num_layers} layers")
     ckpt_dtype = next(iter(child_tensors.values())).dtype
     opts = ModelOptions(perform_initialization=False)  # every weight is loaded right after
     # The teacher stays in bf16/fp32 even with fp8: its targets should be as exact as possible.
     parent = build_gpt_model(parent_arch, params_dtype=dtype, options=opts)
     load_canonical_into_model(parent, tensors, parent_arch)
     parent.eval().requires_grad_(False)
-    child = build_gpt_model(child_arch, params_dtype=dtype, fp8=cfg.fp8, options=opts)
+    if cfg.fp8:
+        from megapuzzle.cost_runtime import _FP8_RECIPES
+
+        opts_child = dataclasses.replace(opts, extra={"fp8_recipe": _FP8_RECIPES[cfg.fp8_recipe]})
+    child = build_gpt_model(child_arch, params_dtype=dtype, fp8=cfg.fp8, options=opts_child if cfg.fp8 else opts)
     load_canonical_into_model(child, child_tensors, child_arch)
     del tensors, child_tensors
     child.train()
     trainer = (MegatronTrainer if cuda else LocalTrainer)(child, cfg, info, state_dir)
     model = getattr(trainer, "model", child)  # the DDP wrapper on CUDA
+    if info.pp_size > 1:
+        from megapuzzle import gkd_pipeline
+
+        evaluate = gkd_pipeline.evaluate_heldout_pp
+    else:
+        evaluate = evaluate_heldout
 
     resumed = trainer.load()
     start = resumed["step"] if resumed else 0
@@ -435,13 +475,13 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
         if main:
             log(f"[gkd] resumed from step {start}")
     else:
-        extra = {"signature": sig, "initial": evaluate_heldout(model, parent, heldout, cfg, info), "history": []}
+        extra = {"signature": sig, "initial": evaluate(model, parent, heldout, cfg, info), "history": []}
     initial, history = extra["initial"], extra["history"]
     total = cfg.total_steps
     if main and not resumed:  # one line: sizes, budget, layout, where the child starts
         log(f"[gkd] child {child_arch.num_params() / 1e6:.2f}M params <- parent {parent_arch.num_params() / 1e6:.2f}M; "
-            f"{total} steps x {cfg.tokens_per_step} tokens; TP {info.tp_size} x DP {info.dp_size}; held-out KL "
-            f"{initial['kl']:.4f}, cosine {initial['cosine']:.4f}, LM loss {initial['lm_loss']:.4f} "
+            f"{total} steps x {cfg.tokens_per_step} tokens; TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}; "
+            f"held-out KL {initial['kl']:.4f}, cosine {initial['cosine']:.4f}, LM loss {initial['lm_loss']:.4f} "
             f"(parent {initial['parent_lm_loss']:.4f})")
     sched = LRSchedule(cfg.lr, total, cfg.warmup, cfg.min_lr)
     logger = TrainLogger(run.tb / "gkd" if main else None, total, prefix="gkd/", enabled=main)
@@ -462,17 +502,25 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
             return {"stopped_at": step}
         batch = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
         trainer.zero_grad()
-        for mb in batch.to(dev).split(micro):
-            terms = distill_terms(model, parent, mb[:, :-1], mb[:, 1:], cfg.temperature)
-            m = _combine(terms, w)
-            (m["loss"] / n_micro).backward()
-            window[:nt] += torch.stack([m[k].detach() for k in TERMS]).double() / n_micro
-            window[nt + 1:] += terms["cosine"].detach().mean(dim=(1, 2)).double() / n_micro
+        if info.pp_size > 1:  # Megatron's 1F1B schedule; each stage adds its share to the window
+            gkd_pipeline.train_microbatches(model, parent, batch.to(dev), micro, cfg, w, window, nt)
+        else:
+            for mb in batch.to(dev).split(micro):
+                terms = distill_terms(model, parent, mb[:, :-1], mb[:, 1:], cfg.temperature)
+                m = _combine(terms, w)
+                (m["loss"] / n_micro).backward()
+                window[:nt] += torch.stack([m[k].detach() for k in TERMS]).double() / n_micro
+                window[nt + 1:] += terms["cosine"].detach().mean(dim=(1, 2)).double() / n_micro
         window[nt] += trainer.step(sched(step))
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             done = step + 1 - last_log
             avg = window / done
+            if info.pp_size > 1:  # each stage holds the terms of its own layers (and the last the KL / LM)
+                from megatron.core import parallel_state as ps
+
+                dist.all_reduce(avg, group=ps.get_pipeline_model_parallel_group())
+                avg[nt] = window[nt] / done
             if info.dp_size > 1:  # the loss terms of the global batch (the grad norm is global already)
                 from megatron.core import parallel_state as ps
 
@@ -493,7 +541,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
             trainer.save(step + 1, extra)
     bar.close()
 
-    final = evaluate_heldout(model, parent, heldout, cfg, info)
+    final = evaluate(model, parent, heldout, cfg, info)
     canonical = gather_canonical_from_model(child, child_arch)  # collective; rank 0 gets the dict
     result: dict = {}
     if main:
@@ -506,7 +554,8 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
                                     "heldout": final, "child_meta": child_meta})
         result = {
             "config": section_dict(cfg), "signature": sig, "steps": total, "tokens": total * cfg.tokens_per_step,
-            "world": {"tp": info.tp_size, "dp": info.dp_size}, "parent": str(parent_dir), "child": str(run.child),
+            "world": {"tp": info.tp_size, "dp": info.dp_size, **({"pp": info.pp_size} if info.pp_size > 1 else {})},
+            "parent": str(parent_dir), "child": str(run.child),
             "checkpoint": str(out), "child_params": child_arch.num_params(), "parent_params": parent_arch.num_params(),
             "initial": initial, "final": final, "history": history, "resumed_from_step": start,
             "wall_seconds_this_run": time.perf_counter() - t_start,
@@ -527,14 +576,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="run directory with parent/, child/ and data/; writes gkd/")
     p.add_argument("--steps", type=int, help="override gkd.steps (and drop gkd.tokens)")
     p.add_argument("--tp", type=int, help="override gkd.tensor_parallel")
+    p.add_argument("--pp", type=int, help="override gkd.pipeline_parallel")
     p.add_argument("--threads", type=int, help="override gkd.threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = section(load_config(args.config) if args.config else {}, "gkd", GKDConfig)
-    over = {k: v for k, v in (("steps", args.steps), ("tensor_parallel", args.tp), ("threads", args.threads))
-            if v is not None}
+    over = {k: v for k, v in (("steps", args.steps), ("tensor_parallel", args.tp), ("pipeline_parallel", args.pp),
+                              ("threads", args.threads)) if v is not None}
     if "steps" in over:
         over["tokens"] = None
     if over:

@@ -1,10 +1,12 @@
 """GKD (Puzzle stage 8) on the debug parent and a child initialised from it (no stand-ins):
 the loss goes down, a child equal to the parent has zero loss, a killed run resumes to
-bitwise the same weights, TP=2 and DP=2 give the TP=1 losses, the vocab-parallel KL/CE
+bitwise the same weights, TP=2 and DP=2 give the TP=1 losses, PP=2 (also with TP=2, with tied
+embeddings) gives the PP=1 losses and weights and resumes bitwise, the vocab-parallel KL/CE
 matches plain torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -68,10 +70,10 @@ def fresh(base: Path, tmp: Path, same_as_parent: bool = False) -> Path:
     return run
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
+def _weights(run: Path, ckpt: str = "gkd/checkpoint") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(run / "gkd" / "checkpoint" / "model.safetensors"))
+    return load_file(str(run / ckpt / "model.safetensors"))
 
 
 def test_loss_goes_down_and_the_stage_writes_its_outputs(base, tmp_path):
@@ -147,6 +149,80 @@ def test_parallel_runs_give_the_single_process_losses(base, tmp_path, tp, world)
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+# PP: 2 micro-batches per rank, so Megatron's 1F1B schedule has a warmup and a steady phase
+PP_BASE = {**BASE, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 4}
+
+
+def _tie_embeddings(run: Path) -> None:
+    """Parent and child with tied input / output embeddings (lm_head dropped): under PP the
+    first and the last stage each hold a copy, whose grads must be summed."""
+    from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint, tokenizer_path
+
+    for d in ("parent", "child"):
+        arch, t, _ = load_checkpoint(run / d)
+        t = {k: v for k, v in t.items() if k != "lm_head.weight"}
+        save_checkpoint(run / f"{d}_tied", dataclasses.replace(arch, tie_word_embeddings=True), t,
+                        tokenizer_dir=tokenizer_path(run / d), meta={"source": "test-tied"})
+        shutil.rmtree(run / d)
+        (run / f"{d}_tied").rename(run / d)
+
+
+# Tolerances: PP alone only reorders a few fp32 sums (observed: losses <= 4e-6 relative, weights
+# <= 1.5e-6 absolute after 4 AdamW steps that move them by 3e-3); TP = 2 adds its own reduction
+# order, so TP = 2 x PP = 2 gets the TP = 2 test's tolerance (observed: 9e-6 / 6e-6).
+@pytest.mark.parametrize("tp,pp,tied,rel,atol", [(1, 2, False, 1e-5, 5e-6), (1, 2, True, 1e-5, 5e-6),
+                                                 (2, 2, False, 1e-4, 1e-5)], ids=["pp2", "pp2-tied", "tp2xpp2"])
+def test_pipeline_parallel_gives_the_single_process_losses_and_weights(base, tmp_path, tp, pp, tied, rel, atol):
+    """PP = 2 (the child's forward + backward through Megatron's 1F1B schedule, the parent
+    forward-only through the pipeline): the PP = 1 loss curve, grad norms, held-out metrics and
+    final child weights (gathered from both stages)."""
+    ref_run, run = fresh(base, tmp_path / "ref"), fresh(base, tmp_path / "par")
+    if tied:
+        _tie_embeddings(ref_run)
+        _tie_embeddings(run)
+    ref = run_gkd(ref_run, GKDConfig(steps=4, **PP_BASE), **QUIET)
+    cfg = GKDConfig(steps=4, tensor_parallel=tp, pipeline_parallel=pp, **PP_BASE)
+    res = run_distributed(_gkd_worker, world=tp * pp, tp=tp, pp=pp, args=(str(run), cfg))
+    assert all(r == {} for r in res[1:]) and res[0]["world"] == {"tp": tp, "pp": pp, "dp": 1}
+    assert len(res[0]["history"]) == len(ref["history"]) == 4
+    for r0, r1 in zip(ref["history"], res[0]["history"]):
+        for k in ("loss", "cosine", "kl", "lm", "grad_norm"):
+            assert r1[k] == pytest.approx(r0[k], rel=rel, abs=1e-7), (r1["step"], k)
+    for when in ("initial", "final"):
+        for k in ("loss", "cosine", "kl", "lm_loss", "parent_lm_loss"):
+            assert res[0][when][k] == pytest.approx(ref[when][k], rel=rel, abs=1e-7), (when, k)
+        assert res[0][when]["tokens"] == ref[when]["tokens"]
+    wa, wb, w0 = _weights(ref_run), _weights(run), _weights(run, "child")
+    assert wa.keys() == wb.keys() == w0.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=rel, atol=atol, msg=k)
+    assert all(not wa[k].equal(w0[k]) for k in wa if "layers." in k)  # every layer was trained
+
+
+def _gkd_resume_worker(info, run_a: str, run_b: str, cfg: GKDConfig):
+    torch.set_num_threads(1)
+    ra = run_gkd(run_a, cfg, **QUIET)
+    stopped = run_gkd(run_b, cfg, stop_after=3, **QUIET)  # killed after step 3, saved at 2
+    state = Path(run_b) / "gkd" / "train_state"
+    saved = sorted(str(d.relative_to(state)) for d in state.glob("rank*/step_*"))
+    if (Path(run_b) / "gkd" / "result.json").exists():
+        saved.append("result.json")
+    return ra, stopped, saved, run_gkd(run_b, cfg, **QUIET)
+
+
+def test_pipeline_parallel_kill_and_resume_gives_bitwise_the_same_weights(base, tmp_path):
+    a, b = fresh(base, tmp_path / "a"), fresh(base, tmp_path / "b")
+    cfg = GKDConfig(steps=6, pipeline_parallel=2, **{**PP_BASE, "log_every": 2, "checkpoint_every": 2})
+    res = run_distributed(_gkd_resume_worker, world=2, pp=2, args=(str(a), str(b), cfg))
+    ra, stopped, saved, rb = res[0]
+    assert stopped == {"stopped_at": 3} and res[1][1] == {"stopped_at": 3}
+    assert saved == ["rank000/step_00000002", "rank001/step_00000002"]  # each stage its own shard
+    assert rb["resumed_from_step"] == 2 and ra["resumed_from_step"] == 0
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ra["history"] == rb["history"] and ra["final"] == rb["final"]
+
+
 def test_vocab_parallel_kl_and_ce_match_torch(base):
     from megapuzzle.train.distill import VocabParallelKD as _VocabParallelKD
     from megapuzzle.runtime import init_distributed
@@ -176,6 +252,8 @@ def test_config_is_validated():
         section({"gkd": {"stepz": 3}}, "gkd", GKDConfig)
     with pytest.raises(UserError, match="every loss weight is 0"):
         GKDConfig(cosine_weight=0, kl_weight=0)
+    with pytest.raises(UserError, match="pipeline_parallel must be an integer >= 1"):
+        GKDConfig(pipeline_parallel=0)
     c = section({"gkd": {"tokens": 1000, "batch_size": 2, "seq_len": 64, "lr": "3e-4"}}, "gkd", GKDConfig)
     assert c.total_steps == 8 and c.lr == 3e-4
     assert GKDConfig().total_steps == 200

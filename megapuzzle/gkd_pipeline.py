@@ -1,0 +1,196 @@
+"""GKD under pipeline parallelism (gkd.pipeline_parallel > 1): the pieces `megapuzzle.gkd` uses.
+
+Child and parent have the same layer count, so Megatron's pipeline split puts layer i of both on
+the same stage and every hidden-state comparison is stage-local. Per step (one rank's share of
+the global batch, in micro-batches):
+
+1. The parent runs forward-only through Megatron's pipeline schedule (no grad). Each stage keeps
+   the outputs of ITS OWN layers per micro-batch (forward hooks); the last stage also keeps the
+   parent's vocab-parallel logits. Nothing but the usual boundary activation crosses stages.
+2. The child runs forward + backward under Megatron-core's 1F1B schedule
+   (`get_forward_backward_func`). Each stage computes its layers' cosine terms against the
+   parent's in its forward step. The last stage adds them to its loss function (KL + LM on the
+   vocab shards, `VocabParallelKD`); every other stage attaches them to its output activation
+   with `AttachLoss` (Megatron's `MoEAuxLossAutoScaler` trick: identity forward, and the
+   backward that the schedule starts from the gradient the next stage sends also
+   back-propagates d(local loss)). Scaled by 1 / micro-batches as Megatron scales the main loss.
+
+The reported terms are per-stage partial sums (zeros for the layers / logits a stage lacks),
+summed over the pipeline group at log time, so they are the PP = 1 numbers. Gradients of the
+tied embedding (first and last stage copies) are all-reduced over Megatron's embedding group and
+the grad norm runs over all stages (`megapuzzle.gkd.tp_grad_norm`), as `finalize_model_grads`
+and Megatron's clip do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megapuzzle.model.gpt import unwrap_model
+from megapuzzle.train.distill import VocabParallelKD
+
+
+class AttachLoss(torch.autograd.Function):
+    """y = x in the forward; the backward also sends gradient 1 into `aux` (a scalar loss), so
+    back-propagating from y back-propagates aux too (Megatron's MoEAuxLossAutoScaler)."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux,) = ctx.saved_tensors
+        return grad_output, torch.ones_like(aux)
+
+
+@contextlib.contextmanager
+def capture_stage_outputs(model, detach: bool = False):
+    """{global layer index: [output of that layer per forward call]} for THIS stage's layers
+    (Megatron's [s, b, h]); autograd-connected unless `detach`. Hooks are removed on exit."""
+    store: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for layer in unwrap_model(model).decoder.layers:
+        def keep(mod, args, output, i=layer.layer_number - 1):
+            h = output[0] if isinstance(output, tuple) else output
+            store.setdefault(i, []).append(h.detach() if detach else h)
+
+        handles.append(layer.register_forward_hook(keep))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def _is_last_stage() -> bool:
+    return _ps().is_pipeline_last_stage(ignore_virtual=True)
+
+
+@torch.no_grad()
+def forward_pass(model, tokens: torch.Tensor, micro: int) -> tuple[dict[int, list[torch.Tensor]], list[torch.Tensor]]:
+    """Forward-only pipeline pass over `tokens` [b, s] in micro-batches of `micro`: (this stage's
+    layer outputs per micro-batch, the last stage's logits [mb, s, V/tp] per micro-batch)."""
+    from megapuzzle.model.forward import _run_pipeline
+
+    with capture_stage_outputs(model, detach=True) as hidden:
+        logits = _run_pipeline(model, tokens, micro)
+    return hidden, logits
+
+
+def _cosine(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[s, b] per-token 1 - cos, as megapuzzle.train.distill.distill_terms computes it."""
+    return 1.0 - F.cosine_similarity(c.float(), p.float(), dim=-1, eps=1e-8)
+
+
+def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: dict[str, float],
+                       window: torch.Tensor, nt: int) -> None:
+    """Forward + backward of one rank's batch [b, s + 1] through the pipeline (grads accumulate
+    in the child's parameters). Adds this stage's share of (loss, cosine, kl, lm) and of the
+    per-layer cosine means, each / micro-batches, to window[:nt] and window[nt + 1:]."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tokens, labels = batch[:, :-1], batch[:, 1:]
+    n_micro = tokens.shape[0] // micro
+    hp, t_logits = forward_pass(parent, tokens, micro)
+    last = _is_last_stage()
+    config = unwrap_model(model).config
+    aux_scale = 1.0 / n_micro
+    if config.grad_scale_func is not None:  # fp16 loss scaling scales the main loss in backward_step
+        aux_scale = config.grad_scale_func(torch.ones((), device=tokens.device)) / n_micro
+    zero = torch.zeros((), dtype=torch.float64, device=window.device)
+
+    def record(vals: list[torch.Tensor], per_layer: dict[int, torch.Tensor]) -> None:
+        window[:nt] += torch.stack([v.detach().double() for v in vals]) / n_micro
+        for i, v in per_layer.items():
+            window[nt + 1 + i] += v.detach().double() / n_micro
+
+    def forward_step(data_iterator, m):
+        k = next(data_iterator)
+        t = tokens[k * micro:(k + 1) * micro]
+        with capture_stage_outputs(m) as hc:
+            out = m(t, torch.arange(t.shape[1], device=t.device).unsqueeze(0).expand_as(t), None)
+        layer = {i: _cosine(hc[i][0], hp[i][k]).mean() for i in sorted(hc)}
+        cos = torch.stack(list(layer.values())).sum()
+        if not last:
+            record([w["cosine"] * cos if w["cosine"] > 0 else zero, cos, zero, zero], layer)
+            if w["cosine"] > 0:
+                out = AttachLoss.apply(out, w["cosine"] * cos * aux_scale)
+            return out, lambda output: (output, {})
+
+        def loss_func(s_logits):
+            kl, ce = VocabParallelKD.apply(s_logits, t_logits[k], labels[k * micro:(k + 1) * micro], cfg.temperature)
+            terms = {"cosine": cos, "kl": kl.mean(), "lm": ce.mean()}
+            loss = sum(w[n] * terms[n] for n in ("cosine", "kl", "lm") if w[n] > 0)
+            record([loss, cos, terms["kl"], terms["lm"]], layer)  # before Megatron scales loss in place
+            return loss, {}
+
+        return out, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(range(n_micro)), model=[model],
+        num_microbatches=n_micro, seq_length=tokens.shape[1], micro_batch_size=micro, forward_only=False)
+
+
+@torch.no_grad()
+def evaluate_heldout_pp(child, parent, heldout, cfg, info) -> dict[str, float]:
+    """megapuzzle.gkd.evaluate_heldout under PP: both models forward-only through the pipeline,
+    each stage sums its layers' cosine terms, the last stage KL / LM / parent LM; the sums are
+    all-reduced over the pipeline group, then the data-parallel group."""
+    was = child.training
+    child.eval()
+    dev = next(unwrap_model(parent).parameters()).device
+    acc = torch.zeros(5, dtype=torch.float64, device=dev)  # cosine, kl, lm, parent lm, tokens
+    last = _is_last_stage()
+    for i, batch in enumerate(heldout.eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches)):
+        if i % info.dp_size != info.dp_rank:
+            continue
+        batch = batch.to(dev)
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        rows = tokens.shape[0]  # the last batch may be smaller: the largest micro-batch that divides it
+        micro = max(d for d in range(1, min(cfg.micro_batch_size or rows, rows) + 1) if rows % d == 0)
+        hp, t_logits = forward_pass(parent, tokens, micro)
+        hc, s_logits = forward_pass(child, tokens, micro)
+        for k in range(tokens.shape[0] // micro):
+            acc[0] += sum(_cosine(hc[j][k], hp[j][k]).sum() for j in sorted(hc)).double()
+            if last:
+                y = labels[k * micro:(k + 1) * micro]
+                kl, ce = VocabParallelKD.apply(s_logits[k], t_logits[k], y, cfg.temperature)
+                parent_lm = VocabParallelKD.apply(t_logits[k], t_logits[k], y, 1.0)[1]
+                acc[1:5] += torch.stack([kl.sum(), ce.sum(), parent_lm.sum(),
+                                         torch.tensor(float(y.numel()), device=dev)]).double()
+    dist.all_reduce(acc, group=_ps().get_pipeline_model_parallel_group())
+    if info.dp_size > 1:
+        dist.all_reduce(acc, group=_ps().get_data_parallel_group())
+    child.train(was)
+    n = max(acc[4].item(), 1.0)
+    out = {"cosine": acc[0].item() / n, "kl": acc[1].item() / n, "lm_loss": acc[2].item() / n,
+           "parent_lm_loss": acc[3].item() / n, "tokens": int(acc[4].item())}
+    out["loss"] = cfg.cosine_weight * out["cosine"] + cfg.kl_weight * out["kl"] + cfg.lm_weight * out["lm_loss"]
+    return out
+
+
+def allreduce_tied_embedding_grads(model) -> None:
+    """Tied input / output embeddings under PP live on the first and the last stage: sum their
+    grads over Megatron's embedding group (as finalize_model_grads does) so both copies stay equal."""
+    m = unwrap_model(model)
+    if not getattr(m, "share_embeddings_and_output_weights", False) or not (m.pre_process or m.post_process):
+        return
+    group = _ps().get_embedding_group(check_initialized=False)
+    if group is None or dist.get_world_size(group) == 1 or dist.get_rank() not in dist.get_process_group_ranks(group):
+        return
+    weight = m.shared_embedding_or_output_weight()
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=group)
