@@ -3,16 +3,20 @@ at prefill, fewer KV heads are not slower at decode, parameter / KV bytes are ex
 
 from __future__ import annotations
 
-import torch
+import pytest
+from megapuzzle.arch import Architecture, LayerArch, SearchSpace
+from megapuzzle.arch import AttentionVariant as A
+from megapuzzle.arch import FFNVariant as F
 
-from _gpu import requires_cuda
-from megapuzzle.arch import Architecture, AttentionVariant as A, FFNVariant as F, LayerArch, SearchSpace
+from _gpu import dist1, requires_cuda  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("dist1")]
 
 NOISE = 1.05  # a smaller block may measure up to 5% above a bigger one (timer noise)
 
 
 @requires_cuda
-def test_measured_costs_are_monotone_in_size(dist1):
+def test_measured_costs_are_monotone_in_size():
     from megapuzzle.cost import MeasureConfig, measure_costs
 
     # Llama-3-8B-like widths on 1 layer: big enough that GEMM time, not launch overhead, counts

@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from _gpu import requires_cuda
+
+pytestmark = pytest.mark.gpu
+
 
 ROOT = Path(__file__).resolve().parents[2]
 

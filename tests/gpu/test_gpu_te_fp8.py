@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from megapuzzle.arch import Architecture, LayerArch
+from megapuzzle.arch import AttentionVariant as A
+from megapuzzle.arch import FFNVariant as F
 
-from _gpu import requires_fp8, requires_te
-from megapuzzle.arch import Architecture, AttentionVariant as A, FFNVariant as F, LayerArch
+from _gpu import dist1, requires_fp8, requires_te  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("dist1")]
 
 # FP8 GEMMs need dims that are multiples of 16: hidden 256, head_dim 32, FFN sizes / 16.
 LAYERS = (
@@ -28,8 +32,13 @@ FP8_TOP1 = 0.90   # FP8 vs bf16: next-token argmax agreement
 
 def _logits(use_te: bool, fp8: bool = False, recipe: str = "delayed") -> torch.Tensor:
     from megapuzzle.cost_runtime import _FP8_RECIPES
-    from megapuzzle.model import ModelOptions, build_gpt_model, forward_logits, init_random_canonical
-    from megapuzzle.model import load_canonical_into_model
+    from megapuzzle.model import (
+        ModelOptions,
+        build_gpt_model,
+        forward_logits,
+        init_random_canonical,
+        load_canonical_into_model,
+    )
 
     tensors = init_random_canonical(ARCH, seed=7, std=0.02, norm_std=0.1)
     extra = {"fp8_recipe": _FP8_RECIPES[recipe]} if fp8 else {}
@@ -50,7 +59,7 @@ def _rel(a, b) -> float:
 
 
 @requires_te
-def test_te_spec_matches_local_spec(dist1):
+def test_te_spec_matches_local_spec():
     local, te = _logits(use_te=False), _logits(use_te=True)
     rel = _rel(te, local)
     agree = (te.argmax(-1) == local.argmax(-1)).float().mean().item()
@@ -60,7 +69,7 @@ def test_te_spec_matches_local_spec(dist1):
 
 @requires_fp8
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
-def test_fp8_forward_is_close_to_bf16(dist1, recipe):
+def test_fp8_forward_is_close_to_bf16(recipe):
     bf16, fp8 = _logits(use_te=True), _logits(use_te=True, fp8=True, recipe=recipe)
     assert torch.isfinite(fp8).all()
     rel = _rel(fp8, bf16)
