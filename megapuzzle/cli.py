@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "realize": ("megapuzzle.realize", "stitch a MIP solution's blocks into a child checkpoint"),
     "gkd": ("megapuzzle.gkd", "global knowledge distillation of the child from the parent"),
     "evaluate": ("megapuzzle.evaluate", "parent vs child: quality, measured throughput, report.md + pareto.png"),
+    "baseline": ("megapuzzle.baselines", "uniform / depth / random / greedy compression at a throughput target, GKD'd + evaluated"),
+    "bench": ("megapuzzle.bench_search_quality", "benchmarks: search-quality (Puzzle vs the baselines at equal throughput)"),
     "run": ("megapuzzle.pipeline", "the whole pipeline from one config, resumable (manifest.json)"),
     "info": ("megapuzzle.info", "print an architecture (checkpoint, arch.json or HF config.json) layer by layer"),
 }
