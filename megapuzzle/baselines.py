@@ -343,17 +343,12 @@ def ffn_channel_scores(run: RunDir, parent_arch: Architecture, parent_tensors: d
                        bld_cfg) -> dict:
     """C_i per FFN channel of each layer in `layers` (megapuzzle.init), on BLD's calibration batches."""
     from megapuzzle.bld_blocks import Teacher
+    from megapuzzle.bld_train import _calibrate
     from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.init import FFNChannelScorer, local_layer_tensors
 
     teacher = Teacher(_parent_model(parent_arch, parent_tensors), set(layers), set(layers))
     train = PackedSequenceDataset.from_prefix(run.require_data("train"))
-    scorers = {i: FFNChannelScorer(local_layer_tensors(parent_tensors, i), parent_arch.rms_norm_eps) for i in layers}
-    for k in range(bld_cfg.calibration_batches):
-        t = teacher.forward(train.batch(k, bld_cfg.batch_size, bld_cfg.seq_len, bld_cfg.seed)[:, :-1])
-        for i, s in scorers.items():
-            s.update(t.m[i])
-    return {i: s.scores() for i, s in scorers.items()}
+    return _calibrate(teacher, train, bld_cfg, parent_arch, parent_tensors, set(layers))
 
 
 # ----------------------------------------------------------------------------- the child run

@@ -30,7 +30,7 @@ from typing import Any
 
 from megapuzzle.config import load_config
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, atomic_write_text
+from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
 
 BENCHMARKS = ("search-quality",)
 STYLE = {"puzzle": ("tab:red", "*"), "uniform": ("tab:blue", "s"), "depth": ("tab:green", "^"),
@@ -130,11 +130,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
     return True
 
 

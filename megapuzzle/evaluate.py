@@ -34,7 +34,7 @@ import torch
 from megapuzzle.arch import Architecture
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, atomic_write_text
+from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,15 @@ class EvaluateConfig:
     """Prompt tokens per sequence when timing (None: the MIP's, else 128)."""
     gen_len: int | None = None
     """Generated tokens per sequence when timing (None: the MIP's, else 64)."""
-    repeats: int = 3
-    """Timed generations per model and round (median taken)."""
+    repeats: int = 1
+    """Timed generations per model and round."""
     warmup: int = 1
     """Untimed generations before each timing."""
-    rounds: int = 2
-    """Parent/child timing rounds, alternating the order (machine drift hits both alike); the
-    median is taken over all rounds x repeats generations."""
+    rounds: int = 8
+    """Parent/child timing rounds in ABBA order. The measured speedup is the median over the
+    rounds x repeats generations of parent time / child time, each pair taken seconds apart, so
+    machine drift (a shared host's clock speed moved the parent's time by 40% within a minute
+    here) cancels as in the cost measurement's paired differences."""
     threads: int | None = None
     """torch threads while timing (None: what costs.json was measured with)."""
     dtype: str | None = None
@@ -163,8 +165,13 @@ def measure_pair(archs: dict[str, Architecture], tensors: dict[str, Any], sc: di
         total = statistics.median(a + b for a, b in zip(pre, dec))
         out[n] = {"tokens_per_s": sc["batch_size"] * sc["gen_len"] / total, "total_s": total,
                   "prefill_s": statistics.median(pre), "decode_s": statistics.median(dec),
-                  "timed_generations": len(pre)}
+                  "timed_generations": len(pre), "_totals": [a + b for a, b in zip(pre, dec)]}
     return out
+
+
+def paired_speedup(base: dict, other: dict) -> float:
+    """Median of base / other generation time over the generations timed side by side."""
+    return statistics.median(b / o for b, o in zip(base.pop("_totals"), other.pop("_totals")))
 
 
 def memory(arch: Architecture, sc: dict, bytes_per_param: int) -> dict[str, int]:
@@ -231,6 +238,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     sc = scenario(run, cfg)
     speed = measure_pair({"parent": parent_arch, "child": child_arch}, {"parent": parent_t, "child": child_t},
                          sc, cfg, settings)
+    measured = paired_speedup(speed["parent"], speed["child"])
     bpp = 1 if settings.get("fp8") else torch.empty((), dtype=resolve_dtype(settings["dtype"])).element_size()
     sols = _solutions(run)
     k, sol = _chosen_solution(sols, child_arch, child_meta)
@@ -243,9 +251,9 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
                 costs, arch, sc["batch_size"], sc["prefill_len"], sc["gen_len"])["tokens_per_s"]
     if "child_realized" in quality:
         out["child_realized"] = quality["child_realized"]
-    measured = out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"]
     predicted = out["child"]["predicted_tokens_per_s"] / out["parent"]["predicted_tokens_per_s"] if costs else None
     out["speedup"] = {"measured": measured, "predicted": predicted,
+                      "ratio_of_median_tokens_per_s": out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"],
                       "prediction_error_pct": 100 * (predicted / measured - 1) if predicted else None,
                       "mip_predicted": sol.get("predicted_speedup") if sol else None,
                       "mip_batch_size": sol.get("batch_size") if sol else None, "mip_solution": k}
@@ -302,11 +310,7 @@ def plot_pareto(sols: dict | None, chosen: dict | None, ev: dict, path: Path) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
     return True
 
 
@@ -333,7 +337,8 @@ def report_markdown(ev: dict, parent: Architecture, child: Architecture, sols: d
         ("top-1 accuracy", f"{p['accuracy']:.4f}", f"{c['accuracy']:.4f}", f"{f(ev['quality_retention_pct'], '.1f')}%"),
         ("KL(parent ‖ model)", f"{p['kl_to_parent']:.4f}", f"{c['kl_to_parent']:.4f}", ""),
         ("top-1 agreement with parent", f"{p['top1_agreement']:.4f}", f"{c['top1_agreement']:.4f}", ""),
-        ("measured tokens/s", f"{p['tokens_per_s']:.1f}", f"{c['tokens_per_s']:.1f}", f"{s['measured']:.2f}x"),
+        ("measured tokens/s (medians)", f"{p['tokens_per_s']:.1f}", f"{c['tokens_per_s']:.1f}",
+         f"{s.get('ratio_of_median_tokens_per_s', s['measured']):.2f}x"),
         ("predicted tokens/s (costs.json)", f(p.get("predicted_tokens_per_s"), ".1f"),
          f(c.get("predicted_tokens_per_s"), ".1f"), f"{f(s['predicted'], '.2f')}x"),
     ]
@@ -353,7 +358,7 @@ def report_markdown(ev: dict, parent: Architecture, child: Architecture, sols: d
         "| source | speedup |", "|---|---:|",
         f"| MIP (mip/solutions.json, solution {f(s['mip_solution'], 'd')}) | {f(s['mip_predicted'], '.3f')}x |",
         f"| costs.json at this scenario | {f(s['predicted'], '.3f')}x |",
-        f"| measured (this machine) | {s['measured']:.3f}x |",
+        f"| measured (this machine; median of paired parent / child generation times) | {s['measured']:.3f}x |",
         f"| prediction error | {f(s['prediction_error_pct'], '+.1f')}% |", "",
     ]
     if ev.get("gkd") or ev.get("child_realized"):

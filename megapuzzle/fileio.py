@@ -97,3 +97,15 @@ def weights_fingerprint(path: str | os.PathLike, full_below: int = 4 << 30, samp
             fh.seek(max(0, size - chunk) * i // max(samples - 1, 1))
             h.update(fh.read(chunk))
     return "sampled:" + h.hexdigest()
+
+
+def save_figure_atomic(fig, path: str | os.PathLike) -> None:
+    """Save a matplotlib figure atomically (a temp file beside it, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
