@@ -187,6 +187,11 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
     if info.dp_size > 1:
         dist.all_reduce(acc, group=ps.get_data_parallel_group())
     child.train(was)
+    return heldout_metrics(acc, cfg)
+
+
+def heldout_metrics(acc: torch.Tensor, cfg: GKDConfig) -> dict[str, float]:
+    """Per-token means from the summed [cosine, kl, lm, parent lm, tokens] (reduced over ranks)."""
     n = max(acc[4].item(), 1.0)
     out = {"cosine": acc[0].item() / n, "kl": acc[1].item() / n, "lm_loss": acc[2].item() / n,
            "parent_lm_loss": acc[3].item() / n, "tokens": int(acc[4].item())}

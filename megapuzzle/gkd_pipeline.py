@@ -174,11 +174,9 @@ def evaluate_heldout_pp(child, parent, heldout, cfg, info) -> dict[str, float]:
     if info.dp_size > 1:
         dist.all_reduce(acc, group=_ps().get_data_parallel_group())
     child.train(was)
-    n = max(acc[4].item(), 1.0)
-    out = {"cosine": acc[0].item() / n, "kl": acc[1].item() / n, "lm_loss": acc[2].item() / n,
-           "parent_lm_loss": acc[3].item() / n, "tokens": int(acc[4].item())}
-    out["loss"] = cfg.cosine_weight * out["cosine"] + cfg.kl_weight * out["kl"] + cfg.lm_weight * out["lm_loss"]
-    return out
+    from megapuzzle.gkd import heldout_metrics
+
+    return heldout_metrics(acc, cfg)
 
 
 def allreduce_tied_embedding_grads(model) -> None:

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_run
-from megapuzzle.config import section
+from conftest import make_searched_run
 from megapuzzle.mip import InfeasibleBudgetError, MIPProblem, solve
 from megapuzzle.mip.greedy import greedy
 
@@ -129,21 +128,7 @@ def synthetic_costs(costs: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def run(debug_parent, tmp_path_factory):
-    from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld import run_bld
-    from megapuzzle.checkpoints.canonical import load_arch
-    from megapuzzle.cost import MeasureConfig, measure_costs
-    from megapuzzle.fileio import atomic_write_json
-    from megapuzzle.score import ScoreConfig, run_score
-
-    torch.set_num_threads(1)
-    r = make_run(debug_parent, tmp_path_factory.mktemp("baselines") / "run")
-    run_bld(r, CFG, progress=False, **QUIET)
-    run_score(r, section(CFG, "score", ScoreConfig), progress=False, **QUIET)
-    costs = measure_costs(load_arch(r / "parent"), section(CFG, "measure", MeasureConfig),
-                          space=SearchSpace.from_dict(CFG["search_space"]))
-    atomic_write_json(r / "costs.json", synthetic_costs(costs))
-    return r
+    return make_searched_run(debug_parent, tmp_path_factory.mktemp("baselines") / "run", CFG, synthetic_costs)
 
 
 def _uniform_speedups(run) -> dict[str, float]:

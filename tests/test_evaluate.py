@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_run
+from conftest import make_searched_run
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
 from megapuzzle.evaluate import EvaluateConfig, run_evaluate
@@ -36,22 +36,11 @@ MODEL_FIELDS = {"lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens
 
 @pytest.fixture(scope="module")
 def run(debug_parent, tmp_path_factory):
-    from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld import run_bld
-    from megapuzzle.checkpoints.canonical import load_arch
-    from megapuzzle.cost import MeasureConfig, measure_costs
-    from megapuzzle.fileio import atomic_write_json
     from megapuzzle.gkd import GKDConfig, run_gkd
     from megapuzzle.mip.stage import MIPConfig, run_mip
     from megapuzzle.realize import realize
-    from megapuzzle.score import ScoreConfig, run_score
 
-    torch.set_num_threads(1)
-    r = make_run(debug_parent, tmp_path_factory.mktemp("evaluate") / "run")
-    run_bld(r, CFG, progress=False, **QUIET)
-    run_score(r, section(CFG, "score", ScoreConfig), progress=False, **QUIET)
-    atomic_write_json(r / "costs.json", measure_costs(load_arch(r / "parent"), section(CFG, "measure", MeasureConfig),
-                                                      space=SearchSpace.from_dict(CFG["search_space"])))
+    r = make_searched_run(debug_parent, tmp_path_factory.mktemp("evaluate") / "run", CFG)
     run_mip(r, section(CFG, "mip", MIPConfig), **QUIET)
     realize(r, 0, **QUIET)
     run_gkd(r, section(CFG, "gkd", GKDConfig), progress=False, **QUIET)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_run
+from conftest import make_searched_run
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
 from megapuzzle.mip.stage import MIPConfig, library_candidates, run_mip, ScenarioCosts, load_scores
@@ -31,20 +31,7 @@ QUIET = dict(log=lambda *a: None)
 
 @pytest.fixture(scope="module")
 def run(debug_parent, tmp_path_factory):
-    from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld import run_bld
-    from megapuzzle.checkpoints.canonical import load_arch
-    from megapuzzle.cost import MeasureConfig, measure_costs
-    from megapuzzle.fileio import atomic_write_json
-
-    torch.set_num_threads(1)
-    r = make_run(debug_parent, tmp_path_factory.mktemp("search") / "run")
-    run_bld(r, CFG, progress=False, **QUIET)
-    run_score(r, section(CFG, "score", ScoreConfig), progress=False, **QUIET)
-    costs = measure_costs(load_arch(r / "parent"), section(CFG, "measure", MeasureConfig),
-                          space=SearchSpace.from_dict(CFG["search_space"]))
-    atomic_write_json(r / "costs.json", costs)
-    return r
+    return make_searched_run(debug_parent, tmp_path_factory.mktemp("search") / "run", CFG)
 
 
 def test_scores_cover_the_library_and_parent_blocks_are_exact(run):
