@@ -40,9 +40,12 @@ def _require_modelopt():
     try:
         import modelopt.torch.quantization as mtq
         from modelopt.torch.export import export_hf_checkpoint
-    except ImportError:
-        raise UserError("export-hf --quantize fp8 needs nvidia-modelopt, which is not installed; "
-                        "pip install -e '.[modelopt]' (or pip install nvidia-modelopt)") from None
+    except ImportError as e:
+        if (getattr(e, "name", None) or "").split(".")[0] == "modelopt":  # modelopt itself is missing
+            raise UserError("export-hf --quantize fp8 needs nvidia-modelopt, which is not installed; "
+                            "pip install -e '.[modelopt]' (or pip install nvidia-modelopt)") from None
+        raise UserError(f"nvidia-modelopt is installed but importing it failed ({e}); "
+                        f"pip install -e '.[modelopt]' installs what it needs") from None
     return mtq, export_hf_checkpoint
 
 
