@@ -420,8 +420,7 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
         "config": section_dict(ctx.mcfg), "method": method, "target_tokens_per_s": ctx.target_tps(b),
         "parent_predicted_tokens_per_s": {str(k): v for k, v in sorted(ctx.parent_tps.items())},
         "best_batch_size": b, "wall_s": time.perf_counter() - t0,
-        # evaluate plots the objective: NaN (drawn as nothing) when a variant has no library score
-        "solutions": [{**rec, "objective": float("nan") if rec["objective"] is None else rec["objective"]}]})
+        "solutions": [rec]})  # objective None when a variant has no library score
     atomic_write_json(child.root / "baseline.json", {"method": method, "throughput_x": x, "reason": reason, **info})
     if method in ("uniform", "depth"):  # the init from the parent, not BLD blocks
         from megapuzzle.bld import BLDConfig

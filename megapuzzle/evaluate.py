@@ -291,11 +291,13 @@ def plot_pareto(sols: dict | None, chosen: dict | None, ev: dict, path: Path) ->
     front = sorted((p["predicted_speedup"], p["objective"]) for p in sols.get("pareto", []) if p.get("feasible"))
     if front:
         ax.plot(*zip(*front), "o-", color="tab:blue", label="MIP frontier (predicted)")
-    others = [(s["predicted_speedup"], s["objective"]) for s in sols["solutions"] if s is not chosen]
+    # a child whose blocks have no library score (a baseline) has objective None: nothing to place
+    others = [(s["predicted_speedup"], s["objective"]) for s in sols["solutions"]
+              if s is not chosen and s.get("objective") is not None]
     if others:
         ax.scatter(*zip(*others), marker="x", color="grey", label="other MIP candidates")
     ax.scatter([1.0], [0.0], marker="s", s=70, color="black", label="parent (1x, 0)", zorder=5)
-    if chosen:
+    if chosen and chosen.get("objective") is not None:
         cx, cy = chosen["predicted_speedup"], chosen["objective"]
         ax.scatter([cx], [cy], marker="*", s=220, color="tab:orange", label=f"chosen ({cx:.2f}x predicted)", zorder=6)
         mx = ev["speedup"]["measured"]

@@ -31,6 +31,17 @@ def make_run(debug_parent: Path, dest: Path) -> Path:
     return dest
 
 
+# The tiny search a run directory for MIP / evaluate / baseline tests is built with.
+SEARCH_CFG = {
+    "search_space": {"kv_heads": [1], "ffn_fractions": [0.5], "ffn_granularity": 64},
+    "bld": {"tokens_per_block": 512, "batch_size": 4, "seq_len": 32, "checkpoint_every": 100, "log_every": 100,
+            "eval_batches": 1, "calibration_batches": 1},
+    "score": {"batch_size": 2, "seq_len": 32, "num_batches": 2, "candidates_per_pass": 3},
+    "measure": {"batch_sizes": [1, 2], "seq_lens": [8, 16], "repeats": 1, "warmup": 0, "min_sample_s": 0.0,
+                "stack_layers": 2, "check_parent": False, "passes": 1},
+}
+
+
 def make_searched_run(debug_parent: Path, dest: Path, cfg: dict, costs_hook=None) -> Path:
     """make_run + BLD + score + measured costs (costs.json, optionally rewritten by `costs_hook`):
     a run directory ready for the MIP, from a full config dict (sections search_space, bld,

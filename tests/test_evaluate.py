@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_searched_run
+from conftest import SEARCH_CFG, make_searched_run
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
 from megapuzzle.evaluate import EvaluateConfig, run_evaluate
@@ -18,12 +18,7 @@ from megapuzzle.runtime import destroy_distributed
 
 QUIET = dict(log=lambda *a: None)
 CFG = {
-    "search_space": {"kv_heads": [1], "ffn_fractions": [0.5], "ffn_granularity": 64},
-    "bld": {"tokens_per_block": 512, "batch_size": 4, "seq_len": 32, "checkpoint_every": 100, "log_every": 100,
-            "eval_batches": 1, "calibration_batches": 1},
-    "score": {"batch_size": 2, "seq_len": 32, "num_batches": 2, "candidates_per_pass": 3},
-    "measure": {"batch_sizes": [1, 2], "seq_lens": [8, 16], "repeats": 1, "warmup": 0, "min_sample_s": 0.0,
-                "stack_layers": 2, "check_parent": False, "passes": 1},
+    **SEARCH_CFG,
     "mip": {"throughput_x": 1.3, "batch_sizes": [1, 2], "prefill_len": 8, "gen_len": 4, "sweep_points": 4,
             "sweep_max_x": 3.0},
     "gkd": {"steps": 2, "batch_size": 4, "seq_len": 32, "eval_batches": 1, "log_every": 1, "checkpoint_every": 2},
