@@ -33,6 +33,13 @@ search space can be extended without retraining); the parent's own variants are 
 directly. Killed at any moment, a re-run resumes each rank from its last checkpoint (every
 `checkpoint_every` steps; TP ranks and the stages of a pipeline resume from one step). With
 `fp8: true` the students run FP8 GEMMs (TransformerEngine, sm >= 89; checked at start).
+
+Precision (`dtype`; auto = bf16 on a GPU, fp32 on CPU): teacher and students hold bf16 params and
+every block trains under its own Megatron-core mixed-precision optimizer (fp32 master weights
+and main grads, AdamW and clipping on those; megapuzzle.train.block_optimizer), with the master
+weights in the resumable state. The same optimizers run on CPU (megapuzzle.runtime.cpu_compat),
+so `dtype: bfloat16` is tested in CI. DDP has no gradient to reduce here: no block trains on two
+DP ranks.
 """
 
 from __future__ import annotations
@@ -109,6 +116,11 @@ class BLDConfig:
     Checked before anything is loaded."""
     fp8_recipe: str = "delayed"
     """With fp8: "delayed" (delayed scaling) or "current" (per-tensor current scaling)."""
+    dtype: str = "auto"
+    """Parameter dtype of teacher and students: auto (bfloat16 on a GPU, float32 on CPU), float32 or
+    bfloat16. With bfloat16 every block trains under Megatron's mixed-precision optimizer (fp32
+    master weights and main grads; megapuzzle.train.block_optimizer); the NMSE is always summed
+    in fp32, and the library keeps the parent checkpoint's dtype."""
     keep_best: bool = True
     """Write a block's initial weights instead of its trained ones when training ended with a
     higher held-out NMSE than the init (a nearly exact pruned block can drift off its optimum at a
@@ -140,6 +152,8 @@ class BLDConfig:
             raise UserError(f"bld.fp8 must be true or false, got {self.fp8!r}")
         if self.fp8_recipe not in FP8_RECIPES:
             raise UserError(f"bld.fp8_recipe must be one of {list(FP8_RECIPES)}, got {self.fp8_recipe!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"bld.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
 
@@ -155,13 +169,23 @@ class BLDConfig:
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_fraction * self.steps)
 
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """The dtype `dtype` resolves to on this machine."""
+        from megapuzzle.cost_runtime import resolve_dtype
+
+        return resolve_dtype(self.dtype)
+
     def training_signature(self) -> str:
-        """Hash of everything that changes a block's trained weights (not logging / layout)."""
+        """Hash of everything that changes a block's trained weights (not logging / layout).
+        `dtype` enters as the dtype it resolves to (auto trains bf16 on a GPU, fp32 on CPU)."""
         d = {k: v for k, v in section_dict(self).items()
              if k not in ("checkpoint_every", "log_every", "layers", "mode", "coupled_pairs", "tensor_parallel",
-                          "pipeline_parallel", "fp8", "fp8_recipe")}
+                          "pipeline_parallel", "fp8", "fp8_recipe", "dtype")}
         if self.fp8:  # only then: libraries trained before these fields existed keep their signature
             d.update(fp8=True, fp8_recipe=self.fp8_recipe)
+        if self.params_dtype != torch.float32:  # likewise: fp32 libraries keep their signature
+            d.update(dtype=str(self.params_dtype).replace("torch.", ""))
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.model.config import ModelOptions, make_transformer_config, resolve_use_te
@@ -135,7 +134,8 @@ def one_layer_arch(parent: Architecture, la: LayerArch) -> Architecture:
     return parent.with_layers([la])
 
 
-def build_layer(arch1: Architecture, tp: int, fp8_recipe: str | None = None):
+def build_layer(arch1: Architecture, tp: int, fp8_recipe: str | None = None,
+                params_dtype: torch.dtype = torch.float32):
     """A Megatron-core TransformerLayer for the single layer of `arch1`, from Megatron's
     heterogeneous layer spec (local spec on CPU, TE spec where TE and CUDA are present).
     `fp8_recipe` ("delayed" | "current"): FP8 GEMMs (needs TE and an sm >= 89 GPU)."""
@@ -144,18 +144,20 @@ def build_layer(arch1: Architecture, tp: int, fp8_recipe: str | None = None):
 
     te = resolve_use_te(None)
     # weights are loaded right after, so skip Megatron's random init
-    opts = ModelOptions(perform_initialization=False, use_te=te)
+    opts = ModelOptions(perform_initialization=False, use_te=te, params_dtype=params_dtype)
     if fp8_recipe is not None:
         from megapuzzle.cost_runtime import _FP8_RECIPES  # our recipe name -> Megatron's fp8_recipe
 
         # amax reduced over the TP group only: data-parallel ranks train other blocks
-        opts = ModelOptions(perform_initialization=False, use_te=te, fp8=True,
+        opts = ModelOptions(perform_initialization=False, use_te=te, fp8=True, params_dtype=params_dtype,
                             extra={"fp8_recipe": _FP8_RECIPES[fp8_recipe], "tp_only_amax_red": True})
     config = make_transformer_config(arch1, tp, 1, opts)
     spec = get_gpt_heterogeneous_layer_spec(config, use_te=te).layer_specs[0]
     with quiet_unknown_mlp():
         layer = build_module(spec, config=config.get_config_for_layer(1), layer_number=1)
     mark_tensor_parallel_weights(layer)
+    if params_dtype != torch.float32:
+        layer.to(dtype=params_dtype)  # local-spec norms ignore params_dtype (as in build_gpt_model)
     if torch.cuda.is_available():
         layer.cuda(torch.cuda.current_device())
     return layer
@@ -169,11 +171,13 @@ class StudentBlock(torch.nn.Module):
     """
 
     def __init__(self, key: str, kind: str, layer_index: int, parent: Architecture, variant: LayerArch,
-                 teacher: Teacher | None, tp: int, fp8_recipe: str | None = None):
+                 teacher: Teacher | None, tp: int, fp8_recipe: str | None = None,
+                 params_dtype: torch.dtype = torch.float32):
         """`kind` attention | ffn | layer; `teacher` is needed only for attention blocks (their
         frozen FFN is the teacher's). kind "layer" with a full LayerArch builds and loads the
         whole layer (scoring uses that for any block plus the parent's other subblock).
-        `fp8_recipe`: build with FP8 GEMMs and run forward under fp8 autocast (see build_layer)."""
+        `fp8_recipe`: build with FP8 GEMMs and run forward under fp8 autocast (see build_layer).
+        `params_dtype`: the layer's parameter dtype (the teacher's, for attention blocks)."""
         super().__init__()
         self.key, self.kind, self.layer_index = key, kind, layer_index
         self.variant = variant
@@ -184,7 +188,7 @@ class StudentBlock(torch.nn.Module):
         else:
             self.own = variant
         self.arch1 = one_layer_arch(parent, self.own)
-        self.layer = build_layer(self.arch1, tp, fp8_recipe)
+        self.layer = build_layer(self.arch1, tp, fp8_recipe, params_dtype)
         if kind == "attention":
             if teacher is None:
                 raise ValueError(f"{key}: an attention block needs the teacher (its frozen parent FFN)")
@@ -254,33 +258,3 @@ class StudentBlock(torch.nn.Module):
                     out[e.names[0]] = torch.cat([p.chunk(2, dim=0)[0] for p in parts], dim=0)
                     out[e.names[1]] = torch.cat([p.chunk(2, dim=0)[1] for p in parts], dim=0)
         return {k[len(pre):]: v.cpu() for k, v in out.items()}
-
-
-def tp_grad_norms(blocks: list[StudentBlock]) -> list[float]:
-    """Each block's gradient L2 norm over its full (unsharded) parameters: TP-sharded grads are
-    summed over the TP group, replicated ones (norms) counted once, as Megatron's clip does.
-    Per block, so clipping never couples blocks (a block trains the same alone or with others)."""
-    from megatron.core import parallel_state as ps
-
-    shard_sq, rep_sq = [], []
-    for b in blocks:
-        s = r = torch.zeros((), dtype=torch.float64)
-        for n, p in b.owned.items():
-            if p.grad is None:
-                continue
-            g = p.grad.detach().double().pow(2).sum().cpu()
-            if b.sharded[n]:
-                s = s + g
-            else:
-                r = r + g
-        shard_sq.append(s)
-        rep_sq.append(r)
-    if not blocks:
-        return []
-    shard = torch.stack(shard_sq)
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dev = next(iter(blocks[0].owned.values())).device if blocks[0].owned else torch.device("cpu")
-        shard = shard.to(dev)
-        dist.all_reduce(shard, group=ps.get_tensor_model_parallel_group())
-        shard = shard.cpu()
-    return (shard + torch.stack(rep_sq)).sqrt().tolist()

@@ -1,8 +1,8 @@
 """One BLD rank's training (megapuzzle.bld decides, this trains): build the teacher and the
 rank's student blocks, initialise them from the parent (FFN channel calibration for pruned
 MLPs), measure the init NMSE, train every block in lockstep on the same global batches
-(one teacher forward per batch, one backward per block, per-block gradient clipping, AdamW,
-cosine schedule), checkpoint every `checkpoint_every` steps, measure the final NMSE and write
+(one teacher forward per batch, one backward per block, a Megatron mixed-precision AdamW per
+block: fp32 master weights for bf16 params, per-block gradient clipping; cosine schedule), checkpoint every `checkpoint_every` steps, measure the final NMSE and write
 the blocks to the library.
 
 Resume: a rank restarts from its last checkpoint when the checkpoint belongs to the same plan
@@ -58,9 +58,9 @@ def _tp_agree(value: int) -> bool:
 def _nmse_terms(student, t) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of squared errors, sum of squared targets) on the layer's update o = out - in."""
     i = student.layer_index
-    x = t.x[i]
-    target = (t.y[i] - x).float()
-    err = (student(t) - x).float() - target
+    x = t.x[i].float()  # in fp32 whatever the params' dtype: bf16 differences would lose the small updates
+    target = t.y[i].float() - x
+    err = (student(t).float() - x) - target
     return err.pow(2).sum(), target.pow(2).sum()
 
 
@@ -124,12 +124,13 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work)."""
     from tqdm import tqdm
 
-    from megapuzzle.bld_blocks import StudentBlock, Teacher, tp_grad_norms
+    from megapuzzle.bld_blocks import StudentBlock, Teacher
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import load_canonical_into_model
-    from megapuzzle.train.schedule import LRSchedule, set_lr
+    from megapuzzle.train.block_optimizer import BlockOptimizers
+    from megapuzzle.train.schedule import LRSchedule
     from megapuzzle.train.state import load_train_state, save_train_state
     from megapuzzle.train.train_logger import TrainLogger
 
@@ -149,7 +150,8 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     heldout = PackedSequenceDataset.from_prefix(rd.heldout_data)
     # PP: every stage builds its shard as Megatron does (tied embeddings: first and last stage
     # synchronise them at construction), even a stage that then has nothing to do.
-    model = build_gpt_model(arch, options=ModelOptions(perform_initialization=False))
+    dtype = cfg.params_dtype
+    model = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
     if role is None or role.active:
         load_canonical_into_model(model, parent_tensors, arch)
     prune = {b.layer for b in mine if b.kind != "attention" and b.variant.ffn.kind == "mlp"
@@ -161,7 +163,8 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
         relay = PipelineRelay(role, arch.hidden_size, model.config.params_dtype, next(model.parameters()).device)
     teacher = Teacher(model, {b.layer for b in mine}, {b.layer for b in mine if b.kind == "ffn"} | prune, relay)
     fp8 = cfg.fp8_recipe if cfg.fp8 else None
-    students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size, fp8) for b in mine]
+    students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size, fp8, dtype)
+                for b in mine]
     spec = {b.key: b for b in mine}
     named = {f"{s.key}/{n}": p for s in students for n, p in s.trainable().items()}
     for p in named.values():
@@ -181,17 +184,17 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
             return {"resumed_from": None, "timings": tim}
     if not resume:
         shutil.rmtree(state_dir, ignore_errors=True)  # another plan / config: start these blocks afresh
-    decay = [p for n, p in named.items() if p.ndim >= 2]
-    no_decay = [p for n, p in named.items() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
-                            eps=1e-8) if named else None
+    opt = BlockOptimizers({s.key: {f"{s.key}/{n}": p for n, p in s.trainable().items()} for s in trainable},
+                          lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip) if named else None
     tim["setup_s"] = time.perf_counter() - t0
 
     start, init_nmse, methods = 0, {}, {}
     if resume and mine:
         # optimizer moments only when every saved block is still to train (else training is over)
-        st = load_train_state(state_dir, named, opt if saved[2] == mine_keys else None)
+        moments = saved[2] == mine_keys
+        st = load_train_state(state_dir, named, opt if moments else None)
+        if opt is not None and not moments:
+            opt.reload_model_params()
         start, init_nmse, methods = st["step"], st["extra"]["init_nmse"], st["extra"]["init"]
         if talk:
             log(f"[bld] resumed {len(mine)} block(s) from step {start}")
@@ -205,6 +208,8 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
         for s in students:
             tensors, methods[s.key] = _init_tensors(arch, spec[s.key], parent_tensors, scores)
             s.load_canonical(tensors)
+        if opt is not None:
+            opt.reload_model_params()  # the fp32 master weights start from the init just loaded
         t = time.perf_counter()
         init_nmse = evaluate(teacher, students, heldout, cfg)
         tim["eval_s"] += time.perf_counter() - t
@@ -232,22 +237,14 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
         t1 = time.perf_counter()
         norms = []
         if trainable:
-            set_lr(opt, sched(step))
+            opt.set_lr(sched(step))
             for s in trainable:  # one backward per block: no graph spans two blocks, activations freed early
                 num, den = _nmse_terms(s, tout)
                 loss = num / den
                 loss.backward()
                 window[s.key].append(loss.item())
-            norms = tp_grad_norms(trainable)
-            if cfg.grad_clip > 0:
-                for s, n in zip(trainable, norms):
-                    coef = cfg.grad_clip / (n + 1e-6)
-                    if coef < 1.0:
-                        for p in s.owned.values():
-                            if p.grad is not None:
-                                p.grad.mul_(coef)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            norms = opt.step()  # per block: fp32 main grads, clip on the block's TP-reduced norm, AdamW
+            opt.zero_grad()
         tim["teacher_s"] += t1 - t
         tim["students_s"] += time.perf_counter() - t1
         bar.update(1)
@@ -269,12 +266,12 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     tim["eval_s"] += time.perf_counter() - t
     kept = _keep_best(trainable, final, init_nmse, state_dir, log if talk else None) if cfg.keep_best else {}
     t = time.perf_counter()
-    dtype = next(iter(parent_tensors.values())).dtype  # the library keeps the parent's dtype
+    lib_dtype = next(iter(parent_tensors.values())).dtype  # the library keeps the parent's dtype
     for s in students:
         tensors = s.gather_canonical()  # collective over the TP group: every TP rank calls it
         if not leader:
             continue
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        tensors = {k: v.to(lib_dtype) for k, v in tensors.items()}
         b, trained = spec[s.key], bool(s.owned)
         lib.add_block(s.key, tensors, {
             "init": methods[s.key], "tokens": total * cfg.tokens_per_step if trained else 0,
@@ -282,7 +279,8 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
             "final_nmse": (init_nmse[s.key] if kept.get(s.key) == "init" else final[s.key]) if trained
             else init_nmse[s.key], "trained_nmse": final[s.key] if trained else None,
             "kept": kept.get(s.key, "trained") if trained else None,
-            "params": b.num_params(arch), "bld_signature": signature})
+            "params": b.num_params(arch), "bld_signature": signature,
+            "trained_dtype": str(dtype).replace("torch.", "") if trained else None})
         logger.scalar(f"eval_nmse/{s.key}", final[s.key], total)
         if talk:
             log(f"[bld] {s.key}: nmse {init_nmse[s.key]:.4f} -> {final[s.key]:.4f} ({methods[s.key]})"

@@ -214,7 +214,8 @@ def test_bad_pipeline_parallel_is_one_line(base, tmp_path):
 
 
 def test_layout_settings_keep_the_training_signature():
-    """pipeline_parallel / tensor_parallel never change trained weights; fp8 and keep_best do.
+    """pipeline_parallel / tensor_parallel never change trained weights; fp8, keep_best and a
+    non-fp32 dtype do (dtype float32, auto on CPU, keeps the old signature).
     Libraries trained before keep_best existed (no init fallback) retrain."""
     import hashlib
     import json
@@ -223,14 +224,16 @@ def test_layout_settings_keep_the_training_signature():
 
     c = {k: tuple(v) if isinstance(v, list) else v for k, v in BLD.items()}
     sig = BLDConfig(**c).training_signature()
-    before = {k: v for k, v in section_dict(BLDConfig(**c)).items()  # the fields and exclusions before PP / fp8
+    before = {k: v for k, v in section_dict(BLDConfig(**c)).items()  # the fields before PP / fp8 / dtype
               if k not in ("checkpoint_every", "log_every", "layers", "mode", "coupled_pairs", "tensor_parallel",
-                           "pipeline_parallel", "fp8", "fp8_recipe")}
+                           "pipeline_parallel", "fp8", "fp8_recipe", "dtype")}
     assert sig == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     before.pop("keep_best")
     assert sig != hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert BLDConfig(**c, keep_best=False).training_signature() != sig
     assert BLDConfig(**c, pipeline_parallel=2, tensor_parallel=2).training_signature() == sig
+    assert BLDConfig(**c, dtype="float32").training_signature() == sig
+    assert BLDConfig(**c, dtype="bfloat16").training_signature() != sig
     assert BLDConfig(**c, fp8_recipe="current").training_signature() == sig  # recipe without fp8: unused
     fp8 = BLDConfig(**c, fp8=True).training_signature()
     assert fp8 != sig and fp8 != BLDConfig(**c, fp8=True, fp8_recipe="current").training_signature()

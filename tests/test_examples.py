@@ -62,6 +62,14 @@ def test_llama31_h100_recipes_fit(size):
         assert parent.num_layers % pp == 0
         teacher_per_gpu = 2 * parent.num_params() / (tp * pp)
         assert teacher_per_gpu < 0.25 * H100_BYTES, f"{stage}: bf16 teacher shard {teacher_per_gpu / 1e9:.1f} GB"
+    # BLD's optimizer state per GPU at the DP size the example's comments name (bf16 params with
+    # fp32 master weights: 20 B per trainable param) plus the bf16 teacher shard fits an H100
+    bld_dp = {"8b": 8, "70b": 16}[size]
+    trainable = sum(parent.attention_params(a) for a in attn if a != parent.layers[0].attention) + \
+        sum(parent.ffn_params(f) for f in ffn if f != parent.layers[0].ffn)
+    per_stage = trainable * parent.num_layers // cfg["bld"]["pipeline_parallel"]
+    bld_per_gpu = 20 * per_stage / bld_dp + 2 * parent.num_params() / cfg["bld"]["pipeline_parallel"]
+    assert cfg["bld"]["dtype"] == "auto" and bld_per_gpu < 0.85 * H100_BYTES, f"BLD {bld_per_gpu / 1e9:.1f} GB"
     # the paper's budgets: ~1B BLD tokens per block at 70B (0.5B, the saturation point, at 8B);
     # GKD tens of billions at 70B
     assert cfg["bld"]["tokens_per_block"] == (1_000_000_000 if size == "70b" else 500_000_000)

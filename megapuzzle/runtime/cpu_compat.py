@@ -17,6 +17,12 @@ Megatron-core 0.16 assumes a GPU in a handful of places that the CPU path still 
 4. **`torch.cuda.synchronize()`** after batched p2p ops in the pipeline schedules.
 5. **`weight.data.cuda()`** in `LanguageModule.setup_embeddings_and_output_layer`, reached
    with tied embeddings under PP > 1 (the first/last-stage copies are all-reduced).
+6. **`tensor.type()` string checks** in Megatron's mixed-precision optimizers: the float16 and
+   distributed optimizers sort parameters by `param.type() in ['torch.cuda.BFloat16Tensor', ...]`
+   and grad clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`. A CPU tensor's type()
+   is 'torch.BFloat16Tensor', so on CPU every parameter would be rejected. For the duration of
+   those three calls only, `Tensor.type()` (no arguments) names a CPU tensor as its CUDA
+   counterpart; the dtype checks themselves are kept.
 
 How: for 2-4 we do not patch torch. Each affected Megatron module looks `torch` up in its own
 globals at call time, so we give exactly those modules (`_TORCH_VIEW_MODULES`) a *view* of
@@ -24,21 +30,25 @@ torch in which `torch.cuda.current_device()` is the CPU device, `torch.cuda.sync
 no-op, the CUDA RNG calls act on the CPU generator, and tensor factories map `device="cuda"`
 to the CPU. Everything else is the real torch, looked up live. Code outside those modules
 (ours, the tests, other libraries) keeps seeing the untouched torch, and the list is the
-complete, greppable inventory of what is bridged. 1 and 5 are narrow patches of one Megatron
+complete, greppable inventory of what is bridged. 1, 5 and 6 are narrow patches of one Megatron
 class / method each.
 
 Applied only when `torch.cuda.is_available()` is False (a GPU machine runs Megatron as is),
 idempotent, and safe to call before or after `parallel_state.initialize_model_parallel`.
 
-Not bridged (not needed by megapuzzle's CPU paths): Megatron's DistributedDataParallel,
-optimizer and grad clipping (they allocate CUDA buffers throughout; train with plain torch
-optimizers on CPU), sequence parallelism (needs TE / Apex norms), CUDA graphs, inference
-dynamic batching.
+With these, Megatron's DistributedDataParallel (grad buffers, bucketed reduce-scatter /
+all-reduce over gloo, overlap_grad_reduce), its float16 / fp32 / distributed optimizers (fp32
+main params and grads, Megatron's grad clipping) run on CPU exactly as they are called on GPU,
+which is how BLD's and GKD's GPU training path is tested in CI.
+
+Not bridged (not needed by megapuzzle's CPU paths): sequence parallelism (needs TE / Apex
+norms), CUDA graphs, inference dynamic batching, the optimizer CPU-offload helpers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import types
@@ -61,6 +71,12 @@ _TORCH_VIEW_MODULES: dict[str, str] = {
     "megatron.core.models.gpt.gpt_model": "inference sequence offsets on current_device()",
     "megatron.core.pipeline_parallel.p2p_communication": "recv buffers on current_device(); cuda.synchronize()",
     "megatron.core.pipeline_parallel.schedules": "total_num_tokens created with device='cuda'",
+    "megatron.core.distributed.param_and_grad_buffer": "DDP grad / param buffers on current_device()",
+    "megatron.core.distributed.distributed_data_parallel": "DDP buffer (re)allocation on current_device()",
+    "megatron.core.optimizer.optimizer": "found-inf / unit-scale tensors created with device='cuda'",
+    "megatron.core.optimizer.distrib_optimizer": "param-state gather buffers on current_device()",
+    "megatron.core.optimizer.clip_grads": "grad-norm / overflow tensors created with device='cuda'",
+    "megatron.core.optimizer.grad_scaler": "loss-scale tensors created with device='cuda'",
 }
 
 _CPU = torch.device("cpu")
@@ -236,6 +252,46 @@ def _bridge_tied_embedding_setup() -> None:
     lm.LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+# ----------------------------------------------------------------------------- type() checks
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(t, *args, **kwargs):
+    name = _TENSOR_TYPE(t, *args, **kwargs)
+    if not args and not kwargs and name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name[len("torch."):]  # 'torch.BFloat16Tensor' -> 'torch.cuda.BFloat16Tensor'
+    return name
+
+
+def _with_cuda_type_names(fn):
+    """`fn` with `Tensor.type()` naming CPU tensors as CUDA ones for the duration of the call."""
+    if getattr(fn, "_megapuzzle_cpu", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        saved = torch.Tensor.type
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = saved
+
+    wrapped._megapuzzle_cpu = True
+    return wrapped
+
+
+def _bridge_optimizer_type_checks() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    optimizer.clip_grad_by_total_norm_fp32 = clip  # imported by name into the optimizer module
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def apply_cpu_compat(force: bool = False) -> bool:
@@ -256,6 +312,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
         mod.torch = _TORCH_VIEW
     _bridge_rng(importlib.import_module("megatron.core.tensor_parallel.random"))
     _bridge_tied_embedding_setup()
+    _bridge_optimizer_type_checks()
     _applied = True
     log.debug("megatron-core CPU bridges applied to %d modules", len(_TORCH_VIEW_MODULES))
     return True

@@ -2,7 +2,9 @@
 
     DIR/latest                 name of the newest complete step directory
     DIR/step_00000120/params.safetensors     trainable tensors by name
-    DIR/step_00000120/optim.safetensors      AdamW moments by "<param>/exp_avg" etc.
+    DIR/step_00000120/optim.safetensors      AdamW moments by "<param>/exp_avg" etc. (and
+                                             "<param>/main_param", fp32 master weights of
+                                             bf16 params: train.block_optimizer)
     DIR/step_00000120/state.json             step, tokens, rng states, user extras
 
 A step directory is complete once `latest` names it (written last, atomically), so a kill
@@ -61,7 +63,7 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, named: dict[str, to
 
 
 def save_train_state(ckpt_dir: str | os.PathLike, step: int, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer | None, extra: dict | None = None, keep: int = 2) -> Path:
+                     optimizer, extra: dict | None = None, keep: int = 2) -> Path:
     root = Path(ckpt_dir)
     d = root / f"step_{step:08d}"
     if d.exists():
@@ -69,8 +71,11 @@ def save_train_state(ckpt_dir: str | os.PathLike, step: int, params: dict[str, t
     d.mkdir(parents=True)
     save_safetensors_atomic({k: v.detach() for k, v in params.items()}, d / "params.safetensors")
     if optimizer is not None:
-        names = {p: n for n, p in params.items()}
-        save_safetensors_atomic(optimizer_tensors(optimizer, names), d / "optim.safetensors")
+        if hasattr(optimizer, "state_tensors"):  # keyed by parameter name already (BlockOptimizers)
+            tensors = optimizer.state_tensors()
+        else:
+            tensors = optimizer_tensors(optimizer, {p: n for n, p in params.items()})
+        save_safetensors_atomic(tensors, d / "optim.safetensors")
     atomic_write_json(d / "state.json", {"step": step, "rng": _rng_state(), "extra": extra or {}})
     atomic_write_text(root / "latest", d.name + "\n")  # the commit point
     for old in sorted(root.glob("step_*"))[:-keep]:
@@ -89,8 +94,10 @@ def latest_step_dir(ckpt_dir: str | os.PathLike) -> Path | None:
 
 
 def load_train_state(ckpt_dir: str | os.PathLike, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer | None, restore_rng: bool = True) -> dict | None:
-    """Restore params (in place), optimizer moments and RNG; returns {"step", "extra"} or None."""
+                     optimizer, restore_rng: bool = True) -> dict | None:
+    """Restore params (in place), optimizer moments and RNG; returns {"step", "extra"} or None.
+    `optimizer` (also for save_train_state): a torch optimizer, None, or an object with
+    state_tensors() / load_state_tensors(tensors) keyed by parameter name."""
     from safetensors.torch import load_file
 
     d = latest_step_dir(ckpt_dir)
@@ -105,7 +112,11 @@ def load_train_state(ckpt_dir: str | os.PathLike, params: dict[str, torch.nn.Par
         for k, p in params.items():
             p.copy_(saved[k])
     if optimizer is not None and (d / "optim.safetensors").is_file():
-        load_optimizer_tensors(optimizer, params, load_file(str(d / "optim.safetensors")))
+        tensors = load_file(str(d / "optim.safetensors"))
+        if hasattr(optimizer, "load_state_tensors"):
+            optimizer.load_state_tensors(tensors)
+        else:
+            load_optimizer_tensors(optimizer, params, tensors)
     state = json.loads((d / "state.json").read_text())
     if restore_rng:
         _set_rng_state(state["rng"])
