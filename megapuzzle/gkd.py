@@ -17,15 +17,28 @@ gradient scale independent of the temperature.
 
 Megatron-LM-like training: global batch over DP ranks (and micro-batches), batch = pure function
 of the step, warmup + cosine LR, AdamW (0.9, 0.95), global grad-norm clip over TP shards and PP
-stages, console line + tensorboard (RUN/tb/gkd), resumable state every `checkpoint_every` steps.
-On CPU (the tested loop) a killed run resumes to bitwise the weights of an uninterrupted one.
-Pipeline parallelism (gkd.pipeline_parallel; world = TP x PP x DP) runs the parent forward-only
-and the child's forward + backward through Megatron-core's pipeline schedules, each stage
-comparing its own layers (megapuzzle/gkd_pipeline.py); logged losses sum the stages. On CUDA the
-child trains under Megatron-core's DistributedDataParallel + distributed optimizer (bf16 params,
-fp32 main params / grads) with dist-checkpoints; `fp8: true` (TransformerEngine) fails at start
-where it cannot run. Writes RUN/gkd/checkpoint (tokenizer from RUN/child) and
-RUN/gkd/result.json (held-out KL / LM loss / cosine before and after, the loss curve).
+stages, console line + tensorboard (RUN/tb/gkd), resumable state every `checkpoint_every` steps
+(a killed run resumes to bitwise the weights of an uninterrupted one). Pipeline parallelism
+(gkd.pipeline_parallel; world = TP x PP x DP) runs the parent forward-only and the child's
+forward + backward through Megatron-core's pipeline schedules, each stage comparing its own
+layers (megapuzzle/gkd_pipeline.py); logged losses sum the stages.
+
+What runs where (gkd.optimizer; the trainers are in megapuzzle/gkd_trainers.py):
+
+- "megatron" (the default on CUDA): Megatron-core DistributedDataParallel + the distributed
+  optimizer (fp32 grad buffers, fp32 main params sharded over DP, Megatron's grad clip), as
+  Megatron-LM trains; state in Megatron dist-checkpoints (RUN/gkd/train_state/dist, pickled
+  metadata). Also runs on CPU over gloo (megapuzzle.runtime.cpu_compat).
+- "local" (the default on CPU): torch AdamW on every rank, DP all-reduce and TP / PP-aware clip
+  by hand; state in safetensors per rank (train_state/rankNNN, no pickles). Selectable on CUDA.
+
+Both give the same losses and weights (within 1e-6 at DP = 2) and resume bitwise, as tested on
+CPU (tests/test_gkd_megatron.py); on a GPU only the end-to-end GPU tier runs GKD (megatron).
+dtype auto = bf16 on CUDA, fp32 on CPU; bfloat16 also runs on CPU (emulated GEMMs: slow), the
+Megatron trainer with fp32 main params, the local one updating the bf16 params directly.
+`fp8: true` (TransformerEngine) fails at start where it cannot run. Writes RUN/gkd/checkpoint
+(tokenizer from RUN/child) and RUN/gkd/result.json (held-out KL / LM loss / cosine before and
+after, the loss curve, the trainer).
 """
 
 from __future__ import annotations
@@ -44,9 +57,10 @@ import torch
 import torch.distributed as dist
 
 from megapuzzle.config import RunDir, load_config, section, section_dict
-from megapuzzle.train.distill import all_reduce_if, distill_terms, tp_group_rank_size
+from megapuzzle.train.distill import distill_terms
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, atomic_write_text, weights_fingerprint
+from megapuzzle.fileio import atomic_write_json, weights_fingerprint
+from megapuzzle.gkd_trainers import TRAINERS, legacy_trainer, make_trainer, resolve_trainer, resume_point
 
 DEFAULT_STEPS = 200
 TERMS = ("loss", "cosine", "kl", "lm")
@@ -102,13 +116,25 @@ class GKDConfig:
     threads: int | None = None
     """torch CPU threads (None: torch's choice)."""
     dtype: str = "auto"
-    """Parameter dtype: auto (bf16 on a GPU, fp32 on CPU), float32 or bfloat16."""
+    """Parameter dtype: auto (bf16 on a GPU, fp32 on CPU), float32 or bfloat16 (also on CPU; the
+    megatron trainer then keeps fp32 main params, the local one updates the bf16 params)."""
     fp8: bool = False
     """FP8 GEMMs for the child via TransformerEngine (GPU only; fails at start elsewhere)."""
     fp8_recipe: str = "delayed"
     """With fp8: "delayed" (delayed scaling) or "current" (per-tensor current scaling)."""
+    optimizer: str = "auto"
+    """Trainer: "megatron" = Megatron-core DistributedDataParallel + distributed optimizer (fp32 main
+    params and grads, Megatron's clip; state in Megatron dist-checkpoints, whose metadata is
+    pickled); "local" = torch AdamW on every rank with a DP all-reduce (state in safetensors, no
+    pickles); either on CUDA or CPU. "auto" = megatron on CUDA, local on CPU."""
+    overlap_grad_reduce: bool = True
+    """Megatron trainer: start each grad bucket's DP reduce-scatter as soon as its grads are ready,
+    overlapping the rest of the backward (Megatron-LM's --overlap-grad-reduce); the sums are the
+    same, so it is not part of the training signature."""
 
     def __post_init__(self):
+        if not isinstance(self.overlap_grad_reduce, bool):
+            raise UserError(f"gkd.overlap_grad_reduce must be true or false, got {self.overlap_grad_reduce!r}")
         if self.fp8_recipe not in ("delayed", "current"):
             raise UserError(f"gkd.fp8_recipe must be delayed or current, got {self.fp8_recipe!r}")
         for f in ("lr", "min_lr", "warmup_fraction", "weight_decay", "grad_clip", "cosine_weight", "kl_weight",
@@ -140,6 +166,8 @@ class GKDConfig:
                             f"{self.micro_batch_size}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"gkd.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
+        if self.optimizer not in TRAINERS:
+            raise UserError(f"gkd.optimizer {self.optimizer!r} unknown; use auto, megatron or local")
 
     @property
     def tokens_per_step(self) -> int:
@@ -199,181 +227,14 @@ def heldout_metrics(acc: torch.Tensor, cfg: GKDConfig) -> dict[str, float]:
     return out
 
 
-# ----------------------------------------------------------------------------- optimizer + state
-
-def tp_grad_norm(params) -> float:
-    """Global grad L2 norm as Megatron computes it: TP-split grads summed over the TP group,
-    replicated ones (norms) counted once (on TP rank 0); under PP summed over the stages, the
-    last stage's copy of a tied embedding (`shared`) left out."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    group, _, _ = tp_group_rank_size()
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False):
-            sq = sq + p.grad.detach().double().pow(2).sum().cpu()
-    if group is not None:
-        dev = next(iter(params)).device
-        sq = all_reduce_if(sq.to(dev), group).cpu()
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        sq = all_reduce_if(sq.to(next(iter(params)).device), ps.get_pipeline_model_parallel_group()).cpu()
-    return math.sqrt(sq.item())
-
-
-class LocalTrainer:
-    """The tested loop (CPU): torch AdamW on every rank, DP gradient all-reduce, TP-aware
-    clip; resumable state in safetensors (megapuzzle.train.state), bitwise on resume."""
-
-    def __init__(self, model, cfg: GKDConfig, info, state_dir: Path):
-        from megapuzzle.train_parent import _param_groups
-
-        self.model, self.cfg, self.info, self.state_dir = model, cfg, info, state_dir
-        self.params = dict(model.named_parameters())
-        self.opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-
-    def step(self, lr: float) -> float:
-        from megatron.core import parallel_state as ps
-        from megapuzzle.train.schedule import set_lr
-
-        if self.info.pp_size > 1:
-            from megapuzzle.gkd_pipeline import allreduce_tied_embedding_grads
-
-            allreduce_tied_embedding_grads(self.model)
-        if self.info.dp_size > 1:
-            group = ps.get_data_parallel_group()
-            for p in self.params.values():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=group)
-                    p.grad /= self.info.dp_size
-        norm = tp_grad_norm(self.params.values())
-        if self.cfg.grad_clip > 0:
-            coef = self.cfg.grad_clip / (norm + 1e-6)
-            if coef < 1.0:
-                for p in self.params.values():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-        set_lr(self.opt, lr)
-        self.opt.step()
-        return norm
-
-    def save(self, step: int, extra: dict) -> None:
-        from megapuzzle.train.state import save_train_state
-
-        save_train_state(self.state_dir, step, self.params, self.opt, extra)
-
-    def load(self) -> dict | None:
-        from megapuzzle.train.state import load_train_state
-
-        return load_train_state(self.state_dir, self.params, self.opt)
-
-
-class MegatronTrainer:
-    """CUDA: Megatron-core DistributedDataParallel (fp32 grad buffers, reduce-scatter) + the
-    distributed optimizer (fp32 main params sharded over DP, Megatron's grad clip), as
-    Megatron-LM trains; state in Megatron dist-checkpoints (one per step, `latest` file)."""
-
-    def __init__(self, module, cfg: GKDConfig, info, state_dir: Path):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        self.module, self.cfg, self.info, self.state_dir = module, cfg, info, state_dir
-        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=True)
-        self.model = DistributedDataParallel(config=module.config, ddp_config=ddp, module=module)
-        dtype = module.config.params_dtype
-        oc = OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=cfg.grad_clip,
-                             bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=True)
-        self.opt = get_megatron_optimizer(oc, [self.model])
-
-    def zero_grad(self) -> None:
-        self.model.zero_grad_buffer()
-        self.opt.zero_grad()
-
-    def step(self, lr: float) -> float:
-        if self.info.pp_size > 1:  # + the tied embedding's grads over the first / last stage
-            from megatron.core.distributed import finalize_model_grads
-
-            finalize_model_grads([self.model])
-        else:
-            self.model.finish_grad_sync()  # DP reduce-scatter of the grad buffers (averaged over DP)
-        for g in self.opt.param_groups:  # as Megatron-LM's OptimizerParamScheduler: norms get wd_mult 0
-            g["lr"] = lr * g.get("lr_mult", 1.0)
-            g["weight_decay"] = self.cfg.weight_decay * g.get("wd_mult", 1.0)
-        ok, norm, _ = self.opt.step()
-        return float(norm) if ok and norm is not None else float("nan")  # Megatron-LM: skipped iteration
-
-    def save(self, step: int, extra: dict) -> None:
-        from megatron.core import dist_checkpointing
-
-        d = self.state_dir / f"step_{step:08d}"
-        if self.info.rank == 0:
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-        dist.barrier()
-        msd = self.module.sharded_state_dict()
-        dist_checkpointing.save({"model": msd, "optimizer": self.opt.sharded_state_dict(msd)}, str(d))
-        dist.barrier()
-        if self.info.rank == 0:
-            atomic_write_json(d / "state.json", {"step": step, "extra": extra})
-            atomic_write_text(self.state_dir / "latest", d.name + "\n")  # the commit point
-            for old in sorted(self.state_dir.glob("step_*"))[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
-    def load(self) -> dict | None:
-        from megatron.core import dist_checkpointing
-        from megapuzzle.train.state import latest_step_dir
-
-        d = latest_step_dir(self.state_dir)
-        if d is None:
-            return None
-        msd = self.module.sharded_state_dict()
-        loaded = dist_checkpointing.load({"model": msd, "optimizer": self.opt.sharded_state_dict(msd, is_loading=True)},
-                                         str(d))
-        self.module.load_state_dict(loaded["model"])
-        self.opt.load_state_dict(loaded["optimizer"])
-        st = json.loads((d / "state.json").read_text())
-        return {"step": st["step"], "extra": st.get("extra", {})}
-
-
-def _resume_point(state_dir: Path, info, sig: str, log) -> None:
-    """Make every rank resume from the newest step ALL ranks saved completely (a kill during a
-    save can leave the per-rank CPU states one checkpoint apart; each keeps two) by repointing
-    `latest`; start over when the ranks share none or the state was written for other inputs
-    (as BLD does). Collective on the CPU path, so every rank reaches the same verdict."""
-    from megapuzzle.train.state import latest_step_dir
-
-    cur, cuda = latest_step_dir(state_dir), torch.cuda.is_available()
-    saved = json.loads((cur / "state.json").read_text()).get("extra", {}).get("signature") if cur else None
-    mine = sorted(int(p.name[5:]) for p in state_dir.glob("step_*") if (p / "state.json").is_file()) if cur else []
-    every = [(mine, saved)]
-    if info.world_size > 1 and not cuda:  # one state dir per rank; on CUDA all ranks share one
-        every = [None] * info.world_size
-        dist.all_gather_object(every, (mine, saved))
-    common = set(mine).intersection(*(set(m) for m, _ in every))
-    if any(s not in (None, sig) for _, s in every):
-        log(f"[gkd] {state_dir.parent} was written for another config / child / world size; starting over")
-        common = set()
-    if not common:
-        if not cuda or info.rank == 0:
-            shutil.rmtree(state_dir, ignore_errors=True)
-    elif cur.name != f"step_{max(common):08d}" and (not cuda or info.rank == 0):
-        atomic_write_text(state_dir / "latest", f"step_{max(common):08d}\n")
-    if cuda and info.world_size > 1:
-        dist.barrier()  # rank 0 decided for the shared state dir
-
-
 # ----------------------------------------------------------------------------- the stage
 
-def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path) -> str:
+def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer: str) -> str:
     """Everything that changes the trained weights (not logging / checkpoint cadence / eval)."""
     d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
-                                                                 "threads")}
+                                                                 "threads", "optimizer", "overlap_grad_reduce")}
+    if trainer != legacy_trainer():  # the resolved trainer; as before gkd.optimizer existed where it is
+        d["trainer"] = trainer       # the one this machine always used (local on CPU, megatron on CUDA)
     if info.pp_size == 1:  # as before PP existed: earlier PP = 1 results stay valid
         d.pop("pipeline_parallel", None)
     if not cfg.fp8:  # likewise for the recipe, which only matters with fp8
@@ -425,7 +286,8 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
     micro = min(cfg.micro_batch_size or local_batch, local_batch)
     if local_batch % micro:
         raise UserError(f"the per-rank batch {local_batch} is not a multiple of gkd.micro_batch_size {micro}")
-    sig = _signature(cfg, info, parent_dir, run.child)
+    trainer_name = resolve_trainer(cfg.optimizer)
+    sig = _signature(cfg, info, parent_dir, run.child, trainer_name)
     result_file = run.gkd / "result.json"
     if result_file.is_file():
         res = json.loads(result_file.read_text())
@@ -437,9 +299,9 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
         # `megapuzzle run` expects; the old checkpoint and result are replaced when it finishes.
         if main:
             log(f"[gkd] {run.gkd} holds a distillation of another config / child; distilling again")
-    cuda = torch.cuda.is_available()
-    state_dir = run.gkd / "train_state" / ("dist" if cuda else f"rank{info.rank:03d}")
-    _resume_point(state_dir, info, sig, log if main else (lambda *a: None))
+    shared = trainer_name == "megatron"  # one dist-checkpoint dir for all ranks, else one dir per rank
+    state_dir = run.gkd / "train_state" / ("dist" if shared else f"rank{info.rank:03d}")
+    resume_point(state_dir, info, sig, log if main else (lambda *a: None), shared)
 
     dtype = resolve_dtype(cfg.dtype)
     parent_arch, tensors, _ = load_checkpoint(parent_dir)
@@ -464,8 +326,8 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
     load_canonical_into_model(child, child_tensors, child_arch)
     del tensors, child_tensors
     child.train()
-    trainer = (MegatronTrainer if cuda else LocalTrainer)(child, cfg, info, state_dir)
-    model = getattr(trainer, "model", child)  # the DDP wrapper on CUDA
+    trainer = make_trainer(trainer_name, child, cfg, info, state_dir)
+    model = trainer.model  # Megatron's DDP wrapper with the megatron trainer, else the child itself
     if info.pp_size > 1:
         from megapuzzle import gkd_pipeline
 
@@ -510,10 +372,11 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
         if info.pp_size > 1:  # Megatron's 1F1B schedule; each stage adds its share to the window
             gkd_pipeline.train_microbatches(model, parent, batch.to(dev), micro, cfg, w, window, nt)
         else:
-            for mb in batch.to(dev).split(micro):
+            for j, mb in enumerate(batch.to(dev).split(micro)):
                 terms = distill_terms(model, parent, mb[:, :-1], mb[:, 1:], cfg.temperature)
                 m = _combine(terms, w)
-                (m["loss"] / n_micro).backward()
+                with trainer.no_sync(last=j == n_micro - 1):  # grad reduce only with the last micro-batch
+                    (m["loss"] / n_micro).backward()
                 window[:nt] += torch.stack([m[k].detach() for k in TERMS]).double() / n_micro
                 window[nt + 1:] += terms["cosine"].detach().mean(dim=(1, 2)).double() / n_micro
         window[nt] += trainer.step(sched(step))
@@ -560,6 +423,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
         result = {
             "config": section_dict(cfg), "signature": sig, "steps": total, "tokens": total * cfg.tokens_per_step,
             "world": {"tp": info.tp_size, "dp": info.dp_size, **({"pp": info.pp_size} if info.pp_size > 1 else {})},
+            "trainer": trainer_name,
             "parent": str(parent_dir), "child": str(run.child),
             "checkpoint": str(out), "child_params": child_arch.num_params(), "parent_params": parent_arch.num_params(),
             "initial": initial, "final": final, "history": history, "resumed_from_step": start,
@@ -571,7 +435,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
             f"{final['parent_lm_loss']:.4f}); {time.perf_counter() - t_start:.0f}s -> {out}")
     if info.world_size > 1:
         dist.barrier()  # result.json exists before any rank drops its state
-    if not cuda or main:
+    if not shared or main:
         shutil.rmtree(state_dir, ignore_errors=True)  # the final checkpoint holds the weights
     return result
 
@@ -583,13 +447,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, help="override gkd.tensor_parallel")
     p.add_argument("--pp", type=int, help="override gkd.pipeline_parallel")
     p.add_argument("--threads", type=int, help="override gkd.threads")
+    p.add_argument("--optimizer", choices=TRAINERS,
+                   help="override gkd.optimizer (auto: megatron on CUDA, local on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = section(load_config(args.config) if args.config else {}, "gkd", GKDConfig)
     over = {k: v for k, v in (("steps", args.steps), ("tensor_parallel", args.tp), ("pipeline_parallel", args.pp),
-                              ("threads", args.threads)) if v is not None}
+                              ("threads", args.threads), ("optimizer", args.optimizer)) if v is not None}
     if "steps" in over:
         over["tokens"] = None
     if over:

@@ -18,7 +18,7 @@ the global batch, in micro-batches):
 The reported terms are per-stage partial sums (zeros for the layers / logits a stage lacks),
 summed over the pipeline group at log time, so they are the PP = 1 numbers. Gradients of the
 tied embedding (first and last stage copies) are all-reduced over Megatron's embedding group and
-the grad norm runs over all stages (`megapuzzle.gkd.tp_grad_norm`), as `finalize_model_grads`
+the grad norm runs over all stages (`megapuzzle.gkd_trainers.tp_grad_norm`), as `finalize_model_grads`
 and Megatron's clip do.
 """
 

@@ -38,8 +38,8 @@ idempotent, and safe to call before or after `parallel_state.initialize_model_pa
 
 With these, Megatron's DistributedDataParallel (grad buffers, bucketed reduce-scatter /
 all-reduce over gloo, overlap_grad_reduce), its float16 / fp32 / distributed optimizers (fp32
-main params and grads, Megatron's grad clipping) run on CPU exactly as they are called on GPU,
-which is how BLD's and GKD's GPU training path is tested in CI.
+main params and grads, Megatron's grad clipping) and dist-checkpoint saves run on CPU exactly as
+they are called on GPU, which is how BLD's and GKD's GPU training path is tested in CI.
 
 Not bridged (not needed by megapuzzle's CPU paths): sequence parallelism (needs TE / Apex
 norms), CUDA graphs, inference dynamic batching, the optimizer CPU-offload helpers.
@@ -77,6 +77,8 @@ _TORCH_VIEW_MODULES: dict[str, str] = {
     "megatron.core.optimizer.distrib_optimizer": "param-state gather buffers on current_device()",
     "megatron.core.optimizer.clip_grads": "grad-norm / overflow tensors created with device='cuda'",
     "megatron.core.optimizer.grad_scaler": "loss-scale tensors created with device='cuda'",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "preload_tensors: torch.cuda.synchronize()",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "status flags on current_device() / 'cuda'",
 }
 
 _CPU = torch.device("cpu")
