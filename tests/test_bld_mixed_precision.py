@@ -9,38 +9,26 @@ a kill + resume in bf16 (master weights restored from the checkpoint) is bitwise
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_run
+import test_bld
+from _dist import run_distributed
 from megapuzzle.bld import BLDConfig, run_bld
 from megapuzzle.config import load_config
 from megapuzzle.library import BlockLibrary
 from megapuzzle.runtime import destroy_distributed, init_distributed
+from test_bld import _bld_worker, _lib_tensors, fresh
+
+base = test_bld.base  # its fixture: RUN with the debug parent and data, built again for this module
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bld_debug.yaml"
 CFG = load_config(EXAMPLE)
 BF16 = {"search_space": CFG["search_space"], "bld": {**CFG["bld"], "dtype": "bfloat16"}}
 QUIET = dict(log=lambda *a: None, progress=False)
-
-
-@pytest.fixture(scope="module")
-def base(debug_parent, tmp_path_factory):
-    torch.set_num_threads(1)
-    run = make_run(debug_parent, tmp_path_factory.mktemp("base") / "run")
-    yield run
-    destroy_distributed()
-
-
-def fresh(base: Path, tmp: Path) -> Path:
-    run = tmp / "run"
-    shutil.copytree(base / "parent", run / "parent")
-    shutil.copytree(base / "data", run / "data")
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -162,30 +150,21 @@ def test_bf16_kill_and_resume_is_bitwise_equal(fp32_and_bf16, base, tmp_path):
     assert masters.keys() == params.keys() and all(t.dtype == torch.float32 for t in masters.values())
     assert any(not torch.equal(masters[k].bfloat16().float(), masters[k]) for k in masters)  # not bf16-rounded
     assert run_bld(run, BF16, **QUIET)["resumed_from"] == 3
-    a, b = BlockLibrary(r16 / "library"), BlockLibrary(run / "library")
-    assert a.entries().keys() == b.entries().keys()
-    for k in a.entries():
-        ta, tb = a.load_block(k), b.load_block(k)
-        assert all(torch.equal(ta[n], tb[n]) for n in ta), k
-    assert {k: v["final_nmse"] for k, v in a.entries().items()} == {k: v["final_nmse"] for k, v in b.entries().items()}
+    _assert_same_library(r16, run)
 
 
-def _pp_worker(info, run: str, c: dict):
-    torch.set_num_threads(1)
-    return run_bld(run, c, log=lambda *a: None, progress=False)
+def _assert_same_library(run_a: Path, run_b: Path) -> None:
+    a, b = _lib_tensors(run_a), _lib_tensors(run_b)
+    assert a.keys() == b.keys() and all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+    ea, eb = BlockLibrary(run_a / "library").entries(), BlockLibrary(run_b / "library").entries()
+    assert {k: v["final_nmse"] for k, v in ea.items()} == {k: v["final_nmse"] for k, v in eb.items()}
 
 
 def test_bf16_pp2_gives_the_one_process_bf16_library(fp32_and_bf16, base, tmp_path):
     """PP=2 relays the bf16 boundary state: the library equals the one-process bf16 run bitwise."""
-    from _dist import run_distributed
-
     _, r16 = fp32_and_bf16
     run = fresh(base, tmp_path)
     c = {**BF16, "bld": {**BF16["bld"], "pipeline_parallel": 2}}
-    res = run_distributed(_pp_worker, world=2, pp=2, args=(str(run), c))
+    res = run_distributed(_bld_worker, world=2, pp=2, args=(str(run), c))
     assert res[0]["trained"] and res[1]["trained"]
-    a, b = BlockLibrary(r16 / "library"), BlockLibrary(run / "library")
-    assert a.entries().keys() == b.entries().keys()
-    for k in a.entries():
-        ta, tb = a.load_block(k), b.load_block(k)
-        assert all(torch.equal(ta[n], tb[n]) for n in ta), k
+    _assert_same_library(r16, run)
