@@ -1,5 +1,6 @@
 """A tiny end-to-end run on one GPU: train the debug parent, BLD, score, measure (GPU wall
-clock), MIP, realize, GKD (Megatron DDP + distributed optimizer, bf16), evaluate; BLD blocks
+clock), MIP, realize, GKD (Megatron DDP + distributed optimizer, bf16, overlapped grad reduce),
+evaluate; BLD blocks (bf16 under Megatron's mixed-precision optimizer: `bld.dtype` auto)
 improve on their init and GKD lowers the held-out KL."""
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def test_debug_pipeline_on_one_gpu(tmp_path):
     blocks = json.loads((run / "library" / "index.json").read_text())["blocks"]
     trained = [b for b in blocks.values() if b["tokens"] > 0]
     assert trained and all(b["final_nmse"] <= b["init_nmse"] for b in trained)
+    assert {b["trained_dtype"] for b in trained} == {"bfloat16"}  # auto on a GPU
     gkd = json.loads((run / "gkd" / "result.json").read_text())
-    assert gkd["final"]["kl"] < gkd["initial"]["kl"]
+    assert gkd["final"]["kl"] < gkd["initial"]["kl"] and gkd["trainer"] == "megatron"
     costs = json.loads((run / "costs.json").read_text())
     assert costs["device"].startswith("NVIDIA") and costs["precision"] == "bf16"
     ev = json.loads((run / "eval.json").read_text())
