@@ -2,8 +2,9 @@
 rank's student blocks, initialise them from the parent (FFN channel calibration for pruned
 MLPs), measure the init NMSE, train every block in lockstep on the same global batches
 (one teacher forward per batch, one backward per block, a Megatron mixed-precision AdamW per
-block: fp32 master weights for bf16 params, per-block gradient clipping; cosine schedule), checkpoint every `checkpoint_every` steps, measure the final NMSE and write
-the blocks to the library.
+block: fp32 master weights for bf16 params, per-block gradient clipping; cosine schedule),
+checkpoint every `checkpoint_every` steps, measure the final NMSE and write the blocks to the
+library.
 
 Resume: a rank restarts from its last checkpoint when the checkpoint belongs to the same plan
 (signature + planned keys). TP ranks (and with PP > 1 every rank of the pipeline,

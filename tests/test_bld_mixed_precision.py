@@ -94,9 +94,9 @@ def test_clipping_is_per_block(world1):
                               grad_clip=1.0)
         grads = {"small": torch.tensor([0.25, 0.5]), "huge": torch.tensor([300.0, -400.0])}
         norms = []
-        for _ in range(3):
-            for k, p in params.items():
-                p.grad = grads[k].bfloat16()
+        for step in range(3):  # the huge norm grows (500, 1000, 1500): a joint clip would rescale
+            for k, p in params.items():  # the small block's grads by a varying factor, which AdamW feels
+                p.grad = (grads[k] * (step + 1 if k == "huge" else 1)).bfloat16()
             norms.append(opt.step())
             opt.zero_grad()
         return {k: p.detach() for k, p in params.items()}, norms
@@ -104,7 +104,8 @@ def test_clipping_is_per_block(world1):
     both, norms = run({"small": [1.0, 2.0], "huge": [1.0, 2.0]})
     alone, _ = run({"small": [1.0, 2.0]})
     assert torch.equal(both["small"], alone["small"])
-    assert norms[0] == pytest.approx([0.5590169943749475, 500.0], rel=1e-6)  # before clipping, each its own
+    assert [n[1] for n in norms] == pytest.approx([500.0, 1000.0, 1500.0], rel=1e-6)  # each block its own norm
+    assert all(n[0] == pytest.approx(0.5590169943749475, rel=1e-6) for n in norms)
 
 
 # ----------------------------------------------------------------------------- BLD in bf16

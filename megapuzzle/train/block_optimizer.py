@@ -4,7 +4,7 @@ Every block is its own training problem (Puzzle's blockwise local distillation),
 its own `MegatronOptimizer`: gradient-norm clipping never couples two blocks, and a block trains
 the same whether a rank holds it alone or with others. Which one, by parameter dtype:
 
-  bf16 / fp16 params -> `Float16OptimizerWithFloat16Params`: fp32 main (master) params, the
+  bf16 params        -> `Float16OptimizerWithFloat16Params`: fp32 main (master) params, the
                         bf16 grads copied to fp32 main grads, AdamW and clipping on those, the
                         result copied back into the bf16 params (what Megatron-LM does with
                         --bf16 and no distributed optimizer);
@@ -35,27 +35,26 @@ def _megatron_config(clip: float, dtype: torch.dtype, lr: float):
     from megatron.core.optimizer import OptimizerConfig
 
     return OptimizerConfig(optimizer="adam", lr=lr, clip_grad=clip, bf16=dtype == torch.bfloat16,
-                           fp16=dtype == torch.float16, params_dtype=dtype, adam_beta1=0.9, adam_beta2=0.95,
-                           adam_eps=1e-8)
+                           params_dtype=dtype, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
 
 
 class BlockOptimizers:
     """A Megatron mixed-precision AdamW per block, stepped together.
 
     `blocks`: block key -> {parameter name: parameter}; names are unique over all blocks
-    (train.state keys). `grad_stats_group`: the group a block's gradient norm is summed over
-    (the TP group; None = this process alone)."""
+    (train.state keys). Parameters are fp32 or bf16 (fp16 would need a loss scaler)."""
 
     def __init__(self, blocks: Mapping[str, Mapping[str, torch.nn.Parameter]], *, lr: float, weight_decay: float,
-                 grad_clip: float, grad_stats_group=None):
+                 grad_clip: float):
+        from megatron.core import parallel_state as ps
         from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
 
         self.optimizers: dict[str, object] = {}
         self.names: dict[str, dict[str, torch.nn.Parameter]] = {k: dict(v) for k, v in blocks.items()}
         for key, named in self.names.items():
             dtypes = {p.dtype for p in named.values()}
-            if len(dtypes) != 1:
-                raise ValueError(f"block {key} mixes parameter dtypes {sorted(map(str, dtypes))}")
+            if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16}:
+                raise ValueError(f"block {key}: parameter dtypes {sorted(map(str, dtypes))}; need one of fp32, bf16")
             dtype = dtypes.pop()
             decay = [p for p in named.values() if p.ndim >= 2]
             no_decay = [p for p in named.values() if p.ndim < 2]
@@ -63,18 +62,13 @@ class BlockOptimizers:
                                   {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
             inner = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
             config = _megatron_config(grad_clip, dtype, lr)
-            if dtype in (torch.bfloat16, torch.float16):
-                if dtype == torch.float16:
-                    raise ValueError("fp16 BLD would need a loss scaler; use bfloat16")
+            if dtype == torch.bfloat16:  # no loss scaler: bf16 has fp32's exponent range
                 opt = Float16OptimizerWithFloat16Params(inner, config, None, lambda o: None)
             else:
                 opt = FP32Optimizer(inner, config, lambda o: None)
-            if grad_stats_group is not None:
-                opt.grad_stats_parallel_group = grad_stats_group
-            else:
-                from megatron.core import parallel_state as ps
-
-                opt.grad_stats_parallel_group = ps.get_tensor_model_parallel_group()
+            # the norm of a block's TP shards (Megatron's default, the model-parallel group, would
+            # also sum other pipeline stages' blocks)
+            opt.grad_stats_parallel_group = ps.get_tensor_model_parallel_group()
             self.optimizers[key] = opt
 
     def set_lr(self, lr: float) -> None:
