@@ -218,7 +218,7 @@ def block_influence(run: RunDir, parent_arch: Architecture, parent_tensors: dict
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.forward import forward_hidden_states
 
-    model = _parent_model(parent_arch, {k: v.float() for k, v in parent_tensors.items()})
+    model = _parent_model(parent_arch, parent_tensors)  # fp32 model: each tensor is cast as it is loaded
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
     L = parent_arch.num_layers
     sums, tokens = torch.zeros(L, dtype=torch.float64), 0
@@ -323,7 +323,7 @@ def init_child_tensors(run: RunDir, parent_arch: Architecture, parent_tensors: d
 
     prune = {l for l, la in enumerate(layers) if la.ffn.kind == "mlp" and la.ffn != parent_arch.layers[l].ffn}
     scores = ffn_channel_scores(run, parent_arch, parent_tensors, prune, bld_cfg) if prune else {}
-    out = {k: v for k, v in parent_tensors.items() if not k.startswith("model.layers.")}
+    out = {k: parent_tensors[k] for k in parent_tensors if not k.startswith("model.layers.")}
     for l, la in enumerate(layers):
         local, own = local_layer_tensors(parent_tensors, l), parent_arch.layers[l]
         try:
@@ -375,8 +375,13 @@ def prepare_child_dir(base: RunDir, out: Path) -> RunDir:
 
 
 def _fingerprint(base: RunDir) -> dict[str, str]:
-    return {n: sha256_file(base.root / n) for n in ("scores.json", "costs.json", "library/index.json",
-                                                     "parent/arch.json", "parent/model.safetensors")}
+    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint
+
+    out = {n: sha256_file(base.root / n) for n in ("scores.json", "costs.json", "library/index.json",
+                                                    "parent/arch.json")}
+    # key kept from single-file days; the value is the sha256 of model.safetensors for those (< 4 GB)
+    out["parent/model.safetensors"] = checkpoint_fingerprint(base.parent)
+    return out
 
 
 def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: float, *, seed: int = 0,

@@ -24,6 +24,7 @@ import torch
 
 from megapuzzle.arch import Architecture
 from megapuzzle.bld import BLDConfig, BlockSpec, _tensor_sig
+from megapuzzle.checkpoints.canonical import first_dtype
 from megapuzzle.config import RunDir
 from megapuzzle.fileio import save_safetensors_atomic
 from megapuzzle.library import BlockLibrary
@@ -267,7 +268,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     tim["eval_s"] += time.perf_counter() - t
     kept = _keep_best(trainable, final, init_nmse, state_dir, log if talk else None) if cfg.keep_best else {}
     t = time.perf_counter()
-    lib_dtype = next(iter(parent_tensors.values())).dtype  # the library keeps the parent's dtype
+    lib_dtype = first_dtype(parent_tensors)  # the library keeps the parent's dtype
     for s in students:
         tensors = s.gather_canonical()  # collective over the TP group: every TP rank calls it
         if not leader:

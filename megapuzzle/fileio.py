@@ -63,11 +63,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors.torch.save_file, atomically (tensors made contiguous, CPU)."""
-    from safetensors.torch import save
+    """safetensors.torch.save_file, atomically (tensors made contiguous, CPU). Written straight to
+    the temp file, not through one bytes object: a 5 GB shard must not cost 10 GB to save."""
+    from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -56,10 +56,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, first_dtype
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.train.distill import distill_terms
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, weights_fingerprint
+from megapuzzle.fileio import atomic_write_json
 from megapuzzle.gkd_trainers import TRAINERS, legacy_trainer, make_trainer, resolve_trainer, resume_point
 
 DEFAULT_STEPS = 200
@@ -240,8 +241,8 @@ def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer:
     if not cfg.fp8:  # likewise for the recipe, which only matters with fp8
         d.pop("fp8_recipe", None)
     world = [info.tp_size, info.dp_size] if info.pp_size == 1 else [info.tp_size, info.pp_size, info.dp_size]
-    d.update(world=world, parent=weights_fingerprint(parent_dir / "model.safetensors"),
-             child=weights_fingerprint(child_dir / "model.safetensors"), child_arch=(child_dir / "arch.json").read_text())
+    d.update(world=world, parent=checkpoint_fingerprint(parent_dir),
+             child=checkpoint_fingerprint(child_dir), child_arch=(child_dir / "arch.json").read_text())
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -312,7 +313,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
                             f"GKD compares layer i with layer i, so realize the child from this parent")
     if child_arch.num_layers < info.pp_size:
         raise UserError(f"gkd.pipeline_parallel {info.pp_size} exceeds the {child_arch.num_layers} layers")
-    ckpt_dtype = next(iter(child_tensors.values())).dtype
+    ckpt_dtype = first_dtype(child_tensors)
     opts = ModelOptions(perform_initialization=False)  # every weight is loaded right after
     # The teacher stays in bf16/fp32 even with fp8: its targets should be as exact as possible.
     parent = build_gpt_model(parent_arch, params_dtype=dtype, options=opts)

@@ -25,7 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,25 +197,39 @@ class BlockLibrary:
     def assemble(self, parent_arch: Architecture, parent_tensors: Mapping[str, torch.Tensor],
                  choices: list[LayerArch]) -> tuple[Architecture, dict[str, torch.Tensor]]:
         """A realized child: the parent's embeddings / final norm / head plus the chosen blocks."""
+        arch = self.child_arch(parent_arch, choices)
+        return arch, dict(self.iter_assembled(parent_arch, parent_tensors, choices))
+
+    def child_arch(self, parent_arch: Architecture, choices: list[LayerArch]) -> Architecture:
         if len(choices) != parent_arch.num_layers:
             raise LibraryError(f"{len(choices)} layer choices for a {parent_arch.num_layers}-layer parent; "
                                f"give exactly one LayerArch per layer")
-        arch = parent_arch.with_layers(choices)
-        want = expected_canonical_shapes(arch)
-        out: dict[str, torch.Tensor] = {}
+        return parent_arch.with_layers(choices)
+
+    def iter_assembled(self, parent_arch: Architecture, parent_tensors: Mapping[str, torch.Tensor],
+                       choices: list[LayerArch]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The child's (name, tensor) pairs in canonical file order, one layer's blocks loaded at
+        a time (realize streams them into the checkpoint's shards)."""
+        want = expected_canonical_shapes(self.child_arch(parent_arch, choices))
         for name in want:
-            if not name.startswith("model.layers."):
-                if name not in parent_tensors:
-                    raise LibraryError(f"parent tensors lack {name}; pass the parent checkpoint's tensors")
-                out[name] = parent_tensors[name]
-        for i, la in enumerate(choices):
-            out.update(self.layer_tensors(i, la))
+            if not name.startswith("model.layers.") and name not in parent_tensors:
+                raise LibraryError(f"parent tensors lack {name}; pass the parent checkpoint's tensors")
+        layer_of = {n: int(n.split(".")[2]) for n in want if n.startswith("model.layers.")}
+        current: tuple[int, dict[str, torch.Tensor]] | None = None
         for name, shape in want.items():
-            if name not in out or tuple(out[name].shape) != shape:
-                got = None if name not in out else list(out[name].shape)
+            if name in layer_of:
+                i = layer_of[name]
+                if current is None or current[0] != i:
+                    current = (i, self.layer_tensors(i, choices[i]))
+                    extra = sorted(n for n in current[1] if n not in want)
+                    if extra:
+                        raise LibraryError(f"assembled child holds unexpected tensor {extra[0]}; the library "
+                                           f"is inconsistent")
+                t = current[1].get(name)
+            else:
+                t = parent_tensors[name]
+            if t is None or tuple(t.shape) != shape:
+                got = None if t is None else list(t.shape)
                 raise LibraryError(f"assembled {name} has shape {got}, the child needs {list(shape)}; the "
                                    f"library was built from another parent")
-        extra = sorted(set(out) - set(want))
-        if extra:
-            raise LibraryError(f"assembled child holds unexpected tensor {extra[0]}; the library is inconsistent")
-        return arch, {k: out[k] for k in want}  # canonical file order
+            yield name, t

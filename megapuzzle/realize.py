@@ -4,7 +4,8 @@
     megapuzzle export-hf --checkpoint runs/demo/child --out runs/demo/export
 
 The child is the parent's embeddings, final norm and head plus, per layer, the chosen
-(attention, FFN) blocks from RUN/library (checksums verified). No training happens here.
+(attention, FFN) blocks from RUN/library (checksums verified). No training happens here. It
+streams: a layer's blocks are loaded, written into the current shard, and dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def solution_layers(run: RunDir, k: int) -> tuple[list[LayerArch], dict]:
 def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = None, force: bool = True,
             layers: list[LayerArch] | None = None, log=print) -> Path:
     """Write the child checkpoint (RUN/child by default); `layers` overrides the MIP solution."""
-    from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint, tokenizer_path
+    from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path, write_checkpoint
     from megapuzzle.library import BlockLibrary
 
     run = RunDir(run_dir)
@@ -42,9 +43,12 @@ def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = 
     if layers is None:
         layers, sol = solution_layers(run, solution)
         meta.update(solution=solution, objective=sol["objective"], predicted_speedup=sol.get("predicted_speedup"))
-    arch, tensors = BlockLibrary(run.library).assemble(parent_arch, parent_tensors, layers)
+    lib = BlockLibrary(run.library)
+    arch = lib.child_arch(parent_arch, layers)
     dest = Path(out) if out is not None else run.child
-    save_checkpoint(dest, arch, tensors, meta=meta, tokenizer_dir=tokenizer_path(run.parent), force=force)
+    # streamed: one layer's blocks (and the parent's embedding / head, read lazily) at a time
+    write_checkpoint(dest, arch, lib.iter_assembled(parent_arch, parent_tensors, layers), meta=meta,
+                     tokenizer_dir=tokenizer_path(run.parent), force=force)
     log(f"[realize] child with {arch.num_params() / 1e6:.2f}M params ({arch.num_params() / parent_arch.num_params():.1%} "
         f"of the parent) -> {dest}")
     return dest

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from megapuzzle.arch import AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, weights_fingerprint
+from megapuzzle.fileio import atomic_write_json
 
 FORMAT = "megapuzzle-scores/1"
 
@@ -251,7 +251,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
               ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from megapuzzle.checkpoints.canonical import load_checkpoint
+    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, load_checkpoint
     from megapuzzle.library import BlockLibrary
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import load_canonical_into_model
@@ -279,7 +279,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
     state = run.state / "score" / name
     # a saved score is reused only for the same settings, parent and block file (checksum)
     settings = {"config": section_dict(cfg), "data": str(run.heldout_data), "naive": naive,
-                "parent": weights_fingerprint(run.parent / "model.safetensors")}
+                "parent": checkpoint_fingerprint(run.parent)}
     entries = library.entries()
     done: dict[str, Any] = {}
     keys = {r.key for r in mine}

@@ -153,7 +153,7 @@ def _tie_embeddings(run) -> None:
     from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint
 
     arch, tensors, meta = load_checkpoint(run / "parent")
-    tensors.pop("lm_head.weight")
+    tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     save_checkpoint(run / "parent", dataclasses.replace(arch, tie_word_embeddings=True), tensors, meta=meta, force=True)
 
 

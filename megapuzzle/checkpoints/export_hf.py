@@ -17,23 +17,10 @@ from pathlib import Path
 import torch
 
 from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path
+from megapuzzle.checkpoints.shards import parse_size  # noqa: F401 (re-exported)
 from megapuzzle.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "B": 1}
-    t = text.strip().upper()
-    for u, m in units.items():
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * m)
-            except ValueError:
-                break
-    if t.isdigit():
-        return int(t)
-    raise UserError(f"cannot read size {text!r}; write e.g. 2GB, 500MB or a byte count")
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "bf16", force: bool = False,

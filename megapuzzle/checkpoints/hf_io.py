@@ -26,8 +26,9 @@ import torch
 
 from megapuzzle.arch import Architecture
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_bytes, atomic_write_json, replace_dir, save_safetensors_atomic
 from megapuzzle.checkpoints.canonical import expected_canonical_shapes, validate_tensors  # noqa: F401 (re-exported)
+from megapuzzle.checkpoints.shards import SafetensorsReader, ShardWriter, safetensors_files
+from megapuzzle.fileio import atomic_write_bytes, atomic_write_json, replace_dir
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_decilm.py", "modeling_decilm.py")
@@ -54,7 +55,9 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     raise UserError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
 
 
-def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _cast(tensors, dtype: torch.dtype | None):
+    if isinstance(tensors, SafetensorsReader):  # stays lazy: each tensor is cast as it is read
+        return tensors if dtype is None else tensors.with_dtype(dtype)
     if dtype is None:
         return dict(tensors)
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
@@ -107,6 +110,32 @@ def _check_llama_like(cfg: dict, hf_dir: Path) -> None:
                                     f"sink and sparsified blocks are not supported")
 
 
+def open_hf_llama(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[Architecture, SafetensorsReader]:
+    """Like read_hf_llama, but the tensors are a lazy reader over the HF shards (headers checked
+    here, each tensor read and cast when accessed): what a streaming import needs."""
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{hf_dir} has no config.json; point at a HuggingFace model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path} is not valid json ({e}); re-download or re-save the model") from None
+    _check_llama_like(cfg, hf_dir)
+    arch = Architecture.from_hf_config(cfg)
+    if not safetensors_files(hf_dir):
+        _load_safetensors(hf_dir)  # raises its one-line error (pickles only / no weights)
+    tied = arch.tie_word_embeddings
+
+    def keep(name: str) -> bool:
+        return not name.endswith(_IGNORED_SUFFIXES) and not (tied and name == "lm_head.weight")
+
+    tensors = SafetensorsReader(hf_dir, dtype=_resolve_dtype(dtype), keep=keep,
+                                order=list(expected_canonical_shapes(arch)))
+    validate_tensors(arch, tensors, source=str(hf_dir))
+    return arch, tensors
+
+
 def read_hf_llama(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[Architecture, dict[str, torch.Tensor]]:
     """Read a HF Llama or DeciLM directory: (Architecture, canonical tensors).
 
@@ -131,42 +160,24 @@ def read_hf_llama(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[Architectur
 
 # ----------------------------------------------------------------------------- write
 
-def _dtype_name(tensors: dict[str, torch.Tensor]) -> str:
-    floats = {v.dtype for v in tensors.values() if v.is_floating_point()}
+def _dtype_name(tensors) -> str:
+    if isinstance(tensors, SafetensorsReader):
+        floats = {tensors.out_dtype(k) for k in tensors if tensors.out_dtype(k).is_floating_point}
+    else:
+        floats = {v.dtype for v in tensors.values() if v.is_floating_point()}
     if len(floats) != 1:
         raise UserError(f"tensors mix dtypes {sorted(map(str, floats))}; pass dtype= to write one dtype")
     return str(next(iter(floats))).removeprefix("torch.")
 
 
-def _plan_shards(tensors: dict[str, torch.Tensor], order: list[str], max_shard_bytes: int) -> list[list[str]]:
-    """Greedy split in file order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in order:
-        n = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    return shards
-
-
-def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor], order: list[str], max_shard_bytes: int) -> None:
+def _write_weights(tmp: Path, tensors, order: list[str], max_shard_bytes: int) -> None:
+    """Shards written as they fill (layer-aligned), one tensor read at a time from a lazy reader."""
     if max_shard_bytes < 1:
         raise UserError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    meta = {"format": "pt"}  # transformers refuses safetensors files without this metadata
-    shards = _plan_shards(tensors, order, max_shard_bytes)
-    if len(shards) == 1:
-        save_safetensors_atomic({k: tensors[k] for k in shards[0]}, tmp / SINGLE_FILE, metadata=meta)
-        return
-    weight_map = {}
-    for i, names in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors_atomic({k: tensors[k] for k in names}, tmp / fname, metadata=meta)
-        weight_map.update({k: fname for k in names})
-    total = sum(tensors[k].numel() * tensors[k].element_size() for k in order)
-    atomic_write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    writer = ShardWriter(tmp, max_shard_bytes, metadata={"format": "pt"})  # transformers needs "format"
+    for name in order:
+        writer.add(name, tensors[name])
+    writer.close()
 
 
 def _copy_file(src: Path, dst: Path) -> None:

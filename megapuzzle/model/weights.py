@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from ..arch import Architecture, AttentionVariant, FFNVariant
-from ..checkpoints.canonical import expected_canonical_shapes
+from ..checkpoints.canonical import expected_canonical_shapes, shape_of
+from ..checkpoints.shards import SafetensorsReader
 from .config import stage_layer_ranges
 from .gpt import unwrap_model
 
@@ -50,9 +51,9 @@ def _check_names(tensors: Mapping[str, torch.Tensor], want: Mapping[str, tuple[i
                            f"the checkpoint does not match the architecture")
 
 
-def _check_shape(name: str, t: torch.Tensor, want: Mapping[str, tuple[int, ...]]) -> None:
-    if tuple(t.shape) != want[name]:
-        raise WeightsError(f"{name} has shape {list(t.shape)}, the architecture needs {list(want[name])}")
+def _check_shape(name: str, shape: tuple[int, ...], want: Mapping[str, tuple[int, ...]]) -> None:
+    if tuple(shape) != want[name]:
+        raise WeightsError(f"{name} has shape {list(shape)}, the architecture needs {list(want[name])}")
 
 
 def check_canonical(tensors: Mapping[str, torch.Tensor], arch: Architecture) -> None:
@@ -60,7 +61,7 @@ def check_canonical(tensors: Mapping[str, torch.Tensor], arch: Architecture) -> 
     want = canonical_shapes(arch)
     _check_names(tensors, want)
     for k in want:
-        _check_shape(k, tensors[k], want)
+        _check_shape(k, shape_of(tensors, k), want)
 
 
 def init_random_canonical(arch: Architecture, seed: int = 0, std: float = 0.02, norm_std: float = 0.0,
@@ -195,15 +196,60 @@ def local_tp_shard(e: _Entry, full: list[torch.Tensor], arch: Architecture, r: i
     raise AssertionError(e.kind)
 
 
+def _part(n: int, r: int, t: int) -> slice:
+    """Rank r's part of n rows split t ways, as torch.chunk splits them."""
+    c = -(-n // t)
+    lo = min(n, r * c)
+    return slice(lo, min(n, lo + c))
+
+
+def _read(src: Mapping[str, torch.Tensor], name: str, rows: slice | None = None, cols: slice | None = None
+          ) -> torch.Tensor:
+    """rows[, cols] of a canonical tensor: read from disk (only that part) when `src` is a lazy
+    checkpoint reader, a view of the in-memory tensor otherwise."""
+    if isinstance(src, SafetensorsReader):
+        return src.read(name, rows, cols)
+    x = src[name]
+    if rows is not None:
+        x = x[rows]
+    return x[:, cols] if cols is not None else x
+
+
+def read_tp_shard(e: _Entry, src: Mapping[str, torch.Tensor], arch: Architecture, r: int, t: int) -> torch.Tensor:
+    """This TP rank's shard of a Megatron parameter, reading only its rows / columns of the
+    canonical tensors (equal to local_tp_shard on the full tensors)."""
+    name = e.names[0]
+    if e.kind == "rep":
+        return _read(src, name)
+    if e.kind == "dim0":
+        return _read(src, name, rows=_part(shape_of(src, name)[0], r, t))
+    if e.kind == "dim1":
+        return _read(src, name, cols=_part(shape_of(src, name)[1], r, t))
+    if e.kind == "qkv":  # whole KV groups per shard: read this shard's groups of q, k and v
+        if e.num_kv % t:
+            raise WeightsError(f"{e.num_kv} KV heads do not split over TP={t}")
+        g, d = e.num_kv // t, arch.kv_channels
+        hpg = arch.num_attention_heads // e.num_kv
+        q = _read(src, e.names[0], rows=slice(r * g * hpg * d, (r + 1) * g * hpg * d))
+        k, v = (_read(src, n, rows=slice(r * g * d, (r + 1) * g * d)) for n in e.names[1:])
+        return fuse_qkv(q, k, v, g * hpg, g)
+    if e.kind == "fc1":  # Megatron's MLP chunks each shard's output into [gate; up]
+        rows = _part(shape_of(src, name)[0], r, t)
+        return torch.cat([_read(src, e.names[0], rows=rows), _read(src, e.names[1], rows=rows)], dim=0)
+    raise AssertionError(e.kind)
+
+
 # ----------------------------------------------------------------------------- load
 
 def load_canonical_into_model(model, tensors: Mapping[str, torch.Tensor], arch: Architecture | None = None,
                               ) -> None:
-    """Copy the full canonical tensors into this rank's TP/PP shard of `model`.
+    """Copy the canonical tensors this rank owns into its TP/PP shard of `model`.
 
-    Every rank passes the same full dict (a lazy Mapping such as a safetensors reader works;
-    only the tensors this rank owns are read). Raises WeightsError on missing, unexpected or
-    mis-shaped tensors.
+    `tensors`: the full canonical dict, or (what every stage passes) the lazy reader of
+    megapuzzle.checkpoints.canonical.load_checkpoint, from which only this PP stage's layers
+    and this TP rank's rows / columns are read, one tensor at a time, cast to the parameter's
+    dtype on the way in: never a whole-model copy. Raises WeightsError on missing, unexpected
+    or mis-shaped tensors.
     """
     arch = arch or getattr(unwrap_model(model), "megapuzzle_arch", None)
     if arch is None:
@@ -215,14 +261,14 @@ def load_canonical_into_model(model, tensors: Mapping[str, torch.Tensor], arch: 
     with torch.no_grad():
         for e in entries:
             p = params[e.param]
-            full = [tensors[n] for n in e.names]
-            for n, x in zip(e.names, full):
-                _check_shape(n, x, want)
-            local = local_tp_shard(e, full, arch, r, t)
+            for n in e.names:
+                _check_shape(n, shape_of(tensors, n), want)
+            local = read_tp_shard(e, tensors, arch, r, t)
             if tuple(local.shape) != tuple(p.shape):
                 raise WeightsError(f"{e.param}: shard of {e.names[0]} has shape {list(local.shape)}, "
                                    f"the model parameter has {list(p.shape)}")
             p.copy_(local.to(device=p.device, dtype=p.dtype))
+            del local
 
 
 # ----------------------------------------------------------------------------- gather
