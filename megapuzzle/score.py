@@ -253,6 +253,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
 
     from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, load_checkpoint
     from megapuzzle.library import BlockLibrary
+    from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import load_canonical_into_model
     from megapuzzle.runtime.distributed import init_distributed
@@ -272,7 +273,8 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
     # worker w of W: the DP ranks of shard I are workers I*dp .. I*dp+dp-1
     workers, me = shards * info.dp_size, shard_i * info.dp_size + info.dp_rank
     mine = [r for i, r in enumerate(refs) if i % workers == me]
-    model = build_gpt_model(parent)
+    # no random init: every weight is loaded right after (CPU init builds each full tensor first)
+    model = build_gpt_model(parent, options=ModelOptions(perform_initialization=False))
     load_canonical_into_model(model, tensors, parent)
     batches = heldout_batches(run, cfg)
     name = f"rank{info.rank:03d}.json" if shards == 1 else f"shard{shard_i:03d}of{shards:03d}_rank{info.rank:03d}.json"
