@@ -66,6 +66,9 @@ class EvaluateConfig:
     """Held-out tokens per sequence."""
     eval_batches: int = 8
     """Held-out batches for the quality metrics (0 = the whole split)."""
+    quality_dtype: str = "float32"
+    """Weights of the quality models: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU);
+    log-probs and KL are computed in fp32 either way."""
 
     def __post_init__(self):
         for f in ("batch_size", "prefill_len", "gen_len", "threads"):
@@ -80,14 +83,16 @@ class EvaluateConfig:
             raise UserError("evaluate.warmup and evaluate.eval_batches must be >= 0")
         if self.dtype not in (None, "auto", "float32", "bfloat16"):
             raise UserError(f"evaluate.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
+        if self.quality_dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"evaluate.quality_dtype {self.quality_dtype!r} unknown; use auto, float32 or bfloat16")
 
 
 # ----------------------------------------------------------------------------- quality
 
-def _build(arch: Architecture, tensors):
+def _build(arch: Architecture, tensors, dtype: torch.dtype = torch.float32):
     from megapuzzle.model import ModelOptions, build_gpt_model, load_canonical_into_model
 
-    m = build_gpt_model(arch, options=ModelOptions(perform_initialization=False))
+    m = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
     load_canonical_into_model(m, tensors, arch)
     return m.eval()
 
@@ -211,17 +216,19 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
         raise UserError(f"{child_dir} holds no child checkpoint; run `megapuzzle realize` (and `megapuzzle gkd`) first")
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
     ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
+    # lazy readers: each model reads its tensors one at a time, cast to its dtype
     parent_arch, parent_t, _ = load_checkpoint(run.require_parent(), dtype=torch.float32)
     child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
+    qdt = resolve_dtype(cfg.quality_dtype)
     if (child_arch.vocab_size, child_arch.hidden_size) != (parent_arch.vocab_size, parent_arch.hidden_size):
         raise UserError(f"{child_dir} does not share the parent's vocabulary / hidden size; it is no child of it")
 
     # quality: parent, child and (when GKD healed it) the realized child before healing
-    parent = _build(parent_arch, parent_t)
-    models = {"parent": parent, "child": _build(child_arch, child_t)}
+    parent = _build(parent_arch, parent_t, qdt)
+    models = {"parent": parent, "child": _build(child_arch, child_t, qdt)}
     if child is None and child_dir == gkd_ckpt and is_checkpoint(run.child):
         ra, rt, _ = load_checkpoint(run.child, dtype=torch.float32)
-        models["child_realized"] = _build(ra, rt)
+        models["child_realized"] = _build(ra, rt, qdt)
     batches = list(heldout.eval_batches(cfg.quality_batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None))
     quality = quality_metrics(parent, models, batches)
     del models

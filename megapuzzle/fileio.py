@@ -71,10 +71,10 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)  # (re)creates the file: set the usual mode after
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

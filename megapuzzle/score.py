@@ -57,11 +57,16 @@ class ScoreConfig:
     """Candidates of one layer stacked into one pass through the shared layers."""
     threads: int | None = None
     """torch CPU threads (None: torch's choice)."""
+    dtype: str = "float32"
+    """Parent and candidate weights: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU). The
+    log-probs and KL are computed in fp32 either way."""
 
     def __post_init__(self):
         for f in ("batch_size", "seq_len", "num_batches", "top_k", "candidates_per_pass"):
             if getattr(self, f) < 1:
                 raise UserError(f"score.{f} must be >= 1, got {getattr(self, f)}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"score.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
 
 
 @dataclass
@@ -94,6 +99,7 @@ class ParentRunner:
 
         self.m = unwrap_model(model)
         self.m.eval()
+        self.dtype = self.m.config.params_dtype
         self.layers = {l.layer_number - 1: l for l in self.m.decoder.layers}
 
     @torch.no_grad()
@@ -121,7 +127,8 @@ class ParentRunner:
         return F.log_softmax(gather_vocab(logits.transpose(0, 1).contiguous()).float(), dim=-1)
 
 
-def block_layer_module(parent, ref: BlockRef, library, parent_tensors, tp: int):
+def block_layer_module(parent, ref: BlockRef, library, parent_tensors, tp: int,
+                       dtype: torch.dtype = torch.float32):
     """A Megatron TransformerLayer computing the block's full layer: the block's own subblock(s)
     plus, for a decoupled block, the parent's other subblock of that layer."""
     from megapuzzle.bld_blocks import StudentBlock
@@ -132,7 +139,7 @@ def block_layer_module(parent, ref: BlockRef, library, parent_tensors, tp: int):
     local = dict(ffn_part(parent_local) if kind == "attention" else
                  attention_part(parent_local) if kind == "ffn" else {})
     local.update(library.load_block(ref.key))  # checksum-verified
-    block = StudentBlock(ref.key, "layer", ref.layer, parent, ref.la, teacher=None, tp=tp)
+    block = StudentBlock(ref.key, "layer", ref.layer, parent, ref.la, teacher=None, tp=tp, params_dtype=dtype)
     block.load_canonical(local)
     block.eval()
     return block.layer
@@ -191,7 +198,7 @@ def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], b
         group = by_layer[layer]
         for c0 in range(0, len(group), per_pass):
             chunk = group[c0:c0 + per_pass]
-            modules = [block_layer_module(parent, r, library, parent_tensors, tp) for r in chunk]
+            modules = [block_layer_module(parent, r, library, parent_tensors, tp, runner.dtype) for r in chunk]
             sums = [dict.fromkeys(("kl", "lm_loss", "top1", "topk"), 0.0) for _ in chunk]
             n_tok = 0
             for bi, tokens in enumerate(batches):
@@ -262,7 +269,10 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
         torch.set_num_threads(cfg.threads)
     run = RunDir(run_dir)
     info = init_distributed(tp=tp)
-    parent, tensors, _ = load_checkpoint(run.require_parent(), dtype=torch.float32)
+    from megapuzzle.cost_runtime import resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype)
+    parent, tensors, _ = load_checkpoint(run.require_parent(), dtype=dtype)  # lazy: a layer's tensors at a time
     library = BlockLibrary(run.library)
     refs = library_blocks(parent, library)
     if not refs:
@@ -274,13 +284,16 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
     workers, me = shards * info.dp_size, shard_i * info.dp_size + info.dp_rank
     mine = [r for i, r in enumerate(refs) if i % workers == me]
     # no random init: every weight is loaded right after (CPU init builds each full tensor first)
-    model = build_gpt_model(parent, options=ModelOptions(perform_initialization=False))
+    model = build_gpt_model(parent, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
     load_canonical_into_model(model, tensors, parent)
     batches = heldout_batches(run, cfg)
     name = f"rank{info.rank:03d}.json" if shards == 1 else f"shard{shard_i:03d}of{shards:03d}_rank{info.rank:03d}.json"
     state = run.state / "score" / name
     # a saved score is reused only for the same settings, parent and block file (checksum)
-    settings = {"config": section_dict(cfg), "data": str(run.heldout_data), "naive": naive,
+    conf = section_dict(cfg)
+    if cfg.dtype == "float32":
+        conf.pop("dtype")  # the default, as before the field existed: earlier scores stay valid
+    settings = {"config": conf, "data": str(run.heldout_data), "naive": naive,
                 "parent": checkpoint_fingerprint(run.parent)}
     entries = library.entries()
     done: dict[str, Any] = {}

@@ -55,6 +55,33 @@ def test_cached_stacked_scoring_equals_the_naive_loop(run, tmp_path):
             assert b[m] == pytest.approx(fast["blocks"][key][m], rel=1e-4, abs=1e-5), (key, m)
 
 
+def test_bf16_scoring_ranks_like_fp32_on_a_sharded_parent(run, tmp_path):
+    """score.dtype=bfloat16 builds parent and candidates in bf16 (KL still in fp32) from a
+    parent resharded into several files: close to the fp32 scores, same ranking per layer."""
+    import dataclasses
+    import shutil
+
+    from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint
+
+    bf = tmp_path / "bf16"
+    arch, tensors, meta = load_checkpoint(run / "parent")
+    save_checkpoint(bf / "parent", arch, tensors, meta=meta, max_shard_bytes=40_000)
+    assert (bf / "parent" / "model.safetensors.index.json").is_file()
+    shutil.copytree(run / "data", bf / "data")
+    shutil.copytree(run / "library", bf / "library")
+    cfg = dataclasses.replace(section(CFG, "score", ScoreConfig), dtype="bfloat16")
+    res = run_score(bf, cfg, progress=False, **QUIET)["blocks"]
+    ref = json.loads((run / "scores.json").read_text())["blocks"]
+    assert res.keys() == ref.keys()
+    for key, b in res.items():
+        assert b["kl"] == pytest.approx(ref[key]["kl"], rel=0.05, abs=2e-3), key
+    assert any(b["kl"] != ref[k]["kl"] for k, b in res.items())  # bf16 did run: not the fp32 numbers
+    for l in range(4):
+        assert res[f"L{l:03d}.ffn.no_op"]["kl"] > res[f"L{l:03d}.ffn.mlp_128"]["kl"]
+    with pytest.raises(UserError, match="score.dtype"):
+        ScoreConfig(dtype="fp8")
+
+
 def test_scoring_resumes_after_a_kill(run, tmp_path):
     import shutil
 
