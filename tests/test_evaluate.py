@@ -101,6 +101,26 @@ def test_the_parent_against_itself_has_zero_kl_and_full_retention(run, tmp_path)
     assert "Quality retention: 100.0%" in (r / "report.md").read_text()
 
 
+def test_bf16_quality_from_a_sharded_parent(run, tmp_path):
+    """evaluate.quality_dtype=bfloat16 on a parent resharded into several files: the parent
+    against itself still has KL 0, and its loss is the fp32 one up to bf16 rounding."""
+    from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint
+
+    r = tmp_path / "bf16"
+    arch, tensors, meta = load_checkpoint(run / "parent")
+    save_checkpoint(r / "parent", arch, tensors, meta=meta, max_shard_bytes=40_000)
+    shutil.copytree(run / "data", r / "data")
+    shutil.copy(run / "costs.json", r / "costs.json")
+    base = {**CFG["evaluate"], "batch_size": 1, "prefill_len": 6, "gen_len": 3}
+    ev = run_evaluate(r, EvaluateConfig(**base, quality_dtype="bfloat16"), child=r / "parent", **QUIET)
+    ref = run_evaluate(r, EvaluateConfig(**base), child=r / "parent", **QUIET)
+    assert ev["child"]["kl_to_parent"] == 0.0 and ev["child"]["top1_agreement"] == 1.0
+    assert ev["parent"]["lm_loss"] == pytest.approx(ref["parent"]["lm_loss"], rel=0.02)
+    assert ev["parent"]["lm_loss"] != ref["parent"]["lm_loss"]  # bf16 did run
+    with pytest.raises(UserError, match="quality_dtype"):
+        EvaluateConfig(quality_dtype="fp16")
+
+
 def test_evaluate_needs_a_child_and_validates_its_config(run, tmp_path):
     r = tmp_path / "nochild"
     for d in ("parent", "data"):
