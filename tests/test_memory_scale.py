@@ -1,8 +1,8 @@
 """Slow tier: the weights path scales. On a random Llama (hidden 1024, 8 layers, vocab 32k,
 ~190M parameters, bf16; built with transformers, nothing downloaded):
 
-* `import-hf --max-shard-size 64MB` peaks at about one shard + the largest tensor above the
-  interpreter's own footprint, not at a multiple of the model;
+* `import-hf --max-shard-size 64MB` and `export-hf --max-shard-size 64MB` peak at about one
+  shard + the largest tensor above the interpreter's own footprint, not at a multiple of the model;
 * loading the parent as the stages do (load_checkpoint in fp32 as score / evaluate ask,
   build_gpt_model, load_canonical_into_model) costs each TP=2 rank about half of what TP=1
   costs: every rank reads only its own slices.
@@ -10,15 +10,16 @@
 Peaks are ru_maxrss inside the process that does the work, minus its ru_maxrss just before
 (imports, Megatron, the process group), so the numbers are what the weights path itself adds.
 
-Measured here (2-core CI machine, MB added over each process's baseline):
+Measured here (2-core CI machine, MB added over each process's baseline; model 365 MB bf16):
 
-    path                        import-hf   load TP=1   load TP=2, per rank
-    40b40ab (whole-file loads)    1,090       1,482-1,522   1,125-1,181    -> both tests fail
-    sharded + lazy reads            211         935           510          (owned: 730 / 365)
+    path                        import-hf   export-hf   load TP=1     load TP=2, per rank
+    40b40ab (whole-file loads)    1,089        484      1,482-1,522   1,125-1,181   -> fails
+    sharded + lazy reads            211-232    210        919-935       489-510     (owned 730 / 365)
 
-The old numbers come from running this file at commit 40b40ab (a second worktree, without
---max-shard-size, which import-hf did not have then): each rank read the whole file and cast
-all of it to fp32 before taking its slice, and import-hf held the model three times.
+The old numbers come from running this file at commit 40b40ab (a second worktree; import-hf
+without --max-shard-size, which it did not have then): each rank read the whole file and cast
+all of it to fp32 before taking its slice, import-hf held the model three times, and export-hf
+loaded the whole checkpoint before writing its shards.
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ def test_import_hf_peak_is_one_shard_not_the_model(parent):
     print(f"import-hf: model {model_bytes / MB:.0f} MB, peak added {added / MB:.0f} MB")
     assert len(set(index["weight_map"].values())) >= 5
     assert added <= SHARD + largest + ALLOWANCE, f"import-hf added {added / MB:.0f} MB"
+
+
+def test_export_hf_streams_shards(parent, tmp_path):
+    ckpt, _ = parent
+    exp = peak_of_cli(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"), "--dtype", "bf16",
+                       "--max-shard-size", "64MB"])
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    added = exp["after"] - exp["before"]
+    print(f"export-hf: model {index['metadata']['total_size'] / MB:.0f} MB, peak added {added / MB:.0f} MB")
+    assert exp["rc"] == 0 and len(set(index["weight_map"].values())) >= 5
+    assert added <= SHARD + 32000 * 1024 * 2 + ALLOWANCE, f"export-hf added {added / MB:.0f} MB"
 
 
 def test_tp2_rank_loads_about_half_of_tp1(parent):
