@@ -231,7 +231,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
         models["child_realized"] = _build(ra, rt, qdt)
     batches = list(heldout.eval_batches(cfg.quality_batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None))
     quality = quality_metrics(parent, models, batches)
-    del models
+    del models, parent  # the timing below builds its own models: never hold both sets
     log(f"[evaluate] quality on {quality['parent']['tokens']} held-out tokens in {time.perf_counter() - t0:.1f}s")
 
     # speed + memory, timed like costs.json was measured

@@ -330,6 +330,8 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
     if info.world_size > 1:
         torch.distributed.barrier()
     result: dict[str, Any] = {}
+    # under TP the parent's forward is collective: every rank runs it, rank 0 keeps it
+    parent_m = parent_metrics(model, batches, cfg.top_k) if shards == 1 else None
     if shards > 1:
         if info.rank == 0:
             log(f"[score] shard {shard_i}/{shards}: {len(mine)} block(s) in {wall:.1f}s -> {state.parent}")
@@ -345,7 +347,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
             raise UserError(f"scores for {len(missing)} block(s) missing after scoring (e.g. {missing[0]}); re-run")
         tokens = sum(b[:, 1:].numel() for b in batches)
         result = {"format": FORMAT, "metric_default": "kl", "data": str(run.heldout_data), "tokens": tokens,
-                  "config": section_dict(cfg), "parent": parent_metrics(model, batches, cfg.top_k),
+                  "config": section_dict(cfg), "parent": parent_m,
                   "blocks": {k: merged[k] for k in sorted(merged)}, "wall_s": wall, "naive": naive}
         atomic_write_json(run.scores, result)
         log(f"[score] {len(refs)} blocks on {tokens} held-out tokens in {wall:.1f}s -> {run.scores}")

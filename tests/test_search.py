@@ -82,6 +82,29 @@ def test_bf16_scoring_ranks_like_fp32_on_a_sharded_parent(run, tmp_path):
         ScoreConfig(dtype="fp8")
 
 
+def _score_on_ranks(info, run_dir, cfg):
+    return run_score(run_dir, cfg, tp=info.tp_size, progress=False, **QUIET)
+
+
+def test_tp2_scoring_equals_tp1(run, tmp_path):
+    """score at TP=2 (each rank reads its slices of the parent and the blocks) gives TP=1's scores."""
+    import shutil
+
+    from _dist import run_distributed
+
+    r = tmp_path / "tp2"
+    for d in ("parent", "data", "library"):
+        shutil.copytree(run / d, r / d)
+    index = json.loads((r / "library/index.json").read_text())  # KV 1 does not split over TP=2
+    index["blocks"] = {k: v for k, v in index["blocks"].items() if "kv1" not in k}
+    (r / "library/index.json").write_text(json.dumps(index))
+    res = run_distributed(_score_on_ranks, world=2, tp=2, args=(r, section(CFG, "score", ScoreConfig)))[0]
+    ref = json.loads((run / "scores.json").read_text())
+    assert res["parent"]["lm_loss"] == pytest.approx(ref["parent"]["lm_loss"], rel=1e-5)
+    for key, b in res["blocks"].items():
+        assert b["kl"] == pytest.approx(ref["blocks"][key]["kl"], rel=1e-3, abs=1e-5), key
+
+
 def test_scoring_resumes_after_a_kill(run, tmp_path):
     import shutil
 

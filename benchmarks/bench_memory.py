@@ -1,0 +1,222 @@
+"""Memory benchmark: per-rank peak RSS of the stages that touch the whole parent (not a unit test).
+
+    python benchmarks/bench_memory.py                       # Llama-3.2-1B shape, -> benchmarks/results/memory.md
+    python benchmarks/bench_memory.py --shape small --out /tmp/memory.md   # hidden 1024, 8 layers, vocab 32k
+
+Builds a random Llama with transformers in a temp dir (bf16; nothing downloaded), then runs the
+real commands, each in fresh processes, and records every rank's peak RSS (ru_maxrss inside the
+rank, at exit) and the bytes of model weights that rank owns:
+
+* `import-hf` and `export-hf` (one process; `--max-shard-size`), target: one shard + the largest
+  tensor + 1.5 GB;
+* `bld` with a search space holding only the parent's own variants (it writes the parent's
+  blocks into the library layer by layer; no student trains, so this is the read path only);
+* `score` (bf16 weights, KL in fp32) under torchrun at TP x PP = 1x1, 2x1 and 1x2 where the
+  stage has PP; score has none, so "1x2" runs it as two data-parallel ranks, each a full replica;
+* `evaluate` (bf16 quality and timing; one process by design: it times whole models).
+
+Target for a stage: peak RSS <= 1.25 x owned + 1.5 GB, owned = this rank's share of each
+model's weights in their dtype. The table marks each miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GB = 1 << 30
+MB = 1 << 20
+ALLOW = 1.5 * GB
+SHAPES = {  # Llama-3.2-1B: 1.24B params, tied embeddings, llama3 RoPE
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0,
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                  num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def worker(out: str, args: list[str]) -> None:
+    """One rank (or the only process): run `megapuzzle ARGS`, then record this rank's RSS."""
+    import resource
+
+    import megapuzzle.cli
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    rc = megapuzzle.cli.main(args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rank = int(os.environ.get("RANK", "0"))
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"rank": rank, "rc": rc, "baseline": before, "peak": peak,
+                                                          "wall_s": time.perf_counter() - t0}))
+
+
+def run_ranks(work: Path, tag: str, nproc: int, args: list[str]) -> list[dict]:
+    out = work / "rss" / tag
+    out.parent.mkdir(parents=True, exist_ok=True)
+    me = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), "--"]
+    if nproc > 1:
+        from megapuzzle.runtime import free_port
+
+        me = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+              str(free_port()), *me[1:]]
+    print(f"[bench-memory] {tag}: megapuzzle {' '.join(args)}", flush=True)
+    subprocess.run([*me, *args], check=True, env=_env(), cwd=REPO)
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def make_parent(work: Path, shape: str) -> None:
+    code = f"""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(max_position_embeddings=2048, **{SHAPES[shape]!r})
+LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16).save_pretrained({str(work / "hf")!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+
+
+def make_data(work: Path, vocab: int) -> None:
+    import numpy as np
+
+    from megapuzzle.data.datasets import write_indexed_dataset
+
+    rng = np.random.default_rng(0)
+    for split, docs in (("train", 8), ("heldout", 4)):
+        write_indexed_dataset(work / "run" / "data" / split, [rng.integers(0, vocab, 600) for _ in range(docs)], vocab)
+
+
+def owned_bytes(arch, tp: int, bytes_per: int, replicas: int = 1) -> int:
+    """This rank's weights: TP-split matrices / tp, norms whole (PP = 1)."""
+    from megapuzzle.checkpoints.canonical import expected_canonical_shapes
+
+    n = 0
+    for shape in expected_canonical_shapes(arch).values():
+        numel = 1
+        for s in shape:
+            numel *= s
+        n += numel if len(shape) == 1 else numel // tp
+    return n * bytes_per * replicas
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--max-shard-size", default="1GB", help="import-hf / export-hf shard size")
+    ap.add_argument("--layouts", default="1x1,2x1,1x2", help="TPxPP layouts for score")
+    ap.add_argument("--work", default=None, help="work dir (default: a temp dir, removed afterwards)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "memory.md"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.worker, a.rest)
+        return 0
+    import shutil
+
+    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.shards import parse_size
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench_memory_"))
+    run = work / "run"
+    shard = parse_size(a.max_shard_size)
+    rows: list[tuple] = []
+    t0 = time.perf_counter()
+    try:
+        make_parent(work, a.shape)
+        (r,) = run_ranks(work, "import", 1, ["import-hf", "--hf-dir", str(work / "hf"), "--out", str(run / "parent"),
+                                              "--max-shard-size", a.max_shard_size])
+        arch = load_arch(run / "parent")
+        from megapuzzle.checkpoints.shards import SafetensorsReader
+
+        reader = SafetensorsReader(run / "parent")
+        model_bytes = sum(reader.nbytes(n) for n in reader)
+        largest = max(reader.nbytes(n) for n in reader)
+        io_target = shard + largest + ALLOW
+        rows.append(("import-hf", "1 process", 0, r, None, io_target))
+        make_data(work, arch.vocab_size)
+        cfg = work / "bench.yaml"
+        kv = arch.layers[0].attention.num_kv_heads
+        cfg.write_text(json.dumps({  # YAML is a superset of json
+            "search_space": {"kv_heads": [kv], "ffn_fractions": [1.0], "attention_linear": False,
+                             "attention_no_op": False, "ffn_linear": False, "ffn_no_op": False},
+            "bld": {"tokens_per_block": 64, "batch_size": 1, "seq_len": 32, "eval_batches": 1,
+                    "calibration_batches": 1},
+            "score": {"batch_size": 1, "seq_len": 32, "num_batches": 1, "dtype": "bfloat16"},
+            "evaluate": {"quality_dtype": "bfloat16", "dtype": "bfloat16", "batch_size": 1, "prefill_len": 8,
+                         "gen_len": 2, "rounds": 1, "repeats": 1, "warmup": 0, "quality_batch_size": 1,
+                         "seq_len": 32, "eval_batches": 1}}))
+        (r,) = run_ranks(work, "bld", 1, ["bld", "--config", str(cfg), "--run-dir", str(run), "--no-progress"])
+        rows.append(("bld (parent blocks only)", "1x1", 0, r, None, None))
+        for lay in a.layouts.split(","):
+            tp, pp = (int(x) for x in lay.split("x"))
+            world = tp * pp
+            (run / "scores.json").unlink(missing_ok=True)
+            shutil.rmtree(run / "state" / "score", ignore_errors=True)
+            res = run_ranks(work, f"score_{lay}", world, ["score", "--run-dir", str(run), "--config", str(cfg),
+                                                           "--tp", str(tp), "--no-progress"])
+            note = "" if pp == 1 else "no PP in score: 2 DP replicas"
+            for rr in res:
+                rows.append(("score", lay, rr["rank"], rr, owned_bytes(arch, tp, 2), None, note))
+        (r,) = run_ranks(work, "evaluate", 1, ["evaluate", "--run-dir", str(run), "--config", str(cfg),
+                                                "--child", str(run / "parent")])
+        rows.append(("evaluate (parent vs itself)", "1x1", 0, r, owned_bytes(arch, 1, 2, replicas=2), None))
+        (r,) = run_ranks(work, "export", 1, ["export-hf", "--checkpoint", str(run / "parent"), "--out",
+                                              str(work / "export"), "--dtype", "bf16", "--max-shard-size",
+                                              a.max_shard_size])
+        rows.append(("export-hf", "1 process", 0, r, None, io_target))
+    finally:
+        if a.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    write_report(Path(a.out), a, arch, model_bytes, largest, shard, rows, time.perf_counter() - t0)
+    return 0
+
+
+def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int, rows: list[tuple],
+                 wall: float) -> None:
+    from megapuzzle.fileio import atomic_write_text
+
+    cmd = "python benchmarks/bench_memory.py" + ("" if a.shape == "1b" else f" --shape {a.shape}") + \
+        ("" if a.max_shard_size == "1GB" else f" --max-shard-size {a.max_shard_size}")
+    lines = [f"`{cmd}`", "",
+             f"Random Llama, shape `{a.shape}`: {arch.num_params() / 1e9:.2f}B parameters, {arch.num_layers} layers, "
+             f"hidden {arch.hidden_size}, vocab {arch.vocab_size}, tied={arch.tie_word_embeddings}; "
+             f"{model_bytes / GB:.2f} GB in bf16, largest tensor {largest / MB:.0f} MB, shards of {shard / MB:.0f} MB. "
+             f"{os.cpu_count()} CPUs, wall {wall / 60:.1f} min.", "",
+             "Peak = ru_maxrss of the rank at exit (interpreter, torch and Megatron included); added = peak minus "
+             "the rank's ru_maxrss before the command ran. Target: <= 1.25 x owned + 1.5 GB for stages, "
+             "<= one shard + the largest tensor + 1.5 GB for import / export.", "",
+             "| stage | TPxPP | rank | owned | peak RSS | added | target | within | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for row in rows:
+        stage, lay, rank, r, owned, target = row[:6]
+        note = row[6] if len(row) > 6 else ""
+        if target is None and owned is not None:
+            target = 1.25 * owned + ALLOW
+        ok = "" if target is None else ("yes" if r["peak"] <= target else "**miss**")
+        fmt = (lambda b: "-" if b is None else f"{b / GB:.2f} GB")
+        lines.append(f"| {stage} | {lay} | {rank} | {fmt(owned)} | {fmt(r['peak'])} | {fmt(r['peak'] - r['baseline'])} | "
+                     f"{fmt(target)} | {ok} | {note} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
