@@ -275,7 +275,8 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     out["wall_s"] = time.perf_counter() - t0
     atomic_write_json(run.root / "eval.json", out)
     atomic_write_text(run.report, report_markdown(out, parent_arch, child_arch, sols))
-    log(f"[evaluate] child: {out['quality_retention_pct']:.1f}% of the parent's accuracy, KL "
+    ret = out["quality_retention_pct"]  # None when the parent's accuracy is 0 (an untrained parent)
+    log(f"[evaluate] child: {'n/a' if ret is None else f'{ret:.1f}'}% of the parent's accuracy, KL "
         f"{out['child']['kl_to_parent']:.4f}; speedup measured {measured:.2f}x"
         + (f", predicted {predicted:.2f}x" if predicted else "") + f" -> {run.root / 'eval.json'}, {run.report}")
     return out
