@@ -253,12 +253,12 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
     this run without saving, like a kill between checkpoints."""
     from tqdm import tqdm
 
-    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, save_checkpoint, tokenizer_path
+    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, tokenizer_path
     from megapuzzle.cost_runtime import resolve_dtype
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
-    from megapuzzle.model.weights import gather_canonical_from_model, load_canonical_into_model
+    from megapuzzle.model.weights import load_canonical_into_model, write_checkpoint_from_model
     from megapuzzle.runtime.distributed import init_distributed
     from megapuzzle.train.schedule import LRSchedule
     from megapuzzle.train.train_logger import TrainLogger
@@ -411,16 +411,16 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
     bar.close()
 
     final = evaluate(model, parent, heldout, cfg, info)
-    canonical = gather_canonical_from_model(child, child_arch)  # collective; rank 0 gets the dict
+    out = run.gkd / "checkpoint"
+    # collective, streamed: rank 0 writes layer by layer as the stages send them, never the whole child
+    write_checkpoint_from_model(child, child_arch, out, dtype=ckpt_dtype, tokenizer_dir=tokenizer_path(run.child),
+                                force=True, meta={"source": "gkd", "steps": total, "tokens": total * cfg.tokens_per_step,
+                                                  "heldout": final, "child_meta": child_meta})
     result: dict = {}
     if main:
         for k in ("kl", "cosine", "lm_loss", "loss"):
             logger.scalar(f"heldout/{k}", final[k], total)
         logger.close()
-        out = save_checkpoint(run.gkd / "checkpoint", child_arch, {k: v.to(ckpt_dtype) for k, v in canonical.items()},
-                              tokenizer_dir=tokenizer_path(run.child), force=True,
-                              meta={"source": "gkd", "steps": total, "tokens": total * cfg.tokens_per_step,
-                                    "heldout": final, "child_meta": child_meta})
         result = {
             "config": section_dict(cfg), "signature": sig, "steps": total, "tokens": total * cfg.tokens_per_step,
             "world": {"tp": info.tp_size, "dp": info.dp_size, **({"pp": info.pp_size} if info.pp_size > 1 else {})},

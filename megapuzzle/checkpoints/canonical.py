@@ -1,7 +1,7 @@
 """The megapuzzle checkpoint: one directory, independent of TP/PP.
 
     CKPT/arch.json          the Architecture (megapuzzle.arch)
-    CKPT/model.safetensors  full, unsharded tensors under HF DeciLM names (the canonical names), or
+    CKPT/model.safetensors  full (not TP-split) tensors under HF DeciLM names (the canonical names), or
                             model-0000i-of-0000n.safetensors + model.safetensors.index.json (HF style,
                             layer-aligned shards: a layer's tensors never straddle two files)
     CKPT/meta.json          provenance (source, dtype, step, ...)

@@ -110,10 +110,7 @@ def _check_llama_like(cfg: dict, hf_dir: Path) -> None:
                                     f"sink and sparsified blocks are not supported")
 
 
-def open_hf_llama(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[Architecture, SafetensorsReader]:
-    """Like read_hf_llama, but the tensors are a lazy reader over the HF shards (headers checked
-    here, each tensor read and cast when accessed): what a streaming import needs."""
-    hf_dir = Path(hf_dir)
+def _hf_arch(hf_dir: Path) -> Architecture:
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{hf_dir} has no config.json; point at a HuggingFace model directory")
@@ -122,7 +119,14 @@ def open_hf_llama(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[Architectur
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_path} is not valid json ({e}); re-download or re-save the model") from None
     _check_llama_like(cfg, hf_dir)
-    arch = Architecture.from_hf_config(cfg)
+    return Architecture.from_hf_config(cfg)
+
+
+def open_hf_llama(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[Architecture, SafetensorsReader]:
+    """Like read_hf_llama, but the tensors are a lazy reader over the HF shards (headers checked
+    here, each tensor read and cast when accessed): what a streaming import needs."""
+    hf_dir = Path(hf_dir)
+    arch = _hf_arch(hf_dir)
     if not safetensors_files(hf_dir):
         _load_safetensors(hf_dir)  # raises its one-line error (pickles only / no weights)
     tied = arch.tie_word_embeddings
@@ -142,15 +146,7 @@ def read_hf_llama(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[Architectur
     dtype: None keeps the stored dtype (bf16 stays bf16); a torch dtype or "bf16"/"fp16"/"fp32" casts.
     With tied embeddings the dict holds no `lm_head.weight` (a stored copy is dropped)."""
     hf_dir = Path(hf_dir)
-    cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{hf_dir} has no config.json; point at a HuggingFace model directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is not valid json ({e}); re-download or re-save the model") from None
-    _check_llama_like(cfg, hf_dir)
-    arch = Architecture.from_hf_config(cfg)
+    arch = _hf_arch(hf_dir)
     tensors = {k: v for k, v in _load_safetensors(hf_dir).items() if not k.endswith(_IGNORED_SUFFIXES)}
     if arch.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)

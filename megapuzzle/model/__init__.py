@@ -16,7 +16,9 @@ from .weights import (
     check_canonical,
     gather_canonical_from_model,
     init_random_canonical,
+    iter_canonical_from_model,
     load_canonical_into_model,
+    write_checkpoint_from_model,
 )
 
 __all__ = [
@@ -24,5 +26,5 @@ __all__ = [
     "stage_layer_ranges", "capture_layer_inputs", "forward_hidden_states", "forward_logits",
     "build_gpt_model", "count_parameters", "fp8_autocast", "unwrap_model", "WeightsError",
     "canonical_shapes", "check_canonical", "gather_canonical_from_model", "init_random_canonical",
-    "load_canonical_into_model",
+    "load_canonical_into_model", "iter_canonical_from_model", "write_checkpoint_from_model",
 ]

@@ -17,7 +17,7 @@ transformers' LlamaForCausalLM.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..arch import Architecture, AttentionVariant, FFNVariant
 from ..checkpoints.canonical import expected_canonical_shapes, shape_of
-from ..checkpoints.shards import SafetensorsReader
+from ..checkpoints.shards import SafetensorsReader, layer_group
 from .config import stage_layer_ranges
 from .gpt import unwrap_model
 
@@ -284,10 +284,8 @@ def tp_all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _gather_local(model, arch: Architecture) -> dict[str, torch.Tensor]:
-    """Full canonical tensors for the layers this PP stage holds (TP shards all-gathered)."""
-    entries, params = _plan(model, arch)
-    _, t = tp_rank_and_size()
+def _gather_entries(entries: list[_Entry], params, arch: Architecture, t: int) -> dict[str, torch.Tensor]:
+    """Full canonical tensors of `entries` (TP shards all-gathered; collective over the TP group)."""
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for e in entries:
@@ -325,38 +323,77 @@ def gather_canonical_from_model(model, arch: Architecture | None = None, *, all_
     all_ranks=False: global rank 0 gets the dict, the other ranks an empty one (stages send
     their tensors point-to-point to rank 0, so no rank but 0 ever holds the whole model).
     all_ranks=True: every rank gets it (broadcast over each pipeline group). Collective: all
-    ranks must call it.
+    ranks must call it. To write a checkpoint, stream instead: iter_canonical_from_model.
     """
+    return dict(iter_canonical_from_model(model, arch, all_ranks=all_ranks))
+
+
+def iter_canonical_from_model(model, arch: Architecture | None = None, *, all_ranks: bool = False,
+                              ) -> Iterator[tuple[str, torch.Tensor]]:
+    """gather_canonical_from_model one layer at a time: (name, full tensor) in canonical order on
+    global rank 0 (on every rank with all_ranks), nothing elsewhere. Every rank must run it to
+    the end (it is collective); no rank holds more than one gathered layer of it at once."""
     from megatron.core import parallel_state as ps
 
     arch = arch or getattr(unwrap_model(model), "megapuzzle_arch", None)
     if arch is None:
         raise WeightsError("no architecture given and the model carries none; pass arch=")
-    local = _gather_local(model, arch)
+    entries, params = _plan(model, arch)
+    _, t = tp_rank_and_size()
+    groups: dict[str, list[_Entry]] = {}
+    for e in entries:
+        groups.setdefault(layer_group(e.names[0]), []).append(e)
     pp = ps.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        return local if (all_ranks or dist.get_rank() == 0) else {}
     stage = ps.get_pipeline_model_parallel_rank()
     group = ps.get_pipeline_model_parallel_group()
     ranks = dist.get_process_group_ranks(group)  # global rank of each stage in my PP group
     dtype = unwrap_model(model).config.params_dtype
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    out: dict[str, torch.Tensor] = {}
     chain0 = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    receiver = all_ranks or dist.get_rank() == 0
+    key, local = None, {}
     for name, shape in canonical_shapes(arch).items():
+        if layer_group(name) != key:  # the next layer: gather what this stage holds of it
+            key = layer_group(name)
+            mine = [e for e in groups.get(key, []) if _owner_stage(e.names[0], arch, pp) == stage]
+            local = _gather_entries(mine, params, arch, t)
         owner = _owner_stage(name, arch, pp)
-        if all_ranks:
+        if pp == 1:
+            if receiver:
+                yield name, local[name]
+        elif all_ranks:
             buf = local[name].to(dtype) if owner == stage else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(buf, src=ranks[owner], group=group)
-            out[name] = buf
+            yield name, buf
         elif chain0:  # rank 0's pipeline group: TP rank 0, DP rank 0 of every stage
             if owner == stage == 0:
-                out[name] = local[name]
+                if receiver:
+                    yield name, local[name]
             elif owner == stage:
                 dist.send(local[name].to(dtype).contiguous(), dst=ranks[0])
             elif stage == 0:
                 buf = torch.empty(shape, dtype=dtype, device=device)
                 dist.recv(buf, src=ranks[owner])
-                out[name] = buf
-    return out if (all_ranks or dist.get_rank() == 0) else {}
+                if receiver:
+                    yield name, buf
+
+
+def write_checkpoint_from_model(model, arch: Architecture, out_dir, *, dtype: torch.dtype | None = None,
+                                **kw) -> None:
+    """Write the model as a canonical checkpoint from global rank 0, streaming layer by layer
+    (megapuzzle.checkpoints.canonical.write_checkpoint; `kw` goes there). Collective. If rank 0's
+    write fails, it still takes part in the rest of the gather, so no rank is left waiting."""
+    from ..checkpoints.canonical import write_checkpoint
+
+    items = iter_canonical_from_model(model, arch)
+    if dist.get_rank() != 0:
+        for _ in items:
+            pass
+        return
+    try:
+        write_checkpoint(out_dir, arch, ((n, x if dtype is None else x.to(dtype)) for n, x in items), **kw)
+    except BaseException:
+        for _ in items:
+            pass
+        raise
