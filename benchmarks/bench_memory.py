@@ -187,6 +187,18 @@ def main() -> int:
     return 0
 
 
+# Measured once on this shape with the code before sharded, lazily read checkpoints (40b40ab);
+# that code cannot run this script (no --max-shard-size, no score.dtype), so the figures are fixed.
+BEFORE = """Before (commit 40b40ab, whole-file loads), same parent: `import-hf` peaked at 7.10 GiB (it held
+every HF shard in one dict, then the whole model as one file: 3.1x the model). Loading the parent
+as the stages did (whole file per rank, cast to fp32, then sliced) cost 4.6-7.6 GB per TP=2 rank
+(issue 14's measurement): 3.7-6.2x the rank's bf16 share, against about 2.1 GiB now for score at 2x1.
+
+Not covered here: BLD and GKD with trained students (optimizer state; this 2-core, 24 GB machine
+shared with test runs cannot hold a 1.24B-parameter GKD child's fp32 Adam state next to its
+parent), and PP for score and evaluate (neither stage has PP; score's 1x2 row is two DP replicas)."""
+
+
 def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int, rows: list[tuple],
                  wall: float) -> None:
     from megapuzzle.fileio import atomic_write_text
@@ -196,11 +208,12 @@ def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int,
     lines = [f"`{cmd}`", "",
              f"Random Llama, shape `{a.shape}`: {arch.num_params() / 1e9:.2f}B parameters, {arch.num_layers} layers, "
              f"hidden {arch.hidden_size}, vocab {arch.vocab_size}, tied={arch.tie_word_embeddings}; "
-             f"{model_bytes / GB:.2f} GB in bf16, largest tensor {largest / MB:.0f} MB, shards of {shard / MB:.0f} MB. "
+             f"{model_bytes / GB:.2f} GiB in bf16, largest tensor {largest / MB:.0f} MiB, "
+             f"shards of {shard / MB:.0f} MiB. "
              f"{os.cpu_count()} CPUs, wall {wall / 60:.1f} min.", "",
              "Peak = ru_maxrss of the rank at exit (interpreter, torch and Megatron included); added = peak minus "
-             "the rank's ru_maxrss before the command ran. Target: <= 1.25 x owned + 1.5 GB for stages, "
-             "<= one shard + the largest tensor + 1.5 GB for import / export.", "",
+             "the rank's ru_maxrss before the command ran. Target: <= 1.25 x owned + 1.5 GiB for stages, "
+             "<= one shard + the largest tensor + 1.5 GiB for import / export.", "",
              "| stage | TPxPP | rank | owned | peak RSS | added | target | within | note |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for row in rows:
@@ -209,9 +222,12 @@ def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int,
         if target is None and owned is not None:
             target = 1.25 * owned + ALLOW
         ok = "" if target is None else ("yes" if r["peak"] <= target else "**miss**")
-        fmt = (lambda b: "-" if b is None else f"{b / GB:.2f} GB")
-        lines.append(f"| {stage} | {lay} | {rank} | {fmt(owned)} | {fmt(r['peak'])} | {fmt(r['peak'] - r['baseline'])} | "
+        fmt = (lambda b: "-" if b is None else f"{b / GB:.2f} GiB")
+        added = r["peak"] - r["baseline"]
+        lines.append(f"| {stage} | {lay} | {rank} | {fmt(owned)} | {fmt(r['peak'])} | {fmt(added)} | "
                      f"{fmt(target)} | {ok} | {note} |")
+    if a.shape == "1b":
+        lines += ["", BEFORE]
     text = "\n".join(lines) + "\n"
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -413,9 +413,10 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
     final = evaluate(model, parent, heldout, cfg, info)
     out = run.gkd / "checkpoint"
     # collective, streamed: rank 0 writes layer by layer as the stages send them, never the whole child
+    meta = {"source": "gkd", "steps": total, "tokens": total * cfg.tokens_per_step, "heldout": final,
+            "child_meta": child_meta}
     write_checkpoint_from_model(child, child_arch, out, dtype=ckpt_dtype, tokenizer_dir=tokenizer_path(run.child),
-                                force=True, meta={"source": "gkd", "steps": total, "tokens": total * cfg.tokens_per_step,
-                                                  "heldout": final, "child_meta": child_meta})
+                                force=True, meta=meta)
     result: dict = {}
     if main:
         for k in ("kl", "cosine", "lm_loss", "loss"):

@@ -78,11 +78,13 @@ class ShardWriter:
         self._group: dict[str, torch.Tensor] = {}
         self._group_key: str | None = None
         self._files: list[tuple[str, list[str]]] = []  # (temp file name, tensor names)
+        self._seen: set[str] = set()
         self.total_size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._group or name in self._shard or any(name in n for _, n in self._files):
+        if name in self._seen:
             raise ValueError(f"tensor {name} written twice")
+        self._seen.add(name)
         key = layer_group(name)
         if key != self._group_key:
             self._commit_group()
@@ -182,8 +184,11 @@ class SafetensorsReader(Mapping):
                     raise UserError(f"{self.dir / f}: tensor {name} has unsupported dtype {st!r}")
                 self._meta[name] = (self.dir / f, tuple(info["shape"]), _ST_DTYPES[st])
         names = list(self._meta)
-        self._order = [n for n in order if n in self._meta] + [n for n in names if n not in set(order)] \
-            if order is not None else names
+        if order is not None:
+            first = [n for n in order if n in self._meta]
+            seen = set(first)
+            names = first + [n for n in names if n not in seen]
+        self._order = names
 
     # -- Mapping
     def __getitem__(self, name: str) -> torch.Tensor:
