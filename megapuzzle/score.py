@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megapuzzle.arch import AttentionVariant, FFNVariant, LayerArch
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
@@ -60,6 +60,11 @@ class ScoreConfig:
     dtype: str = "float32"
     """Parent and candidate weights: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU). The
     log-probs and KL are computed in fp32 either way."""
+    cache_gb: float = 16.0
+    """Parent activations kept per rank, GiB: per held-out batch, the residual stream entering
+    every layer (layers x tokens x hidden, in `dtype`) and the parent's fp32 log-probs (tokens x
+    vocab). Batches beyond it are scored in groups, each group's parent pass computed once; the
+    scores are the same (see `cache_plan`)."""
 
     def __post_init__(self):
         for f in ("batch_size", "seq_len", "num_batches", "top_k", "candidates_per_pass"):
@@ -67,6 +72,8 @@ class ScoreConfig:
                 raise UserError(f"score.{f} must be >= 1, got {getattr(self, f)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"score.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
+        if not isinstance(self.cache_gb, (int, float)) or self.cache_gb <= 0:
+            raise UserError(f"score.cache_gb must be a positive number of GiB, got {self.cache_gb!r}")
 
 
 @dataclass
@@ -177,6 +184,15 @@ def parent_pass(runner: ParentRunner, tokens: torch.Tensor) -> ParentPass:
     return ParentPass(tgt, streams, rot, runner.run_from(h, len(runner.layers), rot))
 
 
+def cache_plan(arch: Architecture, cfg: ScoreConfig, dtype: torch.dtype, n_batches: int) -> tuple[int, int]:
+    """(bytes one batch's kept parent pass costs, batches per group under score.cache_gb). At
+    least one batch per group: a batch bigger than the budget is still scored, alone."""
+    tokens = cfg.batch_size * cfg.seq_len
+    per_batch = tokens * ((arch.num_layers + 1) * arch.hidden_size * torch.empty((), dtype=dtype).element_size()
+                          + arch.vocab_size * 4)
+    return per_batch, max(1, min(n_batches, int(cfg.cache_gb * (1 << 30)) // per_batch))
+
+
 @torch.no_grad()
 def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], batches: list[torch.Tensor],
                  cfg: ScoreConfig, tp: int, done: dict[str, Any], on_done=None, naive: bool = False,
@@ -192,39 +208,49 @@ def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], b
     for r in todo:
         by_layer.setdefault(r.layer, []).append(r)
     results = dict(done)
-    passes = None if naive else [parent_pass(runner, t) for t in batches]
     per_pass = 1 if naive else cfg.candidates_per_pass
-    for layer in sorted(by_layer):
-        group = by_layer[layer]
-        for c0 in range(0, len(group), per_pass):
-            chunk = group[c0:c0 + per_pass]
-            modules = [block_layer_module(parent, r, library, parent_tensors, tp, runner.dtype) for r in chunk]
-            sums = [dict.fromkeys(("kl", "lm_loss", "top1", "topk"), 0.0) for _ in chunk]
-            n_tok = 0
-            for bi, tokens in enumerate(batches):
-                if naive:
-                    pp = parent_pass(runner, tokens)  # the parent again, every candidate
-                    h, _ = runner.embed(tokens[:, :-1])
-                    for i in range(layer):
-                        h, _ = runner.layers[i](hidden_states=h, attention_mask=None, rotary_pos_emb=pp.rot)
-                    outs = [runner.run_from(h, layer, pp.rot, first_layer=modules[0])]
-                else:
-                    pp = passes[bi]
-                    ys = [mod(hidden_states=pp.streams[layer], attention_mask=None, rotary_pos_emb=pp.rot)[0]
-                          for mod in modules]
-                    lp = runner.run_from(torch.cat(ys, dim=1), layer + 1, pp.rot)  # [n*b, s, V]
-                    outs = list(lp.split(pp.targets.shape[0], dim=0))
-                for s, lp in zip(sums, outs):
-                    for k, v in _metrics(pp.log_probs, lp, pp.targets, cfg.top_k).items():
-                        s[k] += v
-                n_tok += pp.targets.numel()
-            for r, s in zip(chunk, sums):
-                results[r.key] = {"layer": r.layer, "attention": r.la.attention.name, "ffn": r.la.ffn.name,
-                                  **{k: v / n_tok for k, v in s.items()}}
-                if on_done:
-                    on_done(r.key, results[r.key])
-                if progress:
-                    progress.update(1)
+    # Parent passes are kept for one group of batches at a time (score.cache_gb); every block
+    # still adds up its batches in order, so the scores do not depend on the grouping.
+    per_group = len(batches) if naive else cache_plan(parent, cfg, runner.dtype, len(batches))[1]
+    sums = {r.key: dict.fromkeys(("kl", "lm_loss", "top1", "topk"), 0.0) for r in todo}
+    n_tok = 0
+    for g0 in range(0, len(batches), per_group):
+        group_batches = batches[g0:g0 + per_group]
+        last = g0 + per_group >= len(batches)
+        passes = None if naive else [parent_pass(runner, t) for t in group_batches]
+        n_tok += sum(t[:, 1:].numel() for t in group_batches)
+        for layer in sorted(by_layer):
+            group = by_layer[layer]
+            for c0 in range(0, len(group), per_pass):
+                chunk = group[c0:c0 + per_pass]
+                modules = [block_layer_module(parent, r, library, parent_tensors, tp, runner.dtype) for r in chunk]
+                for bi, tokens in enumerate(group_batches):
+                    if naive:
+                        pp = parent_pass(runner, tokens)  # the parent again, every candidate
+                        h, _ = runner.embed(tokens[:, :-1])
+                        for i in range(layer):
+                            h, _ = runner.layers[i](hidden_states=h, attention_mask=None, rotary_pos_emb=pp.rot)
+                        outs = [runner.run_from(h, layer, pp.rot, first_layer=modules[0])]
+                    else:
+                        pp = passes[bi]
+                        ys = [mod(hidden_states=pp.streams[layer], attention_mask=None, rotary_pos_emb=pp.rot)[0]
+                              for mod in modules]
+                        lp = runner.run_from(torch.cat(ys, dim=1), layer + 1, pp.rot)  # [n*b, s, V]
+                        outs = list(lp.split(pp.targets.shape[0], dim=0))
+                    for r, lp in zip(chunk, outs):
+                        s = sums[r.key]
+                        for k, v in _metrics(pp.log_probs, lp, pp.targets, cfg.top_k).items():
+                            s[k] += v
+                if not last:
+                    continue
+                for r in chunk:
+                    results[r.key] = {"layer": r.layer, "attention": r.la.attention.name, "ffn": r.la.ffn.name,
+                                      **{k: v / n_tok for k, v in sums[r.key].items()}}
+                    if on_done:
+                        on_done(r.key, results[r.key])
+                    if progress:
+                        progress.update(1)
+        del passes
     return results
 
 
@@ -287,10 +313,15 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
     model = build_gpt_model(parent, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
     load_canonical_into_model(model, tensors, parent)
     batches = heldout_batches(run, cfg)
+    per_batch, per_group = cache_plan(parent, cfg, dtype, len(batches))
+    if per_group < len(batches) and info.rank == 0 and not naive:
+        log(f"[score] parent activations cost {per_batch / (1 << 30):.2f} GiB per batch; scoring {len(batches)} "
+            f"batches in groups of {per_group} (score.cache_gb={cfg.cache_gb})")
     name = f"rank{info.rank:03d}.json" if shards == 1 else f"shard{shard_i:03d}of{shards:03d}_rank{info.rank:03d}.json"
     state = run.state / "score" / name
     # a saved score is reused only for the same settings, parent and block file (checksum)
     conf = section_dict(cfg)
+    conf.pop("cache_gb")  # grouping the batches does not change a score
     if cfg.dtype == "float32":
         conf.pop("dtype")  # the default, as before the field existed: earlier scores stay valid
     settings = {"config": conf, "data": str(run.heldout_data), "naive": naive,

@@ -105,6 +105,28 @@ def test_tp2_scoring_equals_tp1(run, tmp_path):
         assert b["kl"] == pytest.approx(ref["blocks"][key]["kl"], rel=1e-3, abs=1e-5), key
 
 
+def test_a_small_activation_cache_scores_in_groups_with_the_same_result(run, tmp_path):
+    """score.cache_gb below one batch's parent pass: one batch per group, identical scores."""
+    import dataclasses
+    import shutil
+
+    from megapuzzle.score import cache_plan
+
+    small = tmp_path / "small"
+    for d in ("parent", "data", "library"):
+        shutil.copytree(run / d, small / d)
+    cfg = dataclasses.replace(section(CFG, "score", ScoreConfig), cache_gb=1e-6)
+    from megapuzzle.checkpoints.canonical import load_arch
+
+    per_batch, per_group = cache_plan(load_arch(run / "parent"), cfg, torch.float32, cfg.num_batches)
+    assert per_group == 1 < cfg.num_batches and per_batch > 1e-6 * (1 << 30)
+    lines = []
+    res = run_score(small, cfg, progress=False, log=lines.append)["blocks"]
+    ref = json.loads((run / "scores.json").read_text())["blocks"]
+    assert any("in groups of 1" in ln for ln in lines)
+    assert res == ref  # same sums in the same order: bitwise the same scores
+
+
 def test_scoring_resumes_after_a_kill(run, tmp_path):
     import shutil
 
