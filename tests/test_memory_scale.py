@@ -14,7 +14,7 @@ Measured here (2-core CI machine, MB added over each process's baseline; model 3
 
     path                        import-hf   export-hf   load TP=1     load TP=2, per rank
     40b40ab (whole-file loads)    1,089        484      1,482-1,522   1,125-1,181   -> fails
-    sharded + lazy reads            211-232    210        919-935       489-510     (owned 730 / 365)
+    sharded + lazy reads            211-232    210-223    919-935       478-510     (owned 730 / 365)
 
 The old numbers come from running this file at commit 40b40ab (a second worktree; import-hf
 without --max-shard-size, which it did not have then): each rank read the whole file and cast
