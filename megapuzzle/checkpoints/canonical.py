@@ -115,11 +115,11 @@ def load_arch(ckpt_dir: str | os.PathLike) -> Architecture:
 def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = None
                     ) -> tuple[Architecture, dict[str, torch.Tensor], dict]:
     """(architecture, canonical tensors, meta). safetensors only: never unpickles anything."""
-    from safetensors.torch import load_file
+    from megapuzzle.fileio import read_safetensors
 
     p = Path(ckpt_dir)
     arch = load_arch(p)
-    tensors = load_file(str(p / WEIGHTS_FILE))
+    tensors = read_safetensors(p / WEIGHTS_FILE, fix=f"re-run the stage that wrote {p} (or re-import it)")
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     validate_tensors(arch, tensors)

@@ -63,7 +63,7 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[s
 # ----------------------------------------------------------------------------- read
 
 def _load_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from megapuzzle.fileio import read_safetensors
 
     index = hf_dir / INDEX_FILE
     if index.is_file():
@@ -86,7 +86,8 @@ def _load_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     for name in files:
         if not (hf_dir / name).is_file():
             raise UserError(f"{hf_dir} lacks shard {name} named in {INDEX_FILE}; the download is incomplete")
-        tensors.update(load_file(str(hf_dir / name)))
+        tensors.update(read_safetensors(hf_dir / name, fix="the download is incomplete or damaged: download "
+                                                            "the model again (or re-save it with save_pretrained)"))
     return tensors
 
 
