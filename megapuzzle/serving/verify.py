@@ -55,8 +55,8 @@ def verify_export(checkpoint: str | Path, export: str | Path, prompts: list[list
     if engine.startswith("vllm"):
         max_len = max(len(p) for p in prompts) + new_tokens + 8
         res = run_script(py, "vllm_worker.py", {
-            "model": str(export), "dtype": "float32", "max_model_len": max_len, "kv_cache_gb": 1,
-            "generate": {"prompts": prompts, "max_tokens": new_tokens, "prompt_logprobs": True}})
+            "engine": {"dtype": "float32", "max_model_len": max_len, "kv_cache_bytes": 1 << 30},
+            "generate": {"model": str(export), "prompts": prompts, "max_tokens": new_tokens, "prompt_logprobs": True}})
         out["version"] = f"vllm {res['vllm']}"
         got = res["generate"]["tokens"]
         diffs = [abs(a - b) for g, w in zip(res["generate"]["prompt_logprobs"], ref["prompt_logprobs"])
