@@ -459,6 +459,12 @@ def _layers_from_block_configs(blocks: Any, n_layers: int, hidden: int, heads: i
 
 # ----------------------------------------------------------------------------- search space
 
+SEARCH_SPACE_PRESETS: dict[str, dict[str, Any]] = {
+    # vLLM's nemotron_nas has no linear subblocks and reads FFN sizes only through ffn_mult
+    "vllm": {"attention_linear": False, "ffn_linear": False, "ffn_granularity": FFN_MULT_ROUNDING},
+}
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Which variants each layer may take. Built from a config dict (the `search_space:` YAML block)."""
@@ -494,11 +500,27 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SearchSpace":
+        """From the `search_space:` YAML block. `preset: NAME` (SEARCH_SPACE_PRESETS) fixes the
+        keys that make every child loadable by that engine; the other keys stay free."""
         d = dict(d or {})
+        preset = d.pop("preset", None)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ArchitectureError(f"unknown search_space keys {sorted(unknown)}; "
-                                    f"known: {sorted(cls.__dataclass_fields__)}")
+                                    f"known: {sorted(cls.__dataclass_fields__) + ['preset']}")
+        if preset is not None:
+            if preset not in SEARCH_SPACE_PRESETS:
+                raise ArchitectureError(f"unknown search_space.preset {preset!r}; known: {sorted(SEARCH_SPACE_PRESETS)}")
+            fixed = SEARCH_SPACE_PRESETS[preset]
+            clash = sorted(k for k in fixed if k in d and d[k] != fixed[k])
+            if clash:
+                raise ArchitectureError(f"search_space.preset {preset} needs {', '.join(f'{k}: {fixed[k]}' for k in clash)}"
+                                        f"; remove {', '.join(clash)} or the preset")
+            odd = [s for s in d.get("ffn_sizes", ()) if int(s) % FFN_MULT_ROUNDING]
+            if odd:
+                raise ArchitectureError(f"search_space.preset {preset}: ffn_sizes {odd} are not multiples of "
+                                        f"{FFN_MULT_ROUNDING}, so no ffn_mult can express them; round them")
+            d = {**d, **fixed}
         return cls(**d)
 
     def attention_variants(self, parent: Architecture, layer: int) -> list[AttentionVariant]:

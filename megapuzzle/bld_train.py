@@ -300,7 +300,7 @@ INIT_PARAMS = "init_params.safetensors"
 def _keep_best(trainable, final: dict, init_nmse: dict, state_dir: Path, log) -> dict[str, str]:
     """Put back the init weights of every block whose held-out NMSE got worse in training.
     Every TP rank computes the same NMSEs (TP-reduced), so every rank decides alike."""
-    from safetensors.torch import load_file
+    from megapuzzle.fileio import read_safetensors
 
     worse = [s for s in trainable if final[s.key] > init_nmse[s.key]]
     if not worse:
@@ -310,7 +310,7 @@ def _keep_best(trainable, final: dict, init_nmse: dict, state_dir: Path, log) ->
         if log:
             log(f"[bld] {path} missing: keeping the trained weights of {len(worse)} block(s) that got worse")
         return {}
-    init = load_file(str(path))
+    init = read_safetensors(path, fix=f"delete {state_dir} to retrain these blocks from their init")
     with torch.no_grad():
         for s in worse:
             for n, p in s.owned.items():

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("megapuzzle.baselines", "uniform / depth / random / greedy compression at a throughput target, GKD'd + evaluated"),
     "bench": ("megapuzzle.bench_search_quality", "benchmarks: search-quality (Puzzle vs the baselines at equal throughput)"),
     "run": ("megapuzzle.pipeline", "the whole pipeline from one config, resumable (manifest.json)"),
+    "verify-export": ("megapuzzle.serving.verify", "read an export in vLLM / transformers and check it token for token against our model"),
     "info": ("megapuzzle.info", "print an architecture (checkpoint, arch.json or HF config.json) layer by layer"),
 }
 

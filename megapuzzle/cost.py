@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -53,6 +52,7 @@ from megapuzzle.cost_table import (  # noqa: F401  (re-exported: the accessors l
     variant_key,
     variant_memory,
 )
+from megapuzzle.cost_state import MeasurePartial, search_space_variants  # noqa: F401  (re-exported)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 
@@ -98,6 +98,18 @@ class MeasureConfig:
     """Time the whole parent at every grid point and store predicted vs measured."""
     seed: int = 0
     """Seed of the random weights and tokens (timing does not depend on them)."""
+    engine: str = "megatron"
+    """Where the variants are timed: megatron (Megatron-core's static inference, in this process)
+    or vllm (the serving engine, in its own environment: megapuzzle.serving.vllm_costs). The MIP
+    optimizes for whichever engine measured costs.json (its `engine` field)."""
+    decode_tokens: int = 8
+    """vllm: decode steps per decode sample ((generate 1 + n tokens - generate 1) / n)."""
+    vllm_kv_cache_mb: int = 256
+    """vllm: KV-cache budget per engine (vLLM's kv_cache_memory_bytes); the measured KV bytes per
+    token are read off the blocks vLLM carves out of it."""
+    vllm_enforce_eager: bool = True
+    """vllm: eager mode (no torch.compile / CUDA graphs). True keeps CPU start-up short; on a GPU
+    set false to time with CUDA graphs, as vLLM serves by default."""
     roofline_gpus: tuple[str, ...] = ("h100", "h200", "a100", "b200")
     """GPUs to add analytic roofline tables for (megapuzzle.roofline.GPUS)."""
     roofline_precision: str = "auto"
@@ -122,6 +134,12 @@ class MeasureConfig:
                              f"{self.passes}")
         if self.min_sample_s < 0 or self.threads < 0:
             raise ValueError("min_sample_s and threads must be >= 0")
+        if self.engine not in ("megatron", "vllm"):
+            raise ValueError(f"engine must be megatron or vllm, got {self.engine!r}")
+        if self.engine == "vllm" and self.clock != "wall":
+            raise ValueError("engine vllm times wall clock (vLLM runs in its own processes); set clock: wall")
+        if self.decode_tokens < 1 or self.vllm_kv_cache_mb < 1:
+            raise ValueError("decode_tokens and vllm_kv_cache_mb must be >= 1")
         if self.clock not in ("wall", "cpu"):
             raise ValueError(f"clock must be wall or cpu, got {self.clock!r}")
         if self.dtype not in _DTYPES:
@@ -149,22 +167,12 @@ class MeasureConfig:
         passes add to the ones already measured."""
         keys = ("batch_sizes", "seq_lens", "decode", "stack_layers", "warmup", "repeats", "min_sample_s",
                 "clock", "fp8", "fp8_recipe", "seed")
+        if self.engine != "megatron":  # the Megatron signature stays as it was: old runs stay valid
+            keys += ("engine", "decode_tokens", "vllm_kv_cache_mb", "vllm_enforce_eager")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in keys)}
 
 
 # ----------------------------------------------------------------------------- variants
-
-def search_space_variants(parent: Architecture, space: SearchSpace | None = None
-                          ) -> tuple[list[AttentionVariant], list[FFNVariant]]:
-    """Every attention and FFN variant any layer may take, deduplicated, in first-seen order."""
-    space = space or SearchSpace()
-    attn: dict[AttentionVariant, None] = {}
-    ffn: dict[FFNVariant, None] = {}
-    for i in range(parent.num_layers):
-        attn.update(dict.fromkeys(space.attention_variants(parent, i)))
-        ffn.update(dict.fromkeys(space.ffn_variants(parent, i)))
-    return list(attn), list(ffn)
-
 
 _EMPTY = LayerArch(AttentionVariant("no_op"), FFNVariant("no_op"))
 
@@ -184,50 +192,6 @@ def _kv_elems_per_token(parent: Architecture, subblock: str, v) -> int:
 
 
 # ----------------------------------------------------------------------------- measuring
-
-class _Partial:
-    """RUN/state/measure_partial.json: raw samples of finished (entry, pass) pairs, under the
-    settings they were measured with; other settings start afresh."""
-
-    def __init__(self, path: Path | None, settings: dict[str, Any], log: Callable[[str], None]):
-        self.path, self.settings, self.entries = path, settings, {}
-        if path is not None and path.is_file():
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = {}
-            if old.get("settings") == settings:
-                self.entries = dict(old.get("entries", {}))
-                if self.entries:
-                    log(f"resuming: {sum(map(len, self.entries.values()))} (entry, pass) results in {path}")
-            elif old:
-                changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                                 if settings.get(k) != old.get("settings", {}).get(k))
-                log(f"settings changed ({', '.join(changed)}); measuring afresh")
-
-    def done(self, name: str, p: int) -> bool:
-        return str(p) in self.entries.get(name, {})
-
-    def save(self, name: str, p: int, result: dict[str, Any]) -> None:
-        self.entries.setdefault(name, {})[str(p)] = result
-        if self.path is not None:
-            atomic_write_json(self.path, {"settings": self.settings, "entries": self.entries})
-
-    def pooled(self, name: str, passes: int) -> dict[str, Any]:
-        """{key: {phase: {"median", "iqr"}}} over the samples of passes 0 .. passes-1."""
-        from megapuzzle.cost_runtime import summarize
-
-        out: dict[str, Any] = {}
-        for result in (self.entries[name][str(p)] for p in range(passes)):
-            for key, grid in result.items():
-                for ph, rows in grid.items():
-                    acc = out.setdefault(key, {}).setdefault(ph, [[[] for _ in r] for r in rows])
-                    for i, r in enumerate(rows):
-                        for j, cell in enumerate(r):
-                            acc[i][j].extend(cell)
-        return {key: {ph: {stat: [[summarize(c)[stat] for c in r] for r in rows] for stat in ("median", "iqr")}
-                      for ph, rows in g.items()} for key, g in out.items()}
-
 
 class _Measurer:
     """Times stacks against the empty-layer baselines (whose steps it caches); returns raw samples
@@ -317,12 +281,17 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
     each freshly measured result is saved (a test hook; raising there stops the run and
     leaves a resumable partial file).
     """
+    cfg = cfg or MeasureConfig()
+    log = log or (lambda msg: print(f"[measure] {msg}", file=sys.stderr, flush=True))
+    if cfg.engine == "vllm":
+        from megapuzzle.serving.vllm_costs import measure_costs_vllm
+
+        return measure_costs_vllm(parent, cfg, space=space, state_path=state_path, log=log)
+
     import torch
 
     from megapuzzle import cost_runtime as rt
 
-    cfg = cfg or MeasureConfig()
-    log = log or (lambda msg: print(f"[measure] {msg}", file=sys.stderr, flush=True))
     rt.preflight(cfg.fp8, cfg.fp8_recipe)
     if cfg.clock == "cpu" and torch.cuda.is_available():
         raise UserError("measure.clock: cpu times the host, not the GPU; use clock: wall on a GPU machine")
@@ -334,7 +303,7 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
     settings = {**cfg.measured_settings(), "threads": threads, "dtype": rt.dtype_name(dtype),
                 "device": rt.device_name(), "versions": rt.versions(), "runtime": rt.RUNTIME_NAME,
                 "parent": parent.to_dict()}
-    partial = _Partial(Path(state_path) if state_path is not None else None, settings, log)
+    partial = MeasurePartial(Path(state_path) if state_path is not None else None, settings, log)
 
     # no-op variants are an empty layer: zero by definition (their overhead is `empty_layer`)
     todo = ["baseline"] + [f"attention.{v.name}" for v in attention if v.kind != "no_op"]
@@ -371,7 +340,7 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
                           dtype_name=rt.dtype_name(dtype), precision=rt.precision_name(dtype, cfg.fp8))
 
 
-def assemble_costs(parent: Architecture, cfg: MeasureConfig, partial: _Partial, attention, ffn,
+def assemble_costs(parent: Architecture, cfg: MeasureConfig, partial: MeasurePartial, attention, ffn,
                    settings: dict[str, Any], *, threads: int, dtype_name: str, precision: str) -> dict[str, Any]:
     """The costs.json dict from the measured samples: table, parent check, roofline tables."""
     from megapuzzle.cost_runtime import RUNTIME_NAME

@@ -69,6 +69,9 @@ class EvaluateConfig:
     quality_dtype: str = "float32"
     """Weights of the quality models: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU);
     log-probs and KL are computed in fp32 either way."""
+    vllm: bool | None = None
+    """Also time parent and child in vLLM (its own environment; `rounds` ABBA rounds, random
+    weights). None: when costs.json was measured in vLLM, so the MIP's engine is always timed."""
 
     def __post_init__(self):
         for f in ("batch_size", "prefill_len", "gen_len", "threads"):
@@ -246,6 +249,18 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     speed = measure_pair({"parent": parent_arch, "child": child_arch}, {"parent": parent_t, "child": child_t},
                          sc, cfg, settings)
     measured = paired_speedup(speed["parent"], speed["child"])
+    engine = (costs or {}).get("engine", "megatron")
+    by_engine = {"megatron": measured}
+    vllm_speed = None
+    if cfg.vllm or (cfg.vllm is None and engine == "vllm"):
+        from megapuzzle.serving.vllm_costs import measure_speedup_vllm
+
+        vllm_speed = measure_speedup_vllm({"parent": parent_arch, "child": child_arch}, sc, rounds=cfg.rounds,
+                                          warmup=cfg.warmup, dtype=(costs or {}).get("dtype", "float32"),
+                                          workdir=run.state / "evaluate_vllm")
+        by_engine["vllm"] = vllm_speed["speedup"]
+        log(f"[evaluate] vLLM {vllm_speed['vllm']}: parent {vllm_speed['parent']['tokens_per_s']:.1f}, child "
+            f"{vllm_speed['child']['tokens_per_s']:.1f} tokens/s, speedup {vllm_speed['speedup']:.2f}x")
     bpp = 1 if settings.get("fp8") else torch.empty((), dtype=resolve_dtype(settings["dtype"])).element_size()
     sols = _solutions(run)
     k, sol = _chosen_solution(sols, child_arch, child_meta)
@@ -258,10 +273,14 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
                 costs, arch, sc["batch_size"], sc["prefill_len"], sc["gen_len"])["tokens_per_s"]
     if "child_realized" in quality:
         out["child_realized"] = quality["child_realized"]
+    if vllm_speed:
+        out["vllm"] = {"version": vllm_speed["vllm"], "speedup": vllm_speed["speedup"],
+                       **{n: vllm_speed[n] for n in ("parent", "child")}}
     predicted = out["child"]["predicted_tokens_per_s"] / out["parent"]["predicted_tokens_per_s"] if costs else None
-    out["speedup"] = {"measured": measured, "predicted": predicted,
+    # the prediction is checked against the engine the costs (and so the MIP) came from
+    out["speedup"] = {"measured": measured, "predicted": predicted, "engine": engine, "measured_by_engine": by_engine,
                       "ratio_of_median_tokens_per_s": out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"],
-                      "prediction_error_pct": 100 * (predicted / measured - 1) if predicted else None,
+                      "prediction_error_pct": 100 * (predicted / by_engine[engine] - 1) if predicted else None,
                       "mip_predicted": sol.get("predicted_speedup") if sol else None,
                       "mip_batch_size": sol.get("batch_size") if sol else None, "mip_solution": k}
     pa = out["parent"]["accuracy"]
@@ -359,7 +378,8 @@ def report_markdown(ev: dict, parent: Architecture, child: Architecture, sols: d
         f"({ev['timing'].get('dtype')}, {ev['timing'].get('threads')} threads, {ev['timing'].get('clock')} clock; "
         f"scenario from {', '.join(f'{k}: {v}' for k, v in sc['source'].items())}).", "",
         f"**Quality retention: {f(ev['quality_retention_pct'], '.1f')}%** of the parent's top-1 accuracy; "
-        f"**measured speedup {s['measured']:.2f}x** (predicted {f(s['predicted'], '.2f')}x from costs.json, "
+        f"**measured speedup {s.get('measured_by_engine', {}).get(s.get('engine'), s['measured']):.2f}x in "
+        f"{s.get('engine', 'megatron')}**, the engine the MIP optimized for (predicted {f(s['predicted'], '.2f')}x from costs.json, "
         f"the MIP's own prediction {f(s['mip_predicted'], '.2f')}x"
         + (f" at batch {s['mip_batch_size']}" if s.get("mip_batch_size") else "") + ").", "",
         "| | parent | child | child / parent |", "|---|---:|---:|---:|",
@@ -367,9 +387,11 @@ def report_markdown(ev: dict, parent: Architecture, child: Architecture, sols: d
         "## Speedup: predicted vs measured", "",
         "| source | speedup |", "|---|---:|",
         f"| MIP (mip/solutions.json, solution {f(s['mip_solution'], 'd')}) | {f(s['mip_predicted'], '.3f')}x |",
-        f"| costs.json at this scenario | {f(s['predicted'], '.3f')}x |",
-        f"| measured (this machine; median of paired parent / child generation times) | {s['measured']:.3f}x |",
-        f"| prediction error | {f(s['prediction_error_pct'], '+.1f')}% |", "",
+        f"| costs.json at this scenario (measured in {s.get('engine', 'megatron')}) | {f(s['predicted'], '.3f')}x |",
+        *[f"| measured in {eng}{' (the MIP optimized for this engine)' if eng == s.get('engine', 'megatron') else ''}"
+          f"; median of paired parent / child generation times | {x:.3f}x |"
+          for eng, x in s.get("measured_by_engine", {"megatron": s["measured"]}).items()],
+        f"| prediction error (vs {s.get('engine', 'megatron')}) | {f(s['prediction_error_pct'], '+.1f')}% |", "",
     ]
     if ev.get("gkd") or ev.get("child_realized"):
         lines += ["## Global knowledge distillation", ""]

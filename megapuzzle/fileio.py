@@ -6,13 +6,16 @@ target, so a kill at any moment leaves either the old file or the new one, never
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from megapuzzle.errors import UserError
 
 
 def _read_umask() -> int:
@@ -82,6 +85,35 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, fix: str) -> Iterator[Any]:
+    """`safetensors.safe_open(path)` (lazy, per-tensor reads) whose failures on a file we did not
+    write, or one damaged since, become one-line UserErrors naming the file and `fix` (what to do).
+    Never unpickles: safetensors only."""
+    from safetensors import SafetensorError, safe_open
+
+    def bad(e: Exception) -> UserError:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        return UserError(f"{path} is not a readable safetensors file ({reason}); {fix}")
+
+    try:  # a truncated or corrupt header fails here, before any tensor is mapped
+        fh = safe_open(str(path), "pt")
+    except (SafetensorError, OSError) as e:
+        raise bad(e) from None
+    try:
+        yield fh
+    except SafetensorError as e:  # a tensor's bytes that do not match its header entry
+        raise bad(e) from None
+    finally:
+        del fh
+
+
+def read_safetensors(path: str | os.PathLike, fix: str) -> dict:
+    """Every tensor of one safetensors file, with `open_safetensors`' one-line errors."""
+    with open_safetensors(path, fix) as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

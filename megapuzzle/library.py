@@ -34,7 +34,7 @@ import torch
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.checkpoints.canonical import expected_canonical_shapes
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, save_safetensors_atomic, sha256_file
+from megapuzzle.fileio import atomic_write_json, read_safetensors, save_safetensors_atomic, sha256_file
 from megapuzzle.init import layer_prefix, with_layer_prefix
 
 INDEX_FILE = "index.json"
@@ -145,8 +145,6 @@ class BlockLibrary:
 
     def load_block(self, key: str) -> dict[str, torch.Tensor]:
         """Layer-local tensors of a block, after checking its sha256 against the index."""
-        from safetensors.torch import load_file
-
         e = self.entry(key)
         if e is None or e.get("status") != "done":
             raise LibraryError(f"block {key} is not in the library {self.path}; run `megapuzzle bld` with a "
@@ -157,7 +155,7 @@ class BlockLibrary:
         if sha256_file(f) != e["sha256"]:
             raise LibraryError(f"block file {f} is corrupted (sha256 mismatch with the index); re-run "
                                f"`megapuzzle bld` to retrain it")
-        return load_file(str(f))
+        return read_safetensors(f, fix="delete it and re-run `megapuzzle bld` to retrain the block")
 
     # -- writes
     def add_block(self, key: str, tensors: Mapping[str, torch.Tensor], entry: Mapping[str, Any]) -> dict[str, Any]:

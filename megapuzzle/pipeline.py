@@ -67,8 +67,10 @@ class DataSection:
 class ExportSection:
     """The `export:` section: the HF DeciLM directory (RUN/export) and, optionally, an FP8 one."""
 
-    dtype: str = "bf16"
-    """Weight dtype of RUN/export: bf16, fp16 or fp32."""
+    dtype: str = "auto"
+    """Weight dtype of RUN/export: auto (the checkpoint's own: lossless), bf16, fp16 or fp32."""
+    target: str | None = None
+    """vllm or tensorrt-llm: fail the stage, naming the layers, if that engine cannot load the child."""
     quantize: str | None = None
     """fp8: also write RUN/export_fp8 (ModelOpt FP8, calibrated on RUN/data/heldout); needs
     nvidia-modelopt (the [modelopt] extra)."""
@@ -82,8 +84,10 @@ class ExportSection:
     """Split safetensors files above this size."""
 
     def __post_init__(self):
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise UserError(f"export.dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"export.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.target not in (None, "vllm", "tensorrt-llm"):
+            raise UserError(f"export.target must be vllm, tensorrt-llm or omitted, got {self.target!r}")
         if self.quantize not in (None, "fp8"):
             raise UserError(f"export.quantize must be fp8 or omitted, got {self.quantize!r}")
         for f in ("calib_batches", "calib_batch_size", "calib_seq_len"):
@@ -210,11 +214,12 @@ def _stage_export(run: RunDir, cfg: dict, log) -> dict:
 
     e = section(cfg, "export", ExportSection)
     src = run.gkd / "checkpoint" if (run.gkd / "checkpoint" / "arch.json").is_file() else run.child
-    warnings = export_hf(src, run.export, dtype=e.dtype, force=True, max_shard_size=e.max_shard_size)
+    res = export_hf(src, run.export, dtype=e.dtype, force=True, max_shard_size=e.max_shard_size, target=e.target)
+    warnings = res["warnings"]
     for w in warnings:
         log(f"[export] warning: not loadable by {w.rsplit(': ', 1)[-1]}: {w.rsplit(': ', 1)[0]}")
-    log(f"[export] {src} -> {run.export} (DeciLMForCausalLM, {e.dtype})")
-    out = {"source": str(src), "warnings": warnings}
+    log(f"[export] {src} -> {run.export} (DeciLMForCausalLM, {res['dtype']})")
+    out = {"source": str(src), "warnings": warnings, "dtype": res["dtype"]}
     if e.quantize == "fp8":
         from megapuzzle.checkpoints.quantize_fp8 import export_fp8
 

@@ -103,6 +103,11 @@ FLAVOURS = {
     "debug": ParentConfig(vocab_size=512, hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2,
                           intermediate_size=256, seq_len=64, batch_size=8, steps=30, lr=3e-3, min_lr=3e-4,
                           warmup_steps=5, checkpoint_every=10, log_every=5, eval_batches=4, max_files=40),
+    # debug at head dim 32 and FFN 512: the smallest parent vLLM's CPU kernels run (head dims >= 32)
+    # whose FFN leaves a 256 variant under the vllm search-space preset; the serving tests use it
+    "debug-vllm": ParentConfig(vocab_size=512, hidden_size=128, num_layers=4, num_attention_heads=4, num_kv_heads=2,
+                               intermediate_size=512, seq_len=64, batch_size=8, steps=30, lr=3e-3, min_lr=3e-4,
+                               warmup_steps=5, checkpoint_every=10, log_every=5, eval_batches=4, max_files=40),
 }
 
 

@@ -182,3 +182,22 @@ def test_load_architecture_reads_both_formats(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ArchitectureError, match="is not valid json"):
         load_architecture(str(tmp_path / "bad.json"))
+
+
+def test_vllm_preset_gives_a_search_space_vllm_serves():
+    from megapuzzle.arch import ArchitectureError, SearchSpace
+
+    s = SearchSpace.from_dict({"preset": "vllm", "kv_heads": [1], "ffn_fractions": [0.3]})
+    assert (s.attention_linear, s.ffn_linear, s.ffn_granularity, s.kv_heads) == (False, False, 256, (1,))
+    parent = Architecture(vocab_size=128, hidden_size=512, num_attention_heads=8,
+                          layers=[LayerArch(AttentionVariant("gqa", 8), FFNVariant("mlp", 1536))] * 3)
+    for l in range(3):  # every child of this space: no linear block, every FFN size writable as ffn_mult
+        child = parent.with_layers([LayerArch(a, f) for a, f in zip(s.attention_variants(parent, l),
+                                                                      s.ffn_variants(parent, l))])
+        assert child.engine_compatible() == []
+    with pytest.raises(ArchitectureError, match="preset vllm needs attention_linear: False"):
+        SearchSpace.from_dict({"preset": "vllm", "attention_linear": True})
+    with pytest.raises(ArchitectureError, match=r"ffn_sizes \[100\] are not multiples of 256"):
+        SearchSpace.from_dict({"preset": "vllm", "ffn_sizes": [100]})
+    with pytest.raises(ArchitectureError, match="unknown search_space.preset 'trt'"):
+        SearchSpace.from_dict({"preset": "trt"})

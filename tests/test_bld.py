@@ -65,6 +65,18 @@ def _lib_tensors(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {k: lib.load_block(k) for k in lib.entries()}
 
 
+BETAS = (0.9, 0.95)  # the AdamW betas of BLD's block optimizers (megapuzzle.train.block_optimizer)
+
+
+def _lrs(c: dict) -> list[float]:
+    """The learning rate of each BLD step under config `c`, as megapuzzle.bld_train schedules it."""
+    from megapuzzle.train.schedule import LRSchedule
+
+    b = BLDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["bld"].items()})
+    sched = LRSchedule(b.lr, b.steps, min(b.warmup, b.steps - 1), b.min_lr)
+    return [sched(step) for step in range(b.steps)]
+
+
 # ----------------------------------------------------------------------------- decoupled library
 
 def test_decoupled_library_has_every_variant_kind(full):

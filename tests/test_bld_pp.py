@@ -10,12 +10,12 @@ import argparse
 import pytest
 import torch
 
-from _dist import run_distributed
+from _dist import assert_adamw_parity, run_distributed
 from megapuzzle.bld import BLDConfig, add_cli_args, run_bld, run_cli
 from megapuzzle.errors import UserError
 from megapuzzle.library import BlockLibrary
 import test_bld
-from test_bld import BLD, EXAMPLE, QUIET, _lib_tensors, cfg, fresh
+from test_bld import BETAS, BLD, EXAMPLE, QUIET, _lib_tensors, _lrs, cfg, fresh
 
 base, full = test_bld.base, test_bld.full  # its fixtures (the one-process library), built again for this module
 
@@ -80,9 +80,12 @@ def test_tp2_pp2_gives_the_same_library(full, base, tmp_path):
     print(f"\nTP=2 x PP=2 vs TP=2: max abs diff {mabs:.3g}, max rel diff {mrel:.3g}")
     assert mrel <= 1e-5, (mabs, mrel)  # the same TP ops in the same order: 0 observed
     _same_nmse(run_tp, run, keys, 1e-6)
-    mabs, mrel = _diff(_lib_tensors(run0), _lib_tensors(run), keys)
-    print(f"TP=2 x PP=2 vs one process: max abs diff {mabs:.3g}, max rel diff {mrel:.3g}")
-    assert mrel <= 1e-3, (mabs, mrel)  # TP=2 reduces in another order (~1e-4 observed after 8 AdamW steps)
+    # TP=2 reduces in another order: the blocks after 8 AdamW steps within what that fp32 noise can
+    # become through AdamW (bounds derived in tests/_dist.py)
+    ref, par = _lib_tensors(run0), _lib_tensors(run)
+    flat = lambda lib: {f"{k}/{n}": t for k in keys for n, t in lib[k].items()}  # noqa: E731
+    worst = assert_adamw_parity(flat(ref), flat(par), _lrs(c), BETAS)
+    print(f"TP=2 x PP=2 vs one process: weights vs their AdamW bounds {worst}")
     _same_nmse(run0, run, keys, 1e-4)  # as test_tp2_gives_the_same_losses_as_tp1
 
 

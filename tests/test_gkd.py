@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _dist import run_distributed
+from _dist import assert_adamw_parity, run_distributed
 from conftest import make_run
 from megapuzzle.arch import AttentionVariant as A, FFNVariant as Fv, LayerArch
 from megapuzzle.config import section
@@ -24,6 +24,7 @@ from megapuzzle.gkd import GKDConfig, run_gkd
 from megapuzzle.runtime import destroy_distributed
 
 QUIET = dict(log=lambda *a: None, progress=False)
+BETAS = (0.9, 0.95)  # the AdamW betas of both GKD trainers (megapuzzle.gkd_trainers)
 BASE = dict(batch_size=4, seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_batches=2, log_every=1,
             checkpoint_every=2)
 # TP-splittable (kv heads 2, FFN 128) and covering every kind of subblock: pruned MLP, no-op
@@ -144,9 +145,10 @@ def test_parallel_runs_give_the_single_process_losses(base, tmp_path, tp, world)
             assert r1[k] == pytest.approx(r0[k], rel=1e-4, abs=1e-7), (r1["step"], k)
     for k in ("loss", "kl", "lm_loss"):
         assert res[0]["final"][k] == pytest.approx(ref["final"][k], rel=1e-4, abs=1e-7)
-    wa, wb = _weights(tmp_path / "ref" / "run"), _weights(run)
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the weights after 4 AdamW steps: within what fp32 rounding can become through AdamW (bounds
+    # derived in tests/_dist.py), and those bounds well under the training's own updates
+    lrs = [r["lr"] for r in ref["history"]]
+    assert_adamw_parity(_weights(tmp_path / "ref" / "run"), _weights(run), lrs, BETAS, init=_weights(run, "child"))
 
 
 # PP: 2 micro-batches per rank, so Megatron's 1F1B schedule has a warmup and a steady phase
@@ -167,12 +169,12 @@ def _tie_embeddings(run: Path) -> None:
         (run / f"{d}_tied").rename(run / d)
 
 
-# Tolerances: PP alone only reorders a few fp32 sums (observed: losses <= 4e-6 relative, weights
-# <= 1.5e-6 absolute after 4 AdamW steps that move them by 3e-3); TP = 2 adds its own reduction
-# order, so TP = 2 x PP = 2 gets the TP = 2 test's tolerance (observed: 9e-6 / 6e-6).
-@pytest.mark.parametrize("tp,pp,tied,rel,atol", [(1, 2, False, 1e-5, 5e-6), (1, 2, True, 1e-5, 5e-6),
-                                                 (2, 2, False, 1e-4, 1e-5)], ids=["pp2", "pp2-tied", "tp2xpp2"])
-def test_pipeline_parallel_gives_the_single_process_losses_and_weights(base, tmp_path, tp, pp, tied, rel, atol):
+# Loss tolerances: PP alone only reorders a few fp32 sums (observed: <= 4e-6 relative); TP = 2
+# adds its own reduction order, so TP = 2 x PP = 2 gets the TP = 2 test's tolerance (observed:
+# 9e-6). The weights: assert_adamw_parity (fp32 noise through AdamW).
+@pytest.mark.parametrize("tp,pp,tied,rel", [(1, 2, False, 1e-5), (1, 2, True, 1e-5), (2, 2, False, 1e-4)],
+                         ids=["pp2", "pp2-tied", "tp2xpp2"])
+def test_pipeline_parallel_gives_the_single_process_losses_and_weights(base, tmp_path, tp, pp, tied, rel):
     """PP = 2 (the child's forward + backward through Megatron's 1F1B schedule, the parent
     forward-only through the pipeline): the PP = 1 loss curve, grad norms, held-out metrics and
     final child weights (gathered from both stages)."""
@@ -194,9 +196,8 @@ def test_pipeline_parallel_gives_the_single_process_losses_and_weights(base, tmp
         assert res[0][when]["tokens"] == ref[when]["tokens"]
     wa, wb, w0 = _weights(ref_run), _weights(run), _weights(run, "child")
     assert wa.keys() == wb.keys() == w0.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=rel, atol=atol, msg=k)
     assert all(not wa[k].equal(w0[k]) for k in wa if "layers." in k)  # every layer was trained
+    assert_adamw_parity(wa, wb, [r["lr"] for r in ref["history"]], BETAS, init=w0)  # tests/_dist.py
 
 
 def _gkd_resume_worker(info, run_a: str, run_b: str, cfg: GKDConfig):

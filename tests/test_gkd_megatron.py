@@ -13,11 +13,11 @@ import dataclasses
 import pytest
 import torch
 
-from _dist import run_distributed
+from _dist import assert_adamw_parity, run_distributed
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
 from megapuzzle.gkd import GKDConfig, run_gkd
-from test_gkd import BASE, PP_BASE, QUIET, _tie_embeddings, _weights, base, fresh  # noqa: F401 (base: fixture)
+from test_gkd import BASE, BETAS, PP_BASE, QUIET, _tie_embeddings, _weights, base, fresh  # noqa: F401 (base: fixture)
 
 MEGATRON = dict(optimizer="megatron")
 
@@ -117,6 +117,12 @@ def _max_weight_diff(wa: dict, wb: dict) -> float:
 # the all-reduced sum by 2, equal in fp32); what differs is the grad norm (Megatron sums squares
 # in fp32, local in fp64) and through it the clip coefficient. Observed: loss terms <= 5e-7
 # relative, grad norms <= 6e-8, weights <= 6e-8 absolute after 4 steps that move them by ~3e-3.
+# An absolute weight tolerance is sound here (unlike TP / PP vs one process, tests/_dist.py): for
+# the same weights the grads are the same bits (same ops in the same order), and a clip
+# coefficient that differs by ~1e-8 rescales a whole step's grads uniformly, which AdamW's
+# m / sqrt(v) cannot amplify (no per-element noise to flip the sign of a near-zero step-1
+# gradient); the ulp-level weight differences it leaves only reach later steps' grads, when each
+# element already has a gradient history in v.
 def test_megatron_trainer_at_dp2_matches_the_local_trainer(base, tmp_path):
     cfg = GKDConfig(steps=4, **{**BASE, "weight_decay": 0.1, "checkpoint_every": 4})
     local, meg = fresh(base, tmp_path / "local"), fresh(base, tmp_path / "meg")
@@ -157,11 +163,10 @@ def test_megatron_trainer_bf16_params_train_against_fp32_main_params(base, tmp_p
 
 
 # Tolerances vs the PP = TP = 1 Megatron run: those of the local trainer's TP / PP tests
-# (test_gkd.py; reductions in another order). Observed: TP = 2 loss terms <= 9e-6 relative,
-# weights <= 7e-6 absolute; PP = 2 (tied) <= 1e-6 / 1.5e-6.
-@pytest.mark.parametrize("tp,pp,tied,rel,atol", [(2, 1, False, 1e-4, 1e-5), (1, 2, True, 1e-5, 5e-6)],
-                         ids=["tp2", "pp2-tied"])
-def test_megatron_trainer_tp2_and_pp2_match_one_process(base, tmp_path, tp, pp, tied, rel, atol):
+# (test_gkd.py; reductions in another order). Observed: TP = 2 loss terms <= 9e-6 relative;
+# PP = 2 (tied) <= 1e-6. The weights: assert_adamw_parity (fp32 noise through AdamW).
+@pytest.mark.parametrize("tp,pp,tied,rel", [(2, 1, False, 1e-4), (1, 2, True, 1e-5)], ids=["tp2", "pp2-tied"])
+def test_megatron_trainer_tp2_and_pp2_match_one_process(base, tmp_path, tp, pp, tied, rel):
     ref_run, run = fresh(base, tmp_path / "ref"), fresh(base, tmp_path / "par")
     if tied:
         _tie_embeddings(ref_run)
@@ -175,11 +180,9 @@ def test_megatron_trainer_tp2_and_pp2_match_one_process(base, tmp_path, tp, pp, 
     assert out["world"] == {"tp": tp, "dp": 1, **({"pp": pp} if pp > 1 else {})}
     worst = _close(ref, out, rel)
     wa, wb, w0 = _weights(ref_run), _weights(run), _weights(run, "child")
-    diff = _max_weight_diff(wa, wb)
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=rel, atol=atol, msg=k)
     assert all(not wb[k].equal(w0[k]) for k in w0 if "layers." in k)  # every layer was trained
-    print(f"megatron TP={tp} PP={pp} vs 1 process: max rel diff {worst}, weights max abs diff {diff:.2e}")
+    bounds = assert_adamw_parity(wa, wb, [r["lr"] for r in ref["history"]], BETAS, init=w0)
+    print(f"megatron TP={tp} PP={pp} vs 1 process: max rel diff {worst}, weights vs their AdamW bounds {bounds}")
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2)], ids=["dp2", "dp2-pp2"])
@@ -201,9 +204,12 @@ def test_overlapped_grad_reduce_with_micro_batches_matches_the_synchronous_one(b
     assert buckets >= 1 and c_on["in_backward"] == (cfg.steps - 1) * buckets, c_on
     assert c_off == {"in_backward": 0, "at_finish": cfg.steps * buckets}, (c_on, c_off)
     worst = _close(r_off, r_on, rel=1e-6)
-    diff = _max_weight_diff(_weights(off), _weights(on))
-    assert diff <= 1e-6, diff
-    print(f"overlapped vs synchronous grad reduce (PP={pp}, 2 micro-batches per rank): {worst}, weights {diff:.2e}")
+    # the same sums (so far the same bits here), but not promised to be reduced in the same order:
+    # the weights within what fp32 noise can become through AdamW (tests/_dist.py)
+    bounds = assert_adamw_parity(_weights(off), _weights(on), [r["lr"] for r in r_off["history"]], BETAS,
+                                 init=_weights(on, "child"))
+    print(f"overlapped vs synchronous grad reduce (PP={pp}, 2 micro-batches per rank): {worst}, weights vs their "
+          f"AdamW bounds {bounds}")
 
 
 def test_megatron_trainer_kill_and_resume_gives_bitwise_the_same_weights(base, tmp_path):

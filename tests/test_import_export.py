@@ -123,3 +123,85 @@ def test_export_refuses_a_non_empty_dir_without_force(imported, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert main(["export-hf", "--checkpoint", str(tmp / "ckpt"), "--out", str(out), "--force"]) == 0
     assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_safetensors_is_one_line_exit_2_and_outputs_untouched(imported, tmp_path, capsys, damage):
+    """A damaged file we did not write (a half-finished download) or one damaged since (a
+    checkpoint) is a one-line error naming the file, exit 2, and the existing output stays."""
+    import shutil
+
+    tmp, _, _ = imported
+    hf = tmp_path / "hf"
+    shutil.copytree(tmp / "hf", hf)
+    shard = hf / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64 + data[64:])
+    out = tmp_path / "ckpt"
+    shutil.copytree(tmp / "ckpt", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["import-hf", "--hf-dir", str(hf), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(shard) in err and "download the model again" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    # a checkpoint damaged after it was written: export-hf says which file and what to do
+    ckpt = tmp_path / "ckpt_damaged"
+    shutil.copytree(tmp / "ckpt", ckpt)
+    weights = next(ckpt.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(weights) in err and "re-run the stage" in err, err
+    assert not (tmp_path / "export").exists()
+
+
+def test_corrupt_train_state_names_the_file_and_the_fix(tmp_path):
+    from megapuzzle.errors import UserError
+    from megapuzzle.train.state import load_train_state, save_train_state
+
+    params = {"w": torch.nn.Parameter(torch.ones(4, 4))}
+    save_train_state(tmp_path / "state", 2, params, None, {})
+    f = next((tmp_path / "state").rglob("params.safetensors"))
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(UserError, match=r"params\.safetensors is not a readable safetensors file .*; delete ") as e:
+        load_train_state(tmp_path / "state", params, None)
+    assert "\n" not in str(e.value)
+
+
+def test_conversion_is_lossless_unless_a_cast_is_asked(imported, tmp_path, capsys):
+    """An fp32 Llama through import-hf then export-hf (= tools/convert_to_hf.py) with no --dtype
+    keeps fp32: the logits are the source's to fp32 rounding; bf16 only when asked, and said."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tmp, tokens, ref = imported
+    assert main(["export-hf", "--checkpoint", str(tmp / "ckpt"), "--out", str(tmp_path / "auto")]) == 0
+    assert "float32 weights: the checkpoint's own dtype" in capsys.readouterr().out
+    assert {v.dtype for v in load_file(str(tmp_path / "auto" / "model.safetensors")).values()} == {torch.float32}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "auto", trust_remote_code=True)
+    with torch.no_grad():
+        assert (model(tokens).logits - ref).abs().max().item() < TOL
+    assert main(["export-hf", "--checkpoint", str(tmp / "ckpt"), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert "bfloat16 weights: cast to bf16 as asked" in capsys.readouterr().out
+    assert {v.dtype for v in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_export_for_vllm_refuses_what_vllm_cannot_load(tmp_path, capsys):
+    from megapuzzle.checkpoints.canonical import save_checkpoint
+    from megapuzzle.model.weights import init_random_canonical
+
+    layers = [LayerArch(A("gqa", 2), F("mlp", 256)), LayerArch(A("linear"), F("mlp", 100)),
+              LayerArch(A("no_op"), F("linear")), LayerArch(A("gqa", 1), F("no_op"))]
+    arch = Architecture(vocab_size=128, hidden_size=64, num_attention_heads=4, layers=layers,
+                        max_position_embeddings=256)
+    save_checkpoint(tmp_path / "ckpt", arch, init_random_canonical(arch, seed=1))
+    out = tmp_path / "export"
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--target", "vllm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and not out.exists()
+    assert ("vLLM cannot load this child: layer 1: intermediate_size 100 has no ffn_mult (not a multiple of 256); "
+            "layer 1: linear attention; layer 2: linear FFN; search with `search_space: {preset: vllm}`") in err, err
+    # without a target it exports (for transformers and Megatron) and warns about the same layers
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    assert capsys.readouterr().err.count("warning: not loadable by") == 3

@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _dist import run_distributed
+from _dist import assert_adamw_parity, run_distributed
 from megapuzzle.arch import Architecture
 
 ARCH = Architecture.homogeneous(vocab_size=96, hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
                                 intermediate_size=128)
 STEPS, BATCH, SEQ = 3, 4, 16
+LR, BETAS = 1e-2, (0.9, 0.999)  # constant LR; Megatron's default Adam betas, spelled out
 
 
 def _train(info, dtype_name: str, overlap: bool):
@@ -32,8 +33,9 @@ def _train(info, dtype_name: str, overlap: bool):
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
                                         use_distributed_optimizer=True, bucket_size=4096)
     model = DistributedDataParallel(config=module.config, ddp_config=ddp, module=module)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.5, bf16=dtype == torch.bfloat16,
-                                                 params_dtype=dtype, use_distributed_optimizer=True), [model])
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
+                                                 clip_grad=0.5, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                                                 use_distributed_optimizer=True), [model])
     init = {n: p.detach().float().clone() for n, p in module.named_parameters()}
     tokens = torch.randint(0, ARCH.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     per = BATCH // info.dp_size
@@ -52,8 +54,16 @@ def _train(info, dtype_name: str, overlap: bool):
         norms.append(float(norm))
     inner = opt.chained_optimizers[0]
     mains = [p for g in inner.optimizer.param_groups for p in g["params"]]
+    # bf16 params: the fp32 main params, this rank's shard of each (zeros elsewhere)
+    names, masters = {p: n for n, p in module.named_parameters()}, {}
+    for params, shards in zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups):
+        for p, shard in zip(params, shards):
+            r = inner._get_model_param_range_map(p)["param"]
+            full = torch.zeros(p.numel())
+            full[r.start:r.end] = shard.detach()
+            masters[names[p]] = full.view(p.shape)
     return {"weights": {n: p.detach().float().clone() for n, p in module.named_parameters()},
-            "init": init,
+            "init": init, "masters": masters,
             "param_dtypes": {str(p.dtype) for p in module.parameters()},
             "main_dtypes": {str(p.dtype) for p in mains},
             "main_numel": sum(p.numel() for p in mains),
@@ -70,24 +80,26 @@ def test_dp2_equals_one_process_on_the_whole_batch(dtype):
     assert one["main_numel"] == total and sum(r["main_numel"] for r in two) == total
     assert max(r["main_numel"] for r in two) < 0.51 * total
     assert two[0]["weights"].keys() == one["weights"].keys()
-    # Compare the updates (weights - init), whole tensors (relative L2). In bf16 the params
-    # are the fp32 masters rounded to bf16 (a 2^-8 relative step, the size of a few updates of
-    # a norm weight at 1.0), so there DP=2 must stay within the gap bf16 itself opens to fp32.
-    def gap(a, b):
-        return max(((b["weights"][n] - b["init"][n]) - (a["weights"][n] - a["init"][n])).norm().item()
-                   / (a["weights"][n] - a["init"][n]).norm().item() for n in a["weights"])
-
     for n in one["weights"]:
         assert torch.equal(two[0]["weights"][n], two[1]["weights"][n]), n  # replicas stay identical
-    worst = gap(one, two[0])
     if dtype == "float32":
-        bound = 1e-5
+        # DP=2 sums the half-batch grads in another order: the weights after 3 Adam steps within
+        # what that fp32 noise can become through Adam (bounds derived in tests/_dist.py)
+        worst = assert_adamw_parity(one["weights"], two[0]["weights"], [LR] * STEPS, BETAS, init=one["init"])
+        print(f"\nfloat32: DP=2 vs one process, weights vs their Adam bounds {worst}")
     else:
-        fp32 = run_distributed(_train, world=1, args=("float32", False))[0]
-        bound = gap(fp32, one)
-    print(f"\n{dtype}: DP=2 vs one process, max relative L2 difference of the updates {worst:.3g} "
-          f"(bound {bound:.3g})")
-    assert worst <= bound
+        # bf16: the params are the fp32 masters rounded to bf16 (2^-8 relative steps, the size of
+        # a few updates of a norm weight at 1.0), so compare the masters (gathered from the DP
+        # shards). The grads are computed in bf16, which DP=2 rounds in another order: noise of
+        # bf16's unit roundoff 2^-9 (doubled), not fp32's, through Adam -- a weaker bound, still
+        # under 0.3 x every tensor's update (a DP bug changes the update by O(1)).
+        m1 = one["masters"]
+        m2 = {n: sum(r["masters"].get(n, 0) for r in two) for n in one["weights"]}
+        assert m1.keys() == m2.keys() == one["weights"].keys()
+        for run, m in ((one, m1), (two[0], m2)):
+            assert all(torch.equal(run["weights"][n], m[n].bfloat16().float()) for n in m)  # params = bf16(masters)
+        worst = assert_adamw_parity(m1, m2, [LR] * STEPS, BETAS, init=one["init"], noise=2 ** -8, teeth=0.3)
+        print(f"\nbfloat16: DP=2 vs one process, fp32 masters vs their Adam bounds {worst}")
     assert two[0]["norms"] == pytest.approx(one["norms"], rel=1e-4 if dtype == "float32" else 2e-2)
     assert one["losses"][-1] < one["losses"][0]
     if dtype == "bfloat16":
@@ -98,6 +110,7 @@ def test_dp2_equals_one_process_on_the_whole_batch(dtype):
 def test_overlapped_grad_reduce_matches_the_synchronous_one():
     sync = run_distributed(_train, world=2, args=("float32", False))
     ovl = run_distributed(_train, world=2, args=("float32", True))
-    worst = max(((ovl[0]["weights"][n] - w).abs().max() / w.abs().max()).item() for n, w in sync[0]["weights"].items())
-    print(f"\noverlapped vs synchronous grad reduce: max relative difference {worst:.3g}")
-    assert worst < 1e-5  # the same sums, bucket by bucket: rounding order only
+    # the same sums, bucket by bucket, up to rounding order (not always the same bits): within what
+    # fp32 noise can become through Adam (tests/_dist.py)
+    worst = assert_adamw_parity(sync[0]["weights"], ovl[0]["weights"], [LR] * STEPS, BETAS, init=sync[0]["init"])
+    print(f"\noverlapped vs synchronous grad reduce: weights vs their Adam bounds {worst}")

@@ -169,9 +169,29 @@ def test_mip_stage_optimum_equals_brute_force_over_the_library(run, x):
     assert out["solutions"][0]["predicted_speedup"] >= x * (1 - 1e-9)
 
 
-def test_mip_stage_infeasible_target_names_the_constraint(run):
-    with pytest.raises(UserError, match="runtime_s") as e:
-        run_mip(run, MIPConfig(throughput_x=1000.0, batch_sizes=(1,), prefill_len=8, gen_len=4), **QUIET)
+def test_mip_stage_unreachable_target_says_what_is_reachable(run):
+    import re
+
+    scenario = dict(batch_sizes=(1, 2), prefill_len=8, gen_len=4)
+    with pytest.raises(UserError) as e:
+        run_mip(run, MIPConfig(throughput_x=1000.0, **scenario), **QUIET)
+    msg = str(e.value)
+    m = re.match(r"mip\.throughput_x 1000 is unreachable: the fastest child of this search space runs ([0-9.]+)x "
+                 r"the parent .*; ask for at most \1x, or ", msg)
+    assert m and "\n" not in msg, msg
+    assert "attention_no_op" not in msg  # the debug search space already has no-op blocks
+    x = float(m.group(1))
+    assert x > 1.3
+    # that figure is the true limit: a little under it is feasible, a little over it is not
+    out = run_mip(run, MIPConfig(throughput_x=x * 0.995, num_solutions=1, **scenario), **QUIET)
+    assert out["solutions"][0]["predicted_speedup"] >= x * 0.995 * (1 - 1e-9)
+    with pytest.raises(UserError, match="is unreachable"):
+        run_mip(run, MIPConfig(throughput_x=x * 1.01, **scenario), **QUIET)
+
+
+def test_mip_stage_infeasible_memory_names_the_constraint(run):
+    with pytest.raises(UserError, match="memory_bytes") as e:  # reachable speed, impossible memory
+        run_mip(run, MIPConfig(throughput_x=1.1, memory_gb=1e-6, batch_sizes=(1,), prefill_len=8, gen_len=4), **QUIET)
     assert "least achievable" in str(e.value) and "\n" not in str(e.value)
 
 

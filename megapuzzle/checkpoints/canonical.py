@@ -179,7 +179,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     safetensors only: never unpickles anything."""
     p = Path(ckpt_dir)
     arch = load_arch(p)
-    tensors = SafetensorsReader(p, dtype=dtype, order=list(expected_canonical_shapes(arch)))
+    tensors = SafetensorsReader(p, dtype=dtype, order=list(expected_canonical_shapes(arch)),
+                                fix=f"re-run the stage that wrote {p} (or re-import it)")
     validate_tensors(arch, tensors, source=str(p))
     meta = json.loads((p / META_FILE).read_text()) if (p / META_FILE).is_file() else {}
     return arch, tensors, meta

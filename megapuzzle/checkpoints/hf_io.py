@@ -66,7 +66,7 @@ def _cast(tensors, dtype: torch.dtype | None):
 # ----------------------------------------------------------------------------- read
 
 def _load_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from megapuzzle.fileio import read_safetensors
 
     index = hf_dir / INDEX_FILE
     if index.is_file():
@@ -89,7 +89,8 @@ def _load_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     for name in files:
         if not (hf_dir / name).is_file():
             raise UserError(f"{hf_dir} lacks shard {name} named in {INDEX_FILE}; the download is incomplete")
-        tensors.update(load_file(str(hf_dir / name)))
+        tensors.update(read_safetensors(hf_dir / name, fix="the download is incomplete or damaged: download "
+                                                            "the model again (or re-save it with save_pretrained)"))
     return tensors
 
 
@@ -135,7 +136,9 @@ def open_hf_llama(hf_dir: str | os.PathLike, *, dtype=None) -> tuple[Architectur
         return not name.endswith(_IGNORED_SUFFIXES) and not (tied and name == "lm_head.weight")
 
     tensors = SafetensorsReader(hf_dir, dtype=_resolve_dtype(dtype), keep=keep,
-                                order=list(expected_canonical_shapes(arch)))
+                                order=list(expected_canonical_shapes(arch)),
+                                fix="the download is incomplete or damaged: download the model again "
+                                    "(or re-save it with save_pretrained)")
     validate_tensors(arch, tensors, source=str(hf_dir))
     return arch, tensors
 

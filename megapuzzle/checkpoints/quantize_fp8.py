@@ -154,7 +154,7 @@ def _quantizer_summary(model) -> dict:
 def check_fp8_dir(hf_dir: str | Path, num_layers: int) -> dict[str, int]:
     """Validate an FP8 export: quant config present, every decoder projection stored as
     float8_e4m3fn with positive finite fp32 weight/input scales. Returns {dtype: count}."""
-    from safetensors import safe_open
+    from megapuzzle.fileio import open_safetensors
 
     d = Path(hf_dir)
     qcfg = json.loads((d / "hf_quant_config.json").read_text())
@@ -166,7 +166,7 @@ def check_fp8_dir(hf_dir: str | Path, num_layers: int) -> dict[str, int]:
                         f"for {num_layers} layers)")
     counts: dict[str, int] = {}
     for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
+        with open_safetensors(f, fix=f"export {d} again") as sf:
             names = set(sf.keys())
             for n in names:
                 t = sf.get_tensor(n)
@@ -186,11 +186,11 @@ def check_fp8_dir(hf_dir: str | Path, num_layers: int) -> dict[str, int]:
 def dequantized_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """The export's weights back in fp32 (FP8 weight x weight_scale); scales dropped. What an
     engine's FP8 GEMM multiplies, for checking the export against the unquantized model."""
-    from safetensors import safe_open
+    from megapuzzle.fileio import open_safetensors
 
     raw: dict[str, torch.Tensor] = {}
     for f in sorted(Path(hf_dir).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
+        with open_safetensors(f, fix=f"export {hf_dir} again") as sf:
             raw.update({n: sf.get_tensor(n) for n in sf.keys()})
     out = {}
     for n, t in raw.items():

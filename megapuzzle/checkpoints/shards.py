@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from megapuzzle.errors import UserError
-from megapuzzle.fileio import atomic_write_json, save_safetensors_atomic, weights_fingerprint
+from megapuzzle.fileio import atomic_write_json, open_safetensors, save_safetensors_atomic, weights_fingerprint
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,8 +125,12 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------- read
 
-def read_header(path: Path) -> dict[str, dict]:
-    """{name: {"dtype", "shape", ...}} from a safetensors header (8-byte length + json), no data read."""
+DEFAULT_FIX = "re-create or re-download it"
+
+
+def read_header(path: Path, fix: str = DEFAULT_FIX) -> dict[str, dict]:
+    """{name: {"dtype", "shape", ...}} from a safetensors header (8-byte length + json), no data read;
+    a damaged header is a one-line UserError naming the file and `fix` (what to do)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
@@ -139,7 +143,7 @@ def read_header(path: Path) -> dict[str, dict]:
         if not isinstance(header, dict):
             raise ValueError("header is not a json object")
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); re-create or re-download it") from None
+        raise UserError(f"{path} is not a readable safetensors file ({e}); {fix}") from None
     header.pop("__metadata__", None)
     return header
 
@@ -168,15 +172,16 @@ class SafetensorsReader(Mapping):
     Every access opens the file, copies out the tensor (or a row / column slice of it) into a
     fresh tensor of `dtype` (None: the stored dtype) and closes it, so nothing stays mapped and
     a caller holds only what it keeps. `keep` limits the names (e.g. drop HF's rotary buffers);
-    `order` sets the iteration order (default: file order)."""
+    `order` sets the iteration order (default: file order); `fix` ends the one-line error for a
+    damaged file (what to do about it)."""
 
     def __init__(self, d: str | os.PathLike, *, dtype: torch.dtype | None = None, keep=None,
-                 order: list[str] | None = None):
-        self.dir, self.dtype = Path(d), dtype
+                 order: list[str] | None = None, fix: str = DEFAULT_FIX):
+        self.dir, self.dtype, self.fix = Path(d), dtype, fix
         self._meta: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
         self.files = safetensors_files(self.dir)
         for f in self.files:
-            for name, info in read_header(self.dir / f).items():
+            for name, info in read_header(self.dir / f, fix).items():
                 if keep is not None and not keep(name):
                     continue
                 st = info.get("dtype") if isinstance(info, dict) else None
@@ -230,22 +235,16 @@ class SafetensorsReader(Mapping):
     # -- data
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """The tensor, or rows[, cols] of it, as a fresh contiguous tensor in `out_dtype(name)`."""
-        from safetensors import SafetensorError, safe_open
-
         if name not in self._meta:
             raise KeyError(name)
-        path = self._meta[name][0]
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                sl = f.get_slice(name)
-                x = sl[rows if rows is not None else slice(None), cols] if cols is not None else \
-                    sl[rows] if rows is not None else sl[:]
-                # copy out of the file mapping now: the mapping goes away with the handle
-                out = torch.empty(x.shape, dtype=self.out_dtype(name))
-                out.copy_(x)
-                del x, sl
-        except SafetensorError as e:
-            raise UserError(f"{path} is not a readable safetensors file ({e}); re-create or re-download it") from None
+        with open_safetensors(self._meta[name][0], self.fix) as f:
+            sl = f.get_slice(name)
+            x = sl[rows if rows is not None else slice(None), cols] if cols is not None else \
+                sl[rows] if rows is not None else sl[:]
+            # copy out of the file mapping now: the mapping goes away with the handle
+            out = torch.empty(x.shape, dtype=self.out_dtype(name))
+            out.copy_(x)
+            del x, sl
         return out
 
     def fingerprint(self) -> str:

@@ -231,6 +231,33 @@ def build_problem(parent: Architecture, cands: Candidates, sc: ScenarioCosts, cf
                       budgets=budgets, candidate_names=names, name=f"batch {b}")
 
 
+def unreachable_throughput(parent: Architecture, cands: Candidates, sc: ScenarioCosts, cfg: MIPConfig,
+                           parent_tps: dict[int, float], target) -> str | None:
+    """The error for a throughput target no child of this library reaches, in the user's terms:
+    the fastest speedup there is (every layer at its cheapest candidate) per batch size, and the
+    knob that widens it. None when some batch size could reach the target (another budget binds)."""
+    fastest = {}
+    for b in parent_tps:
+        layer_min = sum(min(sc.variant_time(p.attention, b) + sc.variant_time(p.ffn, b) for p in pairs)
+                        for pairs in cands.layers)
+        fastest[b] = b * cfg.gen_len / (sc.fixed_time(b, parent.num_layers) + layer_min)
+    if any(fastest[b] >= target(b) for b in fastest):
+        return None
+    best = max(fastest, key=lambda b: fastest[b] / parent_tps[b])
+    x = fastest[best] / parent_tps[best]
+    asked = f"mip.throughput {cfg.throughput:g} tokens/s" if cfg.throughput else f"mip.throughput_x {cfg.throughput_x:g}"
+    kinds = {(p.attention.kind, p.ffn.kind) for pairs in cands.layers for p in pairs}
+    widen = [f"search_space.{k}: true" for k, present in (
+        ("attention_no_op", any(a == "no_op" for a, _ in kinds)), ("ffn_no_op", any(f == "no_op" for _, f in kinds)))
+        if not present]
+    how = (f"widen the search space ({', '.join(widen)}, then re-run bld and score)" if widen else
+           "the embedding and LM head bound it once every layer is at its cheapest, so try larger mip.batch_sizes "
+           "or a longer mip.gen_len")
+    return (f"{asked} is unreachable: the fastest child of this search space runs {x:.2f}x the parent "
+            f"({fastest[best]:.1f} tokens/s at batch {best}, prefill {cfg.prefill_len} + gen {cfg.gen_len}); "
+            f"ask for at most {x:.2f}x, or {how}")
+
+
 def solution_record(parent: Architecture, cands: Candidates, sol, sc: ScenarioCosts, b: int,
                     parent_tps: dict[int, float]) -> dict[str, Any]:
     layers = [cands.layers[l][v] for l, v in enumerate(sol.choice)]
@@ -278,6 +305,10 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print) -> dict[str, Any]:
         problem = build_problem(parent, cands, sc, cfg, b, target(b))
         sols = solve_diverse(problem, cfg.num_solutions, cfg.alpha, solver=cfg.solver, time_limit=cfg.time_limit_s)
     except InfeasibleBudgetError as e:
+        if cfg.throughput or cfg.throughput_x:
+            reach = unreachable_throughput(parent, cands, sc, cfg, parent_tps, target)
+            if reach:
+                raise UserError(reach) from None
         raise UserError(f"{e}") from None
     except MIPError as e:
         raise UserError(str(e)) from None

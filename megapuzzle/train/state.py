@@ -98,12 +98,13 @@ def load_train_state(ckpt_dir: str | os.PathLike, params: dict[str, torch.nn.Par
     """Restore params (in place), optimizer moments and RNG; returns {"step", "extra"} or None.
     `optimizer` (also for save_train_state): a torch optimizer, None, or an object with
     state_tensors() / load_state_tensors(tensors) keyed by parameter name."""
-    from safetensors.torch import load_file
+    from megapuzzle.fileio import read_safetensors
 
     d = latest_step_dir(ckpt_dir)
+    fix = f"delete {d} to resume from the step before it (or {ckpt_dir} to start the stage afresh)"
     if d is None:
         return None
-    saved = load_file(str(d / "params.safetensors"))
+    saved = read_safetensors(d / "params.safetensors", fix)
     missing = set(params) - set(saved)
     if missing:
         raise RuntimeError(f"checkpoint {d} lacks {sorted(missing)[0]}; it was written by a different model — "
@@ -112,7 +113,7 @@ def load_train_state(ckpt_dir: str | os.PathLike, params: dict[str, torch.nn.Par
         for k, p in params.items():
             p.copy_(saved[k])
     if optimizer is not None and (d / "optim.safetensors").is_file():
-        tensors = load_file(str(d / "optim.safetensors"))
+        tensors = read_safetensors(d / "optim.safetensors", fix)
         if hasattr(optimizer, "load_state_tensors"):
             optimizer.load_state_tensors(tensors)
         else:

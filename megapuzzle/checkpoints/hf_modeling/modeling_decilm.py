@@ -37,6 +37,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_decilm import DeciLMConfig
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# transformers 5.2x renamed the cache argument and output field `past_key_values` -> `cache`
+# (generate() passes `cache=` and reads `outputs["cache"]`); older releases use the old name.
+_CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -235,7 +238,7 @@ class DeciLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["DeciLMDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_cache_class = True  # transformers 4.x: let generate() build a DynamicCache
     _supports_static_cache = False  # slots are dense over GQA layers; StaticCache sizes by layer count
     _supports_sdpa = True
@@ -265,7 +268,9 @@ class DeciLMModel(DeciLMPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, cache=None,
+                **kwargs):
+        past_key_values = cache if cache is not None else past_key_values  # either spelling (see _CACHE_FIELD)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -301,8 +306,8 @@ class DeciLMModel(DeciLMPreTrainedModel):
         x = self.norm(x)
         if output_hidden_states:
             all_hidden.append(x)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache if use_cache else None,
-                                       hidden_states=tuple(all_hidden) if output_hidden_states else None)
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=tuple(all_hidden) if output_hidden_states else None,
+                                       **{_CACHE_FIELD: cache if use_cache else None})
 
 
 class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
@@ -334,11 +339,12 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep: int = 0, **kwargs):
+                logits_to_keep: int = 0, cache=None, **kwargs):
         logits_to_keep = kwargs.pop("num_logits_to_keep", None) or logits_to_keep  # 4.45 spelling
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states)
+                         past_key_values=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+        new_cache = getattr(out, _CACHE_FIELD)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -355,9 +361,9 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
             if n_items is not None:
                 loss = loss / n_items
         if return_dict is False:
-            return tuple(v for v in (loss, logits, out.past_key_values, out.hidden_states) if v is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+            return tuple(v for v in (loss, logits, new_cache, out.hidden_states) if v is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{_CACHE_FIELD: new_cache})
 
 
 def _base_prepare_is_stub() -> bool:
