@@ -101,16 +101,27 @@ def make_data(work: Path, vocab: int) -> None:
         write_indexed_dataset(work / "run" / "data" / split, [rng.integers(0, vocab, 600) for _ in range(docs)], vocab)
 
 
-def owned_bytes(arch, tp: int, bytes_per: int, replicas: int = 1) -> int:
-    """This rank's weights: TP-split matrices / tp, norms whole (PP = 1)."""
+def owned_bytes(arch, tp: int, bytes_per: int, replicas: int = 1, pp: int = 1, stage: int = 0) -> int:
+    """This rank's weights: its PP stage's layers (+ the embedding on the first stage, the final
+    norm and the head on the last; a tied head is a copy there), TP-split matrices / tp, norms whole."""
     from megapuzzle.checkpoints.canonical import expected_canonical_shapes
+    from megapuzzle.model.config import stage_layer_ranges
 
+    mine = stage_layer_ranges(arch.num_layers, pp)[stage]
     n = 0
-    for shape in expected_canonical_shapes(arch).values():
+    for name, shape in expected_canonical_shapes(arch).items():
         numel = 1
         for s in shape:
             numel *= s
-        n += numel if len(shape) == 1 else numel // tp
+        if name.startswith("model.layers."):
+            held = int(name.split(".")[2]) in mine
+        elif name == "model.embed_tokens.weight":
+            held = stage == 0
+            n += (numel // tp) if (arch.tie_word_embeddings and pp > 1 and stage == pp - 1) else 0
+        else:
+            held = stage == pp - 1
+        if held:
+            n += numel if len(shape) == 1 else numel // tp
     return n * bytes_per * replicas
 
 
@@ -118,7 +129,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--max-shard-size", default="1GB", help="import-hf / export-hf shard size")
-    ap.add_argument("--layouts", default="1x1,2x1,1x2", help="TPxPP layouts for score")
+    ap.add_argument("--layouts", default="1x1,2x1,1x2", help="TPxPP layouts for score and gkd")
+    ap.add_argument("--gkd", choices=("auto", "yes", "no"), default="auto",
+                    help="run gkd (2 steps, fp32 AdamW) at each layout; auto: only for the small shape (a 1.24B "
+                         "child's fp32 Adam state next to its parent does not fit a shared 24 GB machine)")
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir, removed afterwards)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "memory.md"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -158,6 +172,8 @@ def main() -> int:
             "bld": {"tokens_per_block": 64, "batch_size": 1, "seq_len": 32, "eval_batches": 1,
                     "calibration_batches": 1},
             "score": {"batch_size": 1, "seq_len": 32, "num_batches": 1, "dtype": "bfloat16"},
+            "gkd": {"steps": 2, "batch_size": 1, "seq_len": 32, "eval_batches": 1, "checkpoint_every": 2,
+                    "log_every": 1, "dtype": "float32", "optimizer": "local"},
             "evaluate": {"quality_dtype": "bfloat16", "dtype": "bfloat16", "batch_size": 1, "prefill_len": 8,
                          "gen_len": 2, "rounds": 1, "repeats": 1, "warmup": 0, "quality_batch_size": 1,
                          "seq_len": 32, "eval_batches": 1}}))
@@ -173,6 +189,24 @@ def main() -> int:
             note = "" if pp == 1 else "no PP in score: 2 DP replicas"
             for rr in res:
                 rows.append(("score", lay, rr["rank"], rr, owned_bytes(arch, tp, 2), None, note))
+        # the MIP's choice, fixed here: the parent's own variants (a 1.24B child from the library)
+        run.joinpath("mip").mkdir(exist_ok=True)
+        (run / "mip" / "solutions.json").write_text(json.dumps({"solutions": [{
+            "layers": [{"attention": la.attention.name, "ffn": la.ffn.name} for la in arch.layers],
+            "objective": 0.0, "predicted_speedup": 1.0}]}))
+        (r,) = run_ranks(work, "realize", 1, ["realize", "--run-dir", str(run), "--max-shard-size", a.max_shard_size])
+        rows.append(("realize", "1 process", 0, r, None, io_target))
+        if a.gkd == "yes" or (a.gkd == "auto" and a.shape == "small"):
+            for lay in a.layouts.split(","):
+                tp, pp = (int(x) for x in lay.split("x"))
+                shutil.rmtree(run / "gkd", ignore_errors=True)
+                res = run_ranks(work, f"gkd_{lay}", tp * pp, ["gkd", "--config", str(cfg), "--run-dir", str(run),
+                                                               "--tp", str(tp), "--pp", str(pp), "--no-progress"])
+                for rr in res:
+                    st = rr["rank"] // tp  # ranks are TP-fastest
+                    # frozen parent + child, its grads and AdamW's two moments, all fp32 on CPU
+                    own = owned_bytes(arch, tp, 4, pp=pp, stage=st) * 5
+                    rows.append(("gkd (2 steps)", lay, rr["rank"], rr, own, None, "parent + child, grads, AdamW"))
         (r,) = run_ranks(work, "evaluate", 1, ["evaluate", "--run-dir", str(run), "--config", str(cfg),
                                                 "--child", str(run / "parent")])
         rows.append(("evaluate (parent vs itself)", "1x1", 0, r, owned_bytes(arch, 1, 2, replicas=2), None))
@@ -194,9 +228,10 @@ every HF shard in one dict, then the whole model as one file: 3.1x the model). L
 as the stages did (whole file per rank, cast to fp32, then sliced) cost 4.6-7.6 GB per TP=2 rank
 (issue 14's measurement): 3.7-6.2x the rank's bf16 share, against about 2.1 GiB now for score at 2x1.
 
-Not covered here: BLD and GKD with trained students (optimizer state; this 2-core, 24 GB machine
-shared with test runs cannot hold a 1.24B-parameter GKD child's fp32 Adam state next to its
-parent), and PP for score and evaluate (neither stage has PP; score's 1x2 row is two DP replicas)."""
+Not covered here: BLD with trained students, GKD at this shape (a 1.24B-parameter child's fp32
+Adam state next to its parent does not fit this 2-core, 24 GB machine shared with test runs; see
+memory_small.md for GKD at every layout), and PP for score and evaluate (neither stage has PP;
+score's 1x2 row is two DP replicas)."""
 
 
 def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int, rows: list[tuple],

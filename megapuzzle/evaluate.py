@@ -327,10 +327,10 @@ def plot_pareto(sols: dict | None, chosen: dict | None, ev: dict, path: Path) ->
     if chosen and chosen.get("objective") is not None:
         cx, cy = chosen["predicted_speedup"], chosen["objective"]
         ax.scatter([cx], [cy], marker="*", s=220, color="tab:orange", label=f"chosen ({cx:.2f}x predicted)", zorder=6)
-        mx = ev["speedup"]["measured"]
+        mx, ret = ev["speedup"]["measured"], ev["quality_retention_pct"]  # ret None: parent accuracy 0
         ax.scatter([mx], [cy], marker="D", s=70, color="tab:red", zorder=7,
                    label=f"child measured ({mx:.2f}x, KL {ev['child']['kl_to_parent']:.3g}, "
-                         f"{ev['quality_retention_pct']:.1f}% acc.)")
+                         f"{'n/a' if ret is None else f'{ret:.1f}'}% acc.)")
         ax.annotate("", xy=(mx, cy), xytext=(cx, cy), arrowprops={"arrowstyle": "->", "color": "tab:red"})
     ax.set_xlabel(f"throughput speedup vs parent (batch {ev['scenario']['batch_size']}, "
                   f"{ev['scenario']['prefill_len']}+{ev['scenario']['gen_len']} tokens)")

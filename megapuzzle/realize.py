@@ -32,9 +32,10 @@ def solution_layers(run: RunDir, k: int) -> tuple[list[LayerArch], dict]:
 
 
 def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = None, force: bool = True,
-            layers: list[LayerArch] | None = None, log=print) -> Path:
+            layers: list[LayerArch] | None = None, log=print, max_shard_bytes: int | None = None) -> Path:
     """Write the child checkpoint (RUN/child by default); `layers` overrides the MIP solution."""
     from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path, write_checkpoint
+    from megapuzzle.checkpoints.shards import DEFAULT_MAX_SHARD_BYTES
     from megapuzzle.library import BlockLibrary
 
     run = RunDir(run_dir)
@@ -48,7 +49,8 @@ def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = 
     dest = Path(out) if out is not None else run.child
     # streamed: one layer's blocks (and the parent's embedding / head, read lazily) at a time
     write_checkpoint(dest, arch, lib.iter_assembled(parent_arch, parent_tensors, layers), meta=meta,
-                     tokenizer_dir=tokenizer_path(run.parent), force=force)
+                     tokenizer_dir=tokenizer_path(run.parent), force=force,
+                     max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     log(f"[realize] child with {arch.num_params() / 1e6:.2f}M params ({arch.num_params() / parent_arch.num_params():.1%} "
         f"of the parent) -> {dest}")
     return dest
@@ -58,10 +60,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="run directory (parent/, library/, mip/solutions.json)")
     p.add_argument("--solution", type=int, default=0, help="which MIP candidate (0 = best)")
     p.add_argument("--out", help="checkpoint dir to write (default RUN/child)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="start a new safetensors shard above this size (layer-aligned; index file written)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    realize(args.run_dir, args.solution, out=args.out)
+    from megapuzzle.checkpoints.shards import parse_size
+
+    realize(args.run_dir, args.solution, out=args.out, max_shard_bytes=parse_size(args.max_shard_size))
     from megapuzzle.info import architecture_table
     from megapuzzle.checkpoints.canonical import load_arch
 
