@@ -5,7 +5,7 @@
 Per subblock variant of the search space (deduplicated over layers: cost depends on the
 shape, not the layer): prefill time for a grid of (batch, seq), decode-step time with `seq`
 tokens cached, parameter bytes and KV-cache bytes per token (exact, from the arch, checked
-against the built model). Method (DESIGN.md, "Measured costs need care on a CPU"):
+against the built model). Method (docs/design.md, "Where the time goes": measured costs need care on a CPU):
 
 * pinned torch threads, warm-up, repeats, medians and IQRs;
 * each subblock is timed inside a realistic stack: `stack_layers` layers that all have the
