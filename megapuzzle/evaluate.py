@@ -366,16 +366,21 @@ def report_markdown(ev: dict, parent: Architecture, child: Architecture, sols: d
         ("top-1 accuracy", f"{p['accuracy']:.4f}", f"{c['accuracy']:.4f}", f"{f(ev['quality_retention_pct'], '.1f')}%"),
         ("KL(parent ‖ model)", f"{p['kl_to_parent']:.4f}", f"{c['kl_to_parent']:.4f}", ""),
         ("top-1 agreement with parent", f"{p['top1_agreement']:.4f}", f"{c['top1_agreement']:.4f}", ""),
-        ("measured tokens/s (medians)", f"{p['tokens_per_s']:.1f}", f"{c['tokens_per_s']:.1f}",
+        ("measured tokens/s (medians, megatron)", f"{p['tokens_per_s']:.1f}", f"{c['tokens_per_s']:.1f}",
          f"{s.get('ratio_of_median_tokens_per_s', s['measured']):.2f}x"),
         ("predicted tokens/s (costs.json)", f(p.get("predicted_tokens_per_s"), ".1f"),
          f(c.get("predicted_tokens_per_s"), ".1f"), f"{f(s['predicted'], '.2f')}x"),
     ]
+    if ev.get("vllm"):
+        v = ev["vllm"]
+        rows.append((f"measured tokens/s (medians, vLLM {v['version']})", f"{v['parent']['tokens_per_s']:.1f}",
+                     f"{v['child']['tokens_per_s']:.1f}",
+                     f"{v['child']['tokens_per_s'] / v['parent']['tokens_per_s']:.2f}x"))
     lines = [
         "# Puzzle run report", "",
         f"Parent `{ev['parent_dir']}` vs child `{ev['child_dir']}`. Timing scenario: batch {sc['batch_size']}, "
         f"prefill {sc['prefill_len']} + generate {sc['gen_len']} tokens, KV cache on "
-        f"({ev['timing'].get('dtype')}, {ev['timing'].get('threads')} threads, {ev['timing'].get('clock')} clock; "
+        f"({ev['timing'].get('dtype')}, {ev['timing'].get('threads') or 'all'} threads, {ev['timing'].get('clock')} clock; "
         f"scenario from {', '.join(f'{k}: {v}' for k, v in sc['source'].items())}).", "",
         f"**Quality retention: {f(ev['quality_retention_pct'], '.1f')}%** of the parent's top-1 accuracy; "
         f"**measured speedup {s.get('measured_by_engine', {}).get(s.get('engine'), s['measured']):.2f}x in "
