@@ -41,8 +41,8 @@ _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _EMPTY = LayerArch(AttentionVariant("no_op"), FFNVariant("no_op"))
 
 
-def refuse_unservable(parent: Architecture, attention, ffn) -> None:
-    """One line naming every variant vLLM cannot run, before anything is measured."""
+def refuse_unservable(parent: Architecture, attention, ffn, what: str = "measure.engine vllm") -> None:
+    """One line naming every variant vLLM cannot run, before anything is measured or timed."""
     bad = []
     for subblock, vs in (("attention", attention), ("ffn", ffn)):
         for v in vs:
@@ -50,9 +50,9 @@ def refuse_unservable(parent: Architecture, attention, ffn) -> None:
             if any("vLLM" in p.rsplit(": ", 1)[-1] for p in parent.with_layers([layer]).engine_compatible()):
                 bad.append(f"{subblock}.{v.name}")
     if bad:
-        raise UserError(f"measure.engine vllm cannot run {', '.join(bad)} (vLLM has no linear subblocks and reads "
-                        f"FFN sizes only as ffn_mult); search with `search_space: {{preset: vllm}}`, or measure "
-                        f"with engine megatron")
+        raise UserError(f"{what} cannot run {', '.join(bad)} (vLLM has no linear subblocks and reads "
+                        f"FFN sizes only as ffn_mult); search with `search_space: {{preset: vllm}}`, or time "
+                        f"it with engine megatron only")
 
 
 def _anchor(parent: Architecture) -> LayerArch:
@@ -271,7 +271,8 @@ def measure_speedup_vllm(archs: dict[str, Architecture], scenario: dict, *, roun
     from megapuzzle.serving.engines import require_python, run_script
 
     for name, arch in archs.items():
-        refuse_unservable(arch, [l.attention for l in arch.layers], [l.ffn for l in arch.layers])
+        refuse_unservable(arch, [l.attention for l in arch.layers], [l.ffn for l in arch.layers],
+                          what=f"evaluate.vllm: the {name}")
     python = require_python("vllm")
     b, p, g = scenario["batch_size"], scenario["prefill_len"], scenario["gen_len"]
     dirs = {name: str(write_config_dir(arch, workdir / name, dtype)) for name, arch in archs.items()}
