@@ -49,6 +49,7 @@ def verify_export(checkpoint: str | Path, export: str | Path, prompts: list[list
     """Run the engine on the export and our model on the checkpoint; the comparison as a dict with
     "ok" (bool) and "problems" (one line each)."""
     py = require_python(engine)
+    export = Path(export).resolve()  # the engine runs in another directory
     _, model = load_reference_model(checkpoint)
     ref = greedy_reference(model, prompts, new_tokens)
     out: dict = {"engine": engine, "prompts": len(prompts), "new_tokens": new_tokens, "problems": []}

@@ -79,7 +79,8 @@ def stack(parent: Architecture, entry: str, k: int) -> Architecture:
 
 def write_config_dir(arch: Architecture, out: Path, dtype: str) -> Path:
     """A DeciLM directory with config.json (and our config/modeling files), no weights: vLLM's
-    dummy loader fills random ones."""
+    dummy loader fills random ones. Returned absolute: the worker runs in another directory, and
+    vLLM takes a relative path it cannot find for a hub repo id."""
     from megapuzzle.checkpoints.hf_io import MODELING_DIR, MODELING_FILES
     from megapuzzle.fileio import atomic_write_json
 
@@ -89,7 +90,7 @@ def write_config_dir(arch: Architecture, out: Path, dtype: str) -> Path:
     atomic_write_json(out / "config.json", cfg)
     for name in MODELING_FILES:
         shutil.copyfile(MODELING_DIR / name, out / name)
-    return out
+    return out.resolve()
 
 
 def _kv_elems_per_token(parent: Architecture, subblock: str, v) -> int:
