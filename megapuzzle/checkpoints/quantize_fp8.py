@@ -92,7 +92,7 @@ def export_fp8(checkpoint: str | Path, out: str | Path, *, calib_data: str | Non
 
     from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path
     from megapuzzle.checkpoints.hf_io import _check_out_dir, write_decilm_dir
-    from megapuzzle.checkpoints.export_hf import parse_size
+    from megapuzzle.checkpoints.shards import parse_size
     from megapuzzle.fileio import replace_dir
 
     mtq, export_hf_checkpoint = _require_modelopt()  # before any work: a missing package fails at once
