@@ -11,10 +11,13 @@ memory / params when configured) on costs.json; a candidate counts as feasible w
 them at one of mip.batch_sizes (its best such batch size is recorded, as the MIP keeps its best).
 
 * uniform: Minitron-style width pruning: the same (KV heads, FFN size) in every layer, the
-  least-compressed setting of the search space that meets the target (most parameters, then
-  the lowest summed block score). Weights: the INIT, not BLD: KV heads mean-pooled, FFN
-  channels kept by contribution on the bld: section's calibration batches (megapuzzle.init,
-  the very starting point BLD trains from).
+  least-compressed setting that meets the target (most parameters, then the lowest summed block
+  score). Settings (--uniform-steps N, default 16): every KV-head count dividing the parent's,
+  and every FFN width k*I/N, not just the library's grid (which capped it at 1.35x on cpu_demo);
+  the widths costs.json did not measure are priced by linear interpolation in the width between
+  measured ones (InterpolatedCosts); --uniform-steps 0 keeps the search space's grid. Weights:
+  the INIT, not BLD: KV heads mean-pooled, FFN channels kept by contribution on the bld:
+  section's calibration batches (megapuzzle.init, the very starting point BLD trains from).
 * depth: ShortGPT: block influence BI_l = mean over held-out tokens (score: section's batches)
   of 1 - cos(residual entering layer l, residual leaving it); whole layers (no-op attention +
   no-op FFN) are dropped in increasing BI order until the target is met. The kept layers are
@@ -172,18 +175,85 @@ def _infeasible(method: str, ctx: SearchContext, detail: str) -> UserError:
 
 # ----------------------------------------------------------------------------- the four searches
 
-def select_uniform(ctx: SearchContext, space: SearchSpace) -> tuple[list[LayerArch], dict]:
-    """The same GQA KV-head count and MLP size in every layer: the feasible one with the most
-    parameters (then the lowest summed block score)."""
+def uniform_grid(parent: Architecture, space: SearchSpace, ffn_steps: int | None = 16) -> tuple[list, list]:
+    """(attention, FFN) variants uniform width may use in every layer. ffn_steps=None: the search
+    space's grid (what the library holds). An int N: every KV-head count that divides the query
+    heads and is at most the parent's, and every FFN width k*I/N (k = 1..N, I the parent's), not
+    only the library's: a homogeneous pruning is not limited to the sizes BLD trained."""
+    L = parent.num_layers
+    if ffn_steps is None:
+        att = [a for a in space.attention_variants(parent, 0) if a.kind == "gqa"
+               and all(a in space.attention_variants(parent, l) for l in range(L))]
+        ffn = [f for f in space.ffn_variants(parent, 0) if f.kind == "mlp"
+               and all(f in space.ffn_variants(parent, l) for l in range(L))]
+        return att, ffn
+    own_a, own_f = parent.layers[0].attention, parent.layers[0].ffn
+    if any(la.attention != own_a or la.ffn != own_f for la in parent.layers) or own_a.kind != "gqa" or own_f.kind != "mlp":
+        raise UserError("uniform width over arbitrary sizes needs a homogeneous GQA + MLP parent")
+    heads = parent.num_attention_heads
+    att = [AttentionVariant("gqa", k) for k in range(own_a.num_kv_heads, 0, -1)
+           if heads % k == 0 and own_a.num_kv_heads % k == 0]
+    sizes = sorted({max(1, round(k * own_f.intermediate_size / ffn_steps)) for k in range(1, ffn_steps + 1)}, reverse=True)
+    return att, [FFNVariant("mlp", n) for n in sizes]
+
+
+class InterpolatedCosts:
+    """mip.stage.ScenarioCosts that also prices MLP widths costs.json did not measure: linear in the
+    intermediate size through the two nearest measured widths (extrapolated below the smallest,
+    never below 0). Every measured variant keeps its measured cost."""
+
+    def __init__(self, sc):
+        self.sc, self._mlp = sc, None
+
+    def __getattr__(self, name):
+        return getattr(self.sc, name)
+
+    def _measured_mlp(self) -> list[int]:
+        if self._mlp is None:
+            from megapuzzle.cost_table import cost_table
+
+            self._mlp = sorted(FFNVariant.from_name(e["name"]).intermediate_size
+                               for e in cost_table(self.sc.costs, self.sc.source)["variants"].values()
+                               if e.get("subblock") == "ffn" and str(e.get("name", "")).startswith("mlp_"))
+        return self._mlp
+
+    def variant_time(self, v, b: int) -> float:
+        if not (isinstance(v, FFNVariant) and v.kind == "mlp") or v.intermediate_size in self._measured_mlp():
+            return self.sc.variant_time(v, b)
+        return interpolate_linear(self._measured_mlp(), [self.sc.variant_time(FFNVariant("mlp", n), b)
+                                                         for n in self._measured_mlp()], v.intermediate_size)
+
+    def generation_time(self, arch: Architecture, b: int) -> float:
+        return self.sc.fixed_time(b, arch.num_layers) + sum(
+            self.variant_time(l.attention, b) + self.variant_time(l.ffn, b) for l in arch.layers)
+
+    def tokens_per_s(self, arch: Architecture, b: int) -> float:
+        return b * self.sc.cfg.gen_len / self.generation_time(arch, b)
+
+
+def interpolate_linear(xs: list[float], ys: list[float], x: float) -> float:
+    """y at x on the piecewise-linear curve through sorted xs (at least 2), extrapolated from the end
+    segments, floored at 0 (a subblock cannot take negative time)."""
+    if len(xs) < 2:
+        raise UserError(f"need two measured MLP widths to interpolate a cost, have {xs}")
+    i = min(max(1, int(np.searchsorted(xs, x))), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def select_uniform(ctx: SearchContext, space: SearchSpace, ffn_steps: int | None = 16) -> tuple[list[LayerArch], dict]:
+    """The same GQA KV-head count and MLP size in every layer (uniform_grid): the feasible one
+    with the most parameters (then the lowest summed block score)."""
     L, p = ctx.parent.num_layers, ctx.parent
-    common_a = [a for a in space.attention_variants(p, 0) if a.kind == "gqa"
-                and all(a in space.attention_variants(p, l) for l in range(L))]
-    common_f = [f for f in space.ffn_variants(p, 0) if f.kind == "mlp"
-                and all(f in space.ffn_variants(p, l) for l in range(L))]
+    common_a, common_f = uniform_grid(p, space, ffn_steps)
+    if ffn_steps is not None and not isinstance(ctx.sc, InterpolatedCosts):
+        ctx = dataclasses.replace(ctx, sc=InterpolatedCosts(ctx.sc))
     options = []
     for a in common_a:
         for f in common_f:
             layers = [LayerArch(a, f)] * L
+            if layers == list(p.layers):
+                continue  # the parent itself
             obj = ctx.objective(layers)
             fit = ctx.assess(layers)
             options.append({"attention": a.name, "ffn": f.name, "params": p.with_layers(layers).num_params(),
@@ -195,7 +265,8 @@ def select_uniform(ctx: SearchContext, space: SearchSpace) -> tuple[list[LayerAr
         best = max((o["predicted_speedup"] for o in options), default=0.0)
         raise _infeasible("uniform", ctx, f"the most compressed uniform setting reaches {best:.2f}x")
     la = LayerArch(AttentionVariant.from_name(chosen["attention"]), FFNVariant.from_name(chosen["ffn"]))
-    return [la] * L, {"options": options, "chosen": chosen}
+    return [la] * L, {"options": options, "chosen": chosen, "ffn_steps": ffn_steps,
+                      "costs": "measured" if ffn_steps is None else "measured; unmeasured MLP widths interpolated"}
 
 
 def _parent_model(arch: Architecture, tensors: dict):
@@ -385,7 +456,8 @@ def _fingerprint(base: RunDir) -> dict[str, str]:
 
 
 def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: float, *, seed: int = 0,
-                       random_tries: int = 20000, random_band: float = 0.05, log=print) -> dict:
+                       random_tries: int = 20000, random_band: float = 0.05, uniform_steps: int | None = 16,
+                       log=print) -> dict:
     """Pick the architecture, write mip/solutions.json + baseline.json + child/; returns the record."""
     from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint, tokenizer_path
     from megapuzzle.realize import realize
@@ -402,7 +474,9 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
     ctx = load_context(base.root, cfg, x)
     info: dict[str, Any]
     if method == "uniform":
-        layers, info = select_uniform(ctx, SearchSpace.from_dict(cfg.get("search_space")))
+        if uniform_steps is not None:  # widths off the library's grid: their costs are interpolated
+            ctx = dataclasses.replace(ctx, sc=InterpolatedCosts(ctx.sc))
+        layers, info = select_uniform(ctx, SearchSpace.from_dict(cfg.get("search_space")), uniform_steps)
         reason = "uniform width: most parameters that meet the target"
     elif method == "depth":
         from megapuzzle.score import ScoreConfig
@@ -450,7 +524,7 @@ def default_out(run_dir: str | Path, method: str, x: float) -> Path:
 
 def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | Path | None = None, *,
               seed: int = 0, until: str = "evaluate", random_tries: int = 20000, random_band: float = 0.05,
-              log=print) -> dict:
+              uniform_steps: int | None = 16, log=print) -> dict:
     """select (+ realize) -> gkd -> evaluate in OUT, skipping stages OUT's manifest.json marks done
     for the same key; returns {"method", "throughput_x", "dir", "record", "eval", "stages"}."""
     from megapuzzle.evaluate import EvaluateConfig, run_evaluate
@@ -465,6 +539,7 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
     child = prepare_child_dir(base, Path(out) if out is not None else default_out(run_dir, method, x))
     key_src = {"method": method, "throughput_x": float(x), "seed": seed if method == "random" else None,
                "random": [random_tries, random_band] if method == "random" else None, "base": str(base.root.resolve()),
+               "uniform_steps": uniform_steps if method == "uniform" else None,
                "files": _fingerprint(base),
                "config": {s: cfg.get(s) for s in ("search_space", "bld", "score", "mip", "gkd", "evaluate")}}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -498,7 +573,7 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
         atomic_write_json(mf_path, manifest)
 
     step("select", lambda: select_and_realize(base, child, cfg, method, x, seed=seed, random_tries=random_tries,
-                                              random_band=random_band, log=log))
+                                              random_band=random_band, uniform_steps=uniform_steps, log=log))
     if stages.index(until) >= 1:
         step("gkd", lambda: {k: v for k, v in run_gkd(child.root, section(cfg, "gkd", GKDConfig), log=log,
                                                        progress=False).items() if k in ("steps", "tokens", "final")})
@@ -524,6 +599,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-tries", type=int, default=20000, help="random: draws before taking the tightest feasible")
     p.add_argument("--random-band", type=float, default=0.05, help="random: accept a speedup within x*(1+band)")
     p.add_argument("--until", default="evaluate", choices=("select", "gkd", "evaluate"), help="stop after this stage")
+    p.add_argument("--uniform-steps", type=int, default=16, help="uniform: FFN widths k*I/N, k = 1..N (0: the "
+                                                                  "search space's grid only)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -531,7 +608,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from megapuzzle.info import architecture_table
 
     res = run_child(args.run_dir, load_config(args.config), args.method, args.throughput_x, args.out, seed=args.seed,
-                    until=args.until, random_tries=args.random_tries, random_band=args.random_band)
+                    until=args.until, random_tries=args.random_tries, random_band=args.random_band,
+                    uniform_steps=args.uniform_steps or None)
     print(architecture_table(load_arch(Path(res["dir"]) / "child")))
     ev = res["eval"]
     if ev:

@@ -1,40 +1,60 @@
-"""`megapuzzle bench search-quality`: does Puzzle beat homogeneous compression at equal speed?
+"""`megapuzzle bench search-quality`: which method gives the best child at equal MEASURED speed?
 
     megapuzzle run examples/cpu_demo.yaml --run-dir runs/cpu_demo --until mip
-    megapuzzle bench search-quality --config examples/cpu_demo.yaml --run-dir runs/cpu_demo --targets 1.5 2.0 \\
-        --out benchmarks/results/search_quality [--work-dir runs/cpu_demo_sq_bench] [--methods puzzle uniform ...] \\
-        [--threads 1]
+    megapuzzle bench search-quality --config examples/cpu_demo.yaml --run-dir runs/cpu_demo \\
+        --out benchmarks/results/search_quality/stdlib [--targets 1.2 1.4 1.6 1.8 2.0 2.4 2.8 3.2] \\
+        [--gkd-steps 60] [--work-dir runs/cpu_demo_sq_bench] [--methods puzzle uniform ...] [--threads 1]
 
-For every target and method (puzzle = the MIP through mip.stage.run_mip; uniform, depth, random,
-greedy = megapuzzle.baselines) one child run directory WORK/<method>_x<target> is built from the
-same parent, library, scores and costs, under the same budget, then gets the same GKD (the
-config's gkd: section) and the same evaluate (evaluate: section). WORK defaults to
-RUN_sq_bench next to RUN (RUN itself is never written).
+Sweep: every method (METHOD_INFO; puzzle = the MIP through mip.stage.run_mip; uniform, depth,
+random, greedy = megapuzzle.baselines) is asked for a child at each target, in increasing
+order, target-major (so an interrupted sweep has every method's low targets). A method stops at
+the first target its selection cannot meet; the last target it met is recorded as its max.
+A selection that picks the same architecture as the method's previous target is not trained
+again (the row says `same as`). Every child gets the same GKD (the config's gkd: section,
+with --gkd-steps overriding its steps for the whole sweep) and the same evaluate.
 
-Resumable: each child is a run directory with its own manifest.json; a killed bench re-run skips
-every finished stage of every child (GKD itself resumes from its checkpoints). Progress goes to
-stdout. Writes to --out:
+Comparison (megapuzzle.bench_frontier): a method's quality at measured speed s is the best of
+its children whose measured speedup is >= s (a monotone frontier envelope). The table gives
+that at a grid of speeds, after GKD and before GKD (the realized child), and per method the
+measured-speed range where it is best. WORK defaults to RUN_sq_bench next to RUN (RUN itself is
+never written); each child is a resumable run directory (a re-run skips finished stages).
+Writes to --out:
 
-    table.md                     the exact command, then one row per (method, target)
-    results.json                 the rows + the parent's metrics + each child's directory
-    quality_vs_throughput.png    accuracy retention against MEASURED throughput ratio, all methods
+    table.md                     the command, the equal-speed tables, where each method is best,
+                                 every child (method, target, predicted, measured, ...)
+    results.json                 the rows + the parent's metrics + the envelopes
+    quality_vs_throughput.png    retention against MEASURED speedup, one curve (envelope) per
+                                 method; left after GKD, right before GKD
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import time
 from pathlib import Path
 from typing import Any
 
+from megapuzzle.bench_frontier import best_ranges, envelope_steps, equal_speed_table, fmt_ranges, speed_grid
 from megapuzzle.config import load_config
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
 
 BENCHMARKS = ("search-quality",)
-STYLE = {"puzzle": ("tab:red", "*"), "uniform": ("tab:blue", "s"), "depth": ("tab:green", "^"),
-         "random": ("tab:grey", "o"), "greedy": ("tab:purple", "D")}
+# every method the bench can sweep: (plot colour, marker, what it is). A new method (e.g.
+# "puzzle_fusion") needs an entry here and in megapuzzle.baselines.ALL_METHODS / run_child.
+METHOD_INFO = {
+    "puzzle": ("tab:red", "*", "Puzzle: the MIP over the BLD library"),
+    "greedy": ("tab:purple", "D", "greedy on the same library and scores"),
+    "uniform": ("tab:blue", "s", "uniform width (same KV heads + FFN width everywhere; pruning init, no BLD)"),
+    "depth": ("tab:green", "^", "depth: whole layers dropped by block influence (ShortGPT)"),
+    "random": ("tab:grey", "o", "random library pairs (rejection sampling at the target)"),
+    "puzzle_fusion": ("tab:orange", "P", "Puzzle with layer fusion"),
+}
+DEFAULT_METHODS = ("puzzle", "greedy", "uniform", "depth", "random")
+DEFAULT_TARGETS = (1.2, 1.4, 1.6, 1.8, 2.0, 2.4, 2.8, 3.2)
+STYLE = {m: v[:2] for m, v in METHOD_INFO.items()}
 
 
 def default_work_dir(run_dir: str | Path) -> Path:
@@ -64,7 +84,7 @@ def _f(v, fmt: str) -> str:
 
 
 def table_markdown(rows: list[dict], parent: dict | None, command: str, header: str = "") -> str:
-    lines = ["# Search quality: Puzzle vs homogeneous compression at equal throughput", "", "```bash", command, "```",
+    lines = ["# Search quality: Puzzle vs the baselines at equal measured speed", "", "```bash", command, "```",
              ""]
     if header:
         lines += [header, ""]
@@ -78,57 +98,93 @@ def table_markdown(rows: list[dict], parent: dict | None, command: str, header: 
         if r.get("error"):
             lines.append(f"| {r['method']} | {r['target']:g} | failed: {r['error']} |" + " |" * 9)
             continue
+        if r.get("same_as"):
+            lines.append(f"| {r['method']} | {r['target']:g} | {_f(r.get('predicted_x'), '.2f')} | same child as "
+                         f"{r['same_as']:g}x |" + " |" * 8)
+            continue
         lines.append(
             f"| {r['method']} | {r['target']:g} | {_f(r.get('predicted_x'), '.2f')} | {_f(r.get('measured_x'), '.2f')} | "
             f"{_f(r.get('params'), ',')} | {_f(r.get('params_frac') and 100 * r['params_frac'], '.1f')} | {_f(r.get('objective'), '.4f')} | "
             f"{_f(r.get('lm_loss'), '.4f')} | {_f(r.get('accuracy'), '.4f')} | {_f(r.get('kl'), '.4f')} | "
             f"{_f(r.get('retention_pct'), '.1f')} | {_f(r.get('retention_before_gkd_pct'), '.1f')} |")
     lines.append("")
-    for t in sorted({r["target"] for r in rows}):
-        done = [r for r in rows if r["target"] == t and r.get("retention_pct") is not None]
-        if done:
-            best = max(done, key=lambda r: r["retention_pct"])
-            lines.append(f"- target {t:g}x: best retention {best['method']} ({best['retention_pct']:.1f}%); "
-                         + ", ".join(f"{r['method']} {r['retention_pct']:.1f}%" for r in
-                                     sorted(done, key=lambda r: -r["retention_pct"])))
-    arch = [r for r in rows if r.get("layers")]
+    arch = [r for r in rows if r.get("layers") and not r.get("same_as")]
     if arch:
         lines += ["", "Architectures (layer 0 first, attention+FFN):", ""]
         lines += [f"- {r['method']} {r['target']:g}x: " + ", ".join(f"`{la}`" for la in r["layers"]) for r in arch]
     return "\n".join(lines) + "\n"
 
 
+def _curves(rows: list[dict], key: str) -> dict[str, list[tuple[float, float]]]:
+    """Per method (in first-seen order) the (measured speedup, quality) points of its children."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        out.setdefault(r["method"], [])
+        if r.get("measured_x") is not None and r.get(key) is not None and not r.get("same_as"):
+            out[r["method"]].append((r["measured_x"], r[key]))
+    return out
+
+
+def equal_speed_markdown(rows: list[dict], methods, *, lo: float = 1.2, step: float = 0.1, tol: float = 0.0) -> str:
+    """The equal-speed tables (after and before GKD) and where each method is best."""
+    lines = []
+    for key, what in (("retention_pct", "after GKD"), ("retention_before_gkd_pct", "before GKD (the realized child)")):
+        curves = {m: p for m, p in _curves(rows, key).items() if m in methods}
+        grid = speed_grid(curves, lo, step)
+        if not grid:
+            continue
+        tab = equal_speed_table(curves, grid)
+        lines += [f"### Retention % {what} at equal measured speed", "",
+                  "Rule: a method's retention at measured speedup s = the best retention among its children whose "
+                  "measured speedup is >= s (monotone frontier envelope); `-` = no child of that method is that fast. "
+                  "Bold: the best at that speed.", "",
+                  "| measured speedup >= | " + " | ".join(curves) + " |", "|---:|" + "---:|" * len(curves)]
+        for i, sp in enumerate(grid):
+            vals = [tab[m][i] for m in curves]
+            top = max((v for v in vals if v is not None), default=None)
+            cells = ["-" if v is None else (f"**{v:.1f}**" if top is not None and v >= top - tol else f"{v:.1f}")
+                     for v in vals]
+            lines.append(f"| {sp:.2f} | " + " | ".join(cells) + " |")
+        ranges, segs = best_ranges(curves, lo=1.0, tol=tol)
+        lines += ["", f"Where each method is best ({what}; measured-speed intervals (a, b], exact over the envelopes' "
+                      f"breakpoints from 1.0x to the fastest child; ties shared):", ""]
+        for m in curves:
+            top = max((sp for sp, _ in curves[m]), default=None)
+            lines.append(f"- {m}: best in {fmt_ranges(ranges[m])}; fastest child {'n/a' if top is None else f'{top:.2f}x'}")
+        lines += ["", "Segments: " + "; ".join(f"({a:.2f}, {b:.2f}] {'+'.join(w)}" for a, b, w in segs), ""]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path) -> bool:
-    done = [r for r in rows if r.get("measured_x") is not None and r.get("retention_pct") is not None]
-    if not done:
+    curves = {k: _curves(rows, k) for k in ("retention_pct", "retention_before_gkd_pct")}
+    if not any(p for c in curves.values() for p in c.values()):
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
-    ax.scatter([1.0], [100.0], marker="s", s=70, color="black", label="parent", zorder=5)
-    for m in dict.fromkeys(r["method"] for r in done):
-        pts = [(r["measured_x"], r["retention_pct"], r["target"])  # joined in target order
-               for r in sorted(done, key=lambda r: r["target"]) if r["method"] == m]
-        color, marker = STYLE.get(m, ("tab:orange", "x"))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=m,
-                markersize=11 if marker == "*" else 7, linestyle="-", alpha=0.9)
-        for x, y, t in pts:
-            ax.annotate(f"{t:g}x", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=color)
-    failed: dict[str, list[str]] = {}
-    for r in rows:
-        if r.get("error"):
-            failed.setdefault(r["method"], []).append(f"{r['target']:g}x")
-    if failed:
-        ax.text(0.01, 0.01, "no feasible child: " + "; ".join(f"{m} at {', '.join(t)}" for m, t in failed.items()),
-                transform=ax.transAxes, fontsize=8, color="dimgray", va="bottom")
-    ax.set_xlabel("measured generation throughput / parent's")
-    ax.set_ylabel("next-token accuracy retention after GKD (% of parent)")
-    ax.set_title("Search quality at equal throughput targets (labels: target)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(13.0, 5.0), dpi=120)
+    for ax, (key, title) in zip(axes, (("retention_pct", "after GKD"), ("retention_before_gkd_pct", "before GKD"))):
+        ax.scatter([1.0], [100.0], marker="s", s=60, color="black", label="parent", zorder=5)
+        for m, pts in curves[key].items():
+            if not pts:
+                continue
+            color, marker = STYLE.get(m, ("tab:brown", "x"))
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, alpha=0.85,
+                       s=90 if marker == "*" else 30, label=m, zorder=4)
+            steps = envelope_steps(pts)  # fastest first; draw Q(s) as a step function from 1.0x
+            xs, ys = [], []
+            for i, (sp, q) in enumerate(reversed(steps)):
+                left = 1.0 if i == 0 else list(reversed(steps))[i - 1][0]
+                xs += [left, sp]
+                ys += [q, q]
+            ax.plot(xs, ys, color=color, linewidth=1.6, alpha=0.9)
+        ax.set_xlabel("MEASURED speedup over the parent (generation throughput)")
+        ax.set_ylabel(f"next-token accuracy retention {title} (% of parent)")
+        ax.set_title(f"{title}: dots = children, lines = best child at >= that speed")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure_atomic(fig, path)
     return True
@@ -136,78 +192,126 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 def command_line(args: argparse.Namespace) -> str:
     parts = ["megapuzzle", "bench", "search-quality", "--config", args.config, "--run-dir", args.run_dir,
-             "--targets", *[str(t) for t in args.targets], "--out", args.out]
+             "--targets", *[f"{t:g}" for t in args.targets], "--out", args.out]
     if args.work_dir:
         parts += ["--work-dir", args.work_dir]
     if list(args.methods) != list(DEFAULT_METHODS):
         parts += ["--methods", *args.methods]
-    if args.seed:
-        parts += ["--seed", str(args.seed)]
-    if args.threads:
-        parts += ["--threads", str(args.threads)]
+    for flag, v in (("--seed", args.seed), ("--gkd-steps", args.gkd_steps), ("--threads", args.threads)):
+        if v:
+            parts += [flag, str(v)]
+    if args.uniform_steps != 16:
+        parts += ["--uniform-steps", str(args.uniform_steps)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
-DEFAULT_METHODS = ("puzzle", "uniform", "depth", "random", "greedy")
+def sweep_config(cfg: dict, gkd_steps: int | None) -> dict:
+    """The config every child gets: the gkd: section's steps replaced by --gkd-steps."""
+    cfg = copy.deepcopy(cfg)
+    if gkd_steps:
+        g = dict(cfg.get("gkd") or {})
+        g.pop("tokens", None)
+        g["steps"] = int(gkd_steps)
+        g["checkpoint_every"] = min(int(g.get("checkpoint_every", 50)), int(gkd_steps))
+        cfg["gkd"] = g
+    return cfg
 
 
-def run_search_quality(config: str | Path, run_dir: str | Path, targets: list[float], out: str | Path, *,
+def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: str | Path, *,
                        work_dir: str | Path | None = None, methods=DEFAULT_METHODS, seed: int = 0,
+                       gkd_steps: int | None = None, uniform_steps: int | None = 16,
                        command: str | None = None, log=print) -> dict:
     from megapuzzle.baselines import ALL_METHODS, run_child
+    from megapuzzle.mip import InfeasibleBudgetError
 
-    cfg = load_config(config)
+    cfg = sweep_config(load_config(config), gkd_steps)
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
         raise UserError(f"unknown method(s) {bad}; use some of {', '.join(ALL_METHODS)}")
     if not targets or any(t <= 0 for t in targets):
         raise UserError(f"--targets must be positive throughput multiples, got {targets}")
+    targets = sorted(set(float(t) for t in targets))
     work = Path(work_dir) if work_dir else default_work_dir(run_dir)
     out = Path(out)
-    jobs = [(t, m) for t in targets for m in methods]
     rows, parent, t_all = [], None, time.perf_counter()
-    log(f"[bench] search-quality: {len(jobs)} children ({', '.join(methods)} at {', '.join(f'{t:g}x' for t in targets)})"
-        f" from {run_dir}; children in {work}")
-    for k, (t, m) in enumerate(jobs, 1):
-        t0 = time.perf_counter()
-        log(f"[bench] ({k}/{len(jobs)}) {m} @ {t:g}x ...")
-        try:
-            res = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", seed=seed,
-                            log=lambda s, m=m, t=t: log(f"  [{m} {t:g}x] {s}"))
-        except UserError as e:
-            rows.append({"method": m, "target": t, "error": str(e)})
-            log(f"[bench] ({k}/{len(jobs)}) {m} @ {t:g}x FAILED: {e}")
-            continue
-        row = row_from(res)
-        rows.append(row)
-        if res["eval"]:
-            p = res["eval"]["parent"]
-            parent = {k2: p[k2] for k2 in ("params", "lm_loss", "accuracy", "tokens_per_s", "predicted_tokens_per_s")
-                      if k2 in p}
-        log(f"[bench] ({k}/{len(jobs)}) {m} @ {t:g}x: predicted {_f(row.get('predicted_x'), '.2f')}x, measured "
-            f"{_f(row.get('measured_x'), '.2f')}x, retention {_f(row.get('retention_pct'), '.1f')}%, KL "
-            f"{_f(row.get('kl'), '.4f')} ({time.perf_counter() - t0:.0f}s; {time.perf_counter() - t_all:.0f}s total)")
+    stopped: dict[str, dict] = {}
+    steps = (cfg.get("gkd") or {}).get("steps", "default")
     command = command or (f"megapuzzle bench search-quality --config {config} --run-dir {run_dir} --targets "
                           + " ".join(f"{t:g}" for t in targets) + f" --out {out}")
-    header = (f"Base run `{Path(run_dir).resolve()}`, children in `{work.resolve()}`; config `{config}`: the "
-              f"same GKD ({(cfg.get('gkd') or {}).get('steps', 'default')} steps) and evaluate for every child. "
-              f"`predicted x` is the selection's own prediction from costs.json (each method must meet the "
-              f"target under the MIP's scenario and budgets); `measured x` is evaluate's CPU-clock timing "
-              f"against the parent in the same process. Summed block score: the MIP's objective (sum of the chosen blocks' "
-              f"replace-1-block scores, mip.metric) for the same architecture; for uniform it scores the library's "
-              f"BLD blocks of those variants, while the uniform child carries the untrained init. Retention = child / parent next-token accuracy on "
-              f"data/heldout. Random: rejection sampling (seed {seed}), the first draw within 5% above the target.")
-    md = table_markdown(rows, parent, command, header)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "table.md", md)
-    png = plot(rows, out / "quality_vs_throughput.png")
-    result = {"command": command, "config": str(config), "run_dir": str(Path(run_dir).resolve()),
-              "work_dir": str(work.resolve()), "targets": list(targets), "methods": list(methods), "seed": seed,
-              "parent": parent, "rows": rows, "plot": str(out / "quality_vs_throughput.png") if png else None,
-              "wall_s": time.perf_counter() - t_all}
-    atomic_write_json(out / "results.json", result)
-    log(md)
-    log(f"[bench] wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {result['plot']}" if png else ""))
+    log(f"[bench] search-quality: {', '.join(methods)} at {', '.join(f'{t:g}x' for t in targets)} from {run_dir}; "
+        f"GKD {steps} steps; children in {work}")
+
+    def write() -> dict:
+        header = (f"Base run `{Path(run_dir).resolve()}`, children in `{work.resolve()}`; config `{config}`. "
+                  f"**Every child gets the same reduced GKD: {steps} steps** (gkd: section with --gkd-steps; "
+                  f"the config's own is {(load_config(config).get('gkd') or {}).get('steps', 'default')}) and the "
+                  f"same evaluate. `predicted x` is the selection's own prediction from costs.json (uniform widths "
+                  f"off the measured grid: interpolated); `measured x` is evaluate's CPU-clock timing against the "
+                  f"parent in the same process. Retention = child / parent next-token accuracy on data/heldout. "
+                  f"Random: rejection sampling (seed {seed}), the first draw within 5% above the target.")
+        reach = [f"- {m}: " + (f"stopped at {stopped[m]['target']:g}x (max target met: "
+                               f"{stopped[m]['max'] and format(stopped[m]['max'], 'g')}x): {stopped[m]['error']}"
+                               if m in stopped else "met every target swept") for m in methods]
+        md = table_markdown(rows, parent, command, header).split("\n")
+        i = md.index(header) + 2
+        md = md[:i] + [equal_speed_markdown(rows, methods), "### How far each method reaches", "", *reach, "",
+                       "### Every child", ""] + md[i:]
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "table.md", "\n".join(md))
+        png = plot(rows, out / "quality_vs_throughput.png")
+        env = {k: {m: envelope_steps(p) for m, p in _curves(rows, k).items()}
+               for k in ("retention_pct", "retention_before_gkd_pct")}
+        result = {"command": command, "config": str(config), "run_dir": str(Path(run_dir).resolve()),
+                  "work_dir": str(work.resolve()), "targets": targets, "methods": list(methods), "seed": seed,
+                  "gkd_steps": steps, "parent": parent, "rows": rows, "stopped": stopped, "envelopes": env,
+                  "plot": str(out / "quality_vs_throughput.png") if png else None,
+                  "wall_s": time.perf_counter() - t_all}
+        atomic_write_json(out / "results.json", result)
+        return result
+
+    k = 0
+    for t in targets:
+        for m in methods:
+            if m in stopped:
+                continue
+            k += 1
+            t0 = time.perf_counter()
+            child_log = lambda s, m=m, t=t: log(f"  [{m} {t:g}x] {s}")  # noqa: E731
+            kw = dict(seed=seed, uniform_steps=uniform_steps, log=child_log)
+            log(f"[bench] ({k}) {m} @ {t:g}x ...")
+            try:
+                sel = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", until="select", **kw)
+                prev = [r for r in rows if r["method"] == m and not r.get("error") and not r.get("same_as")]
+                same = next((r for r in prev if r["layers"] == [f"{l['attention']}+{l['ffn']}"
+                                                                for l in sel["record"]["layers"]]), None)
+                if same is not None:
+                    rows.append({**same, "target": t, "same_as": same["target"], "dir": sel["dir"],
+                                 "predicted_x": sel["record"].get("predicted_speedup")})
+                    log(f"[bench] ({k}) {m} @ {t:g}x: the same architecture as at {same['target']:g}x; not retrained")
+                    write()
+                    continue
+                res = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", **kw)
+            except (UserError, InfeasibleBudgetError) as e:
+                reached = [r["target"] for r in rows if r["method"] == m and not r.get("error")]
+                stopped[m] = {"target": t, "max": max(reached) if reached else None, "error": str(e)}
+                rows.append({"method": m, "target": t, "error": str(e)})
+                log(f"[bench] ({k}) {m} @ {t:g}x FAILED, {m} stops here: {e}")
+                write()
+                continue
+            row = row_from(res)
+            rows.append(row)
+            if res["eval"]:
+                p = res["eval"]["parent"]
+                parent = {k2: p[k2] for k2 in ("params", "lm_loss", "accuracy", "tokens_per_s",
+                                               "predicted_tokens_per_s") if k2 in p}
+            log(f"[bench] ({k}) {m} @ {t:g}x: predicted {_f(row.get('predicted_x'), '.2f')}x, measured "
+                f"{_f(row.get('measured_x'), '.2f')}x, retention {_f(row.get('retention_pct'), '.1f')}% (before GKD "
+                f"{_f(row.get('retention_before_gkd_pct'), '.1f')}%) ({time.perf_counter() - t0:.0f}s; "
+                f"{time.perf_counter() - t_all:.0f}s total)")
+            write()
+    result = write()
+    log((out / "table.md").read_text())
+    log(f"[bench] wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {result['plot']}" if result["plot"] else ""))
     return result
 
 
@@ -215,11 +319,17 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
     p.add_argument("--config", required=True, help="the base run's config YAML")
     p.add_argument("--run-dir", required=True, help="base run after `megapuzzle run CFG --until mip`")
-    p.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0], help="throughput multiples of the parent")
-    p.add_argument("--out", default="benchmarks/results/search_quality", help="where table.md, results.json, png go")
+    p.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS),
+                   help="throughput multiples of the parent, swept in increasing order; a method stops at the "
+                        "first one it cannot meet")
+    p.add_argument("--out", default="benchmarks/results/search_quality/stdlib",
+                   help="where table.md, results.json, png go")
     p.add_argument("--work-dir", help="where the child run directories go (default RUN_sq_bench next to RUN)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="subset of the methods")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--gkd-steps", type=int, help="GKD steps for every child (default: the config's gkd.steps)")
+    p.add_argument("--uniform-steps", type=int, default=16,
+                   help="uniform: FFN widths k*I/N, k = 1..N (0: the search space's grid only)")
     p.add_argument("--threads", type=int, help="torch CPU threads for the whole bench (1 on a shared box: GKD at 2 "
                                                "threads under other load ran 8x slower than at 1)")
 
@@ -230,5 +340,6 @@ def run_cli(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     run_search_quality(args.config, args.run_dir, args.targets, args.out, work_dir=args.work_dir,
-                       methods=args.methods, seed=args.seed, command=command_line(args))
+                       methods=args.methods, seed=args.seed, gkd_steps=args.gkd_steps,
+                       uniform_steps=args.uniform_steps or None, command=command_line(args))
     return 0

@@ -269,14 +269,18 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     for name, arch in (("parent", parent_arch), ("child", child_arch)):
         out[name] = {**quality[name], **memory(arch, sc, bpp), **speed[name]}
         if costs:
-            out[name]["predicted_tokens_per_s"] = predict_generation_time(
-                costs, arch, sc["batch_size"], sc["prefill_len"], sc["gen_len"])["tokens_per_s"]
+            try:
+                out[name]["predicted_tokens_per_s"] = predict_generation_time(
+                    costs, arch, sc["batch_size"], sc["prefill_len"], sc["gen_len"])["tokens_per_s"]
+            except KeyError as e:  # a variant costs.json never measured (uniform width at any size)
+                log(f"[evaluate] no costs.json prediction for the {name}: {e.args[0]}")
     if "child_realized" in quality:
         out["child_realized"] = quality["child_realized"]
     if vllm_speed:
         out["vllm"] = {"version": vllm_speed["vllm"], "speedup": vllm_speed["speedup"],
                        **{n: vllm_speed[n] for n in ("parent", "child")}}
-    predicted = out["child"]["predicted_tokens_per_s"] / out["parent"]["predicted_tokens_per_s"] if costs else None
+    predicted = (out["child"]["predicted_tokens_per_s"] / out["parent"]["predicted_tokens_per_s"]
+                 if costs and "predicted_tokens_per_s" in out["child"] else None)
     # the prediction is checked against the engine the costs (and so the MIP) came from
     out["speedup"] = {"measured": measured, "predicted": predicted, "engine": engine, "measured_by_engine": by_engine,
                       "ratio_of_median_tokens_per_s": out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"],

@@ -44,6 +44,8 @@ class ParentSection:
     """Copy this megapuzzle checkpoint."""
     threads: int | None = None
     """torch CPU threads for train-parent."""
+    corpus: str | None = None
+    """With train: the corpus, "stdlib" (default) or a directory of text files (train-parent --corpus)."""
 
     def __post_init__(self):
         given = [k for k in ("train", "hf_dir", "checkpoint") if getattr(self, k)]
@@ -106,6 +108,8 @@ def _stage_parent(run: RunDir, cfg: dict, log) -> dict:
         if p.train not in FLAVOURS:
             raise UserError(f"parent.train {p.train!r} unknown; use one of {sorted(FLAVOURS)}")
         pcfg = FLAVOURS[p.train] if not p.steps else dataclasses.replace(FLAVOURS[p.train], steps=p.steps)
+        if p.corpus:
+            pcfg = dataclasses.replace(pcfg, corpus=p.corpus)
         out = run.root / "parent_train"
         res = train_parent(out, pcfg, threads=p.threads, log=log)
         _replace_tree(out / "checkpoint", run.parent)

@@ -79,6 +79,10 @@ class ParentConfig:
     """Share input and output embeddings (Llama-3 8B+ do not)."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    corpus: str = "stdlib"
+    """"stdlib" (the running Python's own source, the default) or a directory of text files
+    (.txt/.md/.rst/.py, recursively, e.g. Debian python3-doc's /usr/share/doc/python3-doc/html/_sources);
+    a directory's files go to held-out by their relative path (~2%, megapuzzle.data.corpus)."""
 
     def __post_init__(self):
         if self.vocab_size % 128:
@@ -111,10 +115,25 @@ FLAVOURS = {
 }
 
 
-def _corpus_texts(split: str, max_files: int):
-    from megapuzzle.data.corpus import stdlib_files
+def corpus_files(corpus: str, split: str) -> list[Path]:
+    """The text files of one split of `corpus` ("stdlib" or a directory), sorted."""
+    from megapuzzle.data.corpus import is_heldout, stdlib_files
+    from megapuzzle.data.datasets import TEXT_SUFFIXES
 
-    files = stdlib_files(split)
+    if corpus == "stdlib":
+        return stdlib_files(split)
+    root = Path(corpus)
+    if not root.is_dir():
+        raise UserError(f"parent corpus {corpus!r} is neither 'stdlib' nor a directory (for the Python docs: "
+                        f"apt-get install -y python3-doc)")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise UserError(f"{root}: no {'/'.join(TEXT_SUFFIXES)} files")
+    return [f for f in files if split == "all" or is_heldout(f.relative_to(root).as_posix()) == (split == "heldout")]
+
+
+def _corpus_texts(split: str, max_files: int, corpus: str = "stdlib"):
+    files = corpus_files(corpus, split)
     if max_files:
         files = files[:max_files] if split == "train" else files[: max(2, max_files // 10)]
     for f in files:
@@ -131,7 +150,7 @@ def prepare_tokenizer_and_data(cfg: ParentConfig, out: Path, log=print) -> None:
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.model").is_file():
         t0 = time.perf_counter()
-        train_sentencepiece(_corpus_texts("train", cfg.max_files), tok_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
+        train_sentencepiece(_corpus_texts("train", cfg.max_files, cfg.corpus), tok_dir, vocab_size=cfg.vocab_size, seed=cfg.seed)
         log(f"[train-parent] sentencepiece BPE {cfg.vocab_size} trained in {time.perf_counter() - t0:.1f}s")
     tok = load_tokenizer(tok_dir)
     for split in ("train", "heldout"):
@@ -139,7 +158,7 @@ def prepare_tokenizer_and_data(cfg: ParentConfig, out: Path, log=print) -> None:
         if (prefix.with_suffix(".idx")).is_file() and (prefix.with_suffix(".bin")).is_file():
             continue
         t0 = time.perf_counter()
-        docs = (tok.encode(t) + [tok.eos_id] for t in _corpus_texts(split, cfg.max_files))
+        docs = (tok.encode(t) + [tok.eos_id] for t in _corpus_texts(split, cfg.max_files, cfg.corpus))
         stats = write_indexed_dataset(prefix, docs, tok.vocab_size, meta={"split": split, "tokenizer": tok.fingerprint()})
         log(f"[train-parent] {split}: {stats} ({time.perf_counter() - t0:.1f}s)")
 
@@ -187,7 +206,7 @@ def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, th
     result_file = out / "result.json"
     if result_file.is_file():
         res = json.loads(result_file.read_text())
-        if res.get("config") == dataclasses.asdict(cfg):
+        if {"corpus": "stdlib", **(res.get("config") or {})} == dataclasses.asdict(cfg):  # pre-corpus results
             log(f"[train-parent] {out} is already trained (result.json); nothing to do")
             return res
         raise UserError(f"{out} holds a parent trained with another config; use a new --out or delete {out}")
@@ -290,11 +309,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flavour", choices=sorted(FLAVOURS), default="default", help="size preset")
     p.add_argument("--steps", type=int, help="override the flavour's optimizer steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--corpus", default="stdlib", help="'stdlib' (default) or a directory of text files, e.g. "
+                                                      "/usr/share/doc/python3-doc/html/_sources (apt python3-doc)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = FLAVOURS[args.flavour]
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.corpus != "stdlib":
+        cfg = dataclasses.replace(cfg, corpus=args.corpus)
     train_parent(args.out, cfg, threads=args.threads)
     return 0
