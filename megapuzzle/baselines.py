@@ -252,8 +252,6 @@ def select_uniform(ctx: SearchContext, space: SearchSpace, ffn_steps: int | None
     for a in common_a:
         for f in common_f:
             layers = [LayerArch(a, f)] * L
-            if layers == list(p.layers):
-                continue  # the parent itself
             obj = ctx.objective(layers)
             fit = ctx.assess(layers)
             options.append({"attention": a.name, "ffn": f.name, "params": p.with_layers(layers).num_params(),

@@ -131,7 +131,7 @@ def _uniform_speedups(run) -> dict[str, float]:
     from megapuzzle.baselines import load_context, select_uniform
 
     ctx = load_context(run, CFG, 1.0)
-    _, info = select_uniform(ctx, SearchSpace.from_dict(CFG["search_space"]))
+    _, info = select_uniform(ctx, SearchSpace.from_dict(CFG["search_space"]), None)  # the library's grid
     return {(o["attention"], o["ffn"]): (o["params"], o["predicted_speedup"]) for o in info["options"]}
 
 
@@ -149,11 +149,11 @@ def test_uniform_is_the_same_everywhere_meets_the_budget_and_keeps_init_weights(
     x = (by_params[1][1][1] + by_params[2][1][1]) / 2
     assert by_params[1][1][1] < x < by_params[2][1][1]
     ctx = load_context(run, CFG, x)
-    layers, info = select_uniform(ctx, SearchSpace.from_dict(CFG["search_space"]))
+    layers, info = select_uniform(ctx, SearchSpace.from_dict(CFG["search_space"]), None)
     assert len(set(layers)) == 1 and (layers[0].attention.name, layers[0].ffn.name) == by_params[2][0]
     assert ctx.best_batch(layers) is not None and info["chosen"]["feasible"]
 
-    res = run_child(run, CFG, "uniform", x, tmp_path / "u", until="select", **QUIET)
+    res = run_child(run, CFG, "uniform", x, tmp_path / "u", until="select", uniform_steps=None, **QUIET)
     child_arch, child_t, _ = load_checkpoint(tmp_path / "u" / "child")
     assert list(child_arch.layers) == layers and res["record"]["predicted_speedup"] >= x * (1 - 1e-9)
     parent_arch, parent_t, _ = load_checkpoint(run / "parent")
@@ -168,6 +168,43 @@ def test_uniform_is_the_same_everywhere_meets_the_budget_and_keeps_init_weights(
             assert not torch.equal(k, lib.load_block(attention_key(l, layers[0].attention))["self_attn.k_proj.weight"])
     sol = json.loads((tmp_path / "u" / "mip" / "solutions.json").read_text())
     assert sol["best_batch_size"] == 2 and sol["solutions"][0]["method"] == "uniform"
+
+
+def test_uniform_at_any_width_interpolates_costs_reaches_further_and_prunes_the_parent(run, tmp_path):
+    from megapuzzle.arch import FFNVariant, SearchSpace
+    from megapuzzle.baselines import InterpolatedCosts, interpolate_linear, load_context, run_child, select_uniform
+    from megapuzzle.checkpoints.canonical import load_checkpoint
+
+    space = SearchSpace.from_dict(CFG["search_space"])
+    ctx = load_context(run, CFG, 1.0)
+    _, grid = select_uniform(ctx, space, None)
+    _, fine = select_uniform(ctx, space, 4)  # debug parent: FFN 256 -> 256, 192, 128, 64; KV 2, 1
+    assert {(o["attention"], o["ffn"]) for o in fine["options"]} == {
+        (a, f) for a in ("gqa_kv2", "gqa_kv1") for f in ("mlp_256", "mlp_192", "mlp_128", "mlp_64")}
+    top_grid = max(o["predicted_speedup"] for o in grid["options"])
+    top_fine = max(o["predicted_speedup"] for o in fine["options"])
+    assert top_fine > top_grid * 1.05
+    # synthetic costs are linear in the FFN's parameters, so interpolation must be exact on them
+    ic = InterpolatedCosts(ctx.sc)
+    t = {n: ic.variant_time(FFNVariant("mlp", n), 2) for n in (64, 128, 192, 256)}
+    assert t[192] == pytest.approx((t[128] + t[256]) / 2, rel=1e-9)
+    assert t[64] == pytest.approx(t[128] - (t[256] - t[128]) / 2, rel=1e-9) and t[64] > 0
+    assert t[128] == ctx.sc.variant_time(FFNVariant("mlp", 128), 2)  # measured ones untouched
+    assert interpolate_linear([1.0, 2.0], [1.0, 2.0], -5.0) == 0.0 and interpolate_linear([1.0, 2.0], [1.0, 3.0], 4.0) == 7.0
+
+    x = (top_grid + top_fine) / 2  # beyond the grid: only off-grid widths meet it
+    res = run_child(run, CFG, "uniform", x, tmp_path / "u", until="select", uniform_steps=4, **QUIET)
+    child_arch, child_t, _ = load_checkpoint(tmp_path / "u" / "child")
+    la = child_arch.layers[0]
+    assert len(set(child_arch.layers)) == 1 and la.ffn.intermediate_size == 64
+    assert res["record"]["predicted_speedup"] >= x * (1 - 1e-9)
+    _, parent_t, _ = load_checkpoint(run / "parent")
+    for l in range(child_arch.num_layers):  # the pruning init: every kept channel is one of the parent's
+        down_c = child_t[f"model.layers.{l}.mlp.down_proj.weight"]
+        down_p = parent_t[f"model.layers.{l}.mlp.down_proj.weight"]
+        assert down_c.shape == (down_p.shape[0], 64)
+        for j in range(64):
+            assert any(torch.equal(down_c[:, j], down_p[:, i]) for i in range(down_p.shape[1]))
 
 
 def test_depth_block_influence_is_one_minus_cos_and_the_lowest_go(run, tmp_path):
@@ -251,34 +288,55 @@ def test_an_infeasible_target_is_a_one_line_user_error(run, tmp_path, capsys, me
     assert rc == 2 and err.count("\n") == 1 and "1000" in err and "lower --throughput-x" in err, err
 
 
-def test_bench_builds_gkd_evaluates_and_resumes(run, tmp_path):
+def test_bench_sweeps_stops_compares_at_equal_speed_and_resumes(run, tmp_path):
     logs: list[str] = []
-    x = 1.3
-    out = run_search_quality_cfg(run, tmp_path, x, logs)
-    rows = {r["method"]: r for r in out["rows"]}
-    assert set(rows) == {"puzzle", "greedy"}
-    for r in rows.values():
-        assert r["predicted_x"] >= x * (1 - 1e-9) and r["measured_x"] > 0 and 0 < r["retention_pct"]
-        assert {"lm_loss", "accuracy", "kl", "params"} <= set(r)
-        ev = json.loads((tmp_path / "work" / f"{r['method']}_x1.3" / "eval.json").read_text())
-        assert ev["gkd"]["steps"] == 2 and ev["scenario"]["batch_size"] == 2
-    assert rows["puzzle"]["objective"] <= rows["greedy"]["objective"] + 1e-12  # the MIP vs greedy, same problem
+    out = run_search_quality_cfg(run, tmp_path, [1000, 1.3], logs)
+    rows = {(r["method"], r["target"]): r for r in out["rows"]}
+    assert set(rows) == {(m, t) for m in ("puzzle", "greedy", "uniform") for t in (1.3, 1000.0)}
+    for m in ("puzzle", "greedy", "uniform"):
+        r = rows[(m, 1.3)]
+        assert r["predicted_x"] >= 1.3 * (1 - 1e-9) and r["measured_x"] > 0 and 0 < r["retention_pct"]
+        assert r["retention_before_gkd_pct"] > 0 and {"lm_loss", "accuracy", "kl", "params"} <= set(r)
+        ev = json.loads((tmp_path / "work" / f"{m}_x1.3" / "eval.json").read_text())
+        assert ev["gkd"]["steps"] == 3 and ev["scenario"]["batch_size"] == 2  # --gkd-steps for every child
+        assert rows[(m, 1000.0)]["error"] and out["stopped"][m]["max"] == 1.3  # stops, records its max
+    assert rows[("puzzle", 1.3)]["objective"] <= rows[("greedy", 1.3)]["objective"] + 1e-12
     table = (tmp_path / "res" / "table.md").read_text()
-    assert "megapuzzle bench search-quality" in table and "| puzzle | 1.3 |" in table and "| greedy | 1.3 |" in table
+    assert "megapuzzle bench search-quality" in table and "--gkd-steps 3" in table and "3 steps" in table
+    assert "measured speedup is >= s" in table and "Where each method is best" in table
+    best = max(("puzzle", "greedy", "uniform"), key=lambda m: rows[(m, 1.3)]["retention_pct"])
+    fastest = {m: rows[(m, 1.3)]["measured_x"] for m in ("puzzle", "greedy", "uniform")}
+    # at the slowest child's speed every method competes: the best retention must be the bold one there
+    s0 = min(fastest.values())
+    from megapuzzle.bench_frontier import best_ranges
+    ranges, _ = best_ranges({m: [(fastest[m], rows[(m, 1.3)]["retention_pct"])] for m in fastest}, lo=0.0)
+    assert any(a < s0 <= b for a, b in ranges[best])
+    assert out["envelopes"]["retention_pct"][best] == [(fastest[best], rows[(best, 1.3)]["retention_pct"])]
     assert (tmp_path / "res" / "quality_vs_throughput.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "res" / "results.json").read_text())["rows"] == json.loads(json.dumps(out["rows"]))
 
     logs.clear()  # a re-run skips every finished stage of every child
-    run_search_quality_cfg(run, tmp_path, x, logs)
-    assert sum("skipped" in s for s in logs) == 6 and not any("[gkd]" in s for s in logs)
+    run_search_quality_cfg(run, tmp_path, [1.3, 1000], logs)
+    assert sum("skipped" in s for s in logs) == 3 * 4 and not any("[gkd]" in s for s in logs)
 
 
-def run_search_quality_cfg(run, tmp_path, x, logs):
+def test_bench_does_not_retrain_the_same_architecture(run, tmp_path):
+    logs: list[str] = []  # dropping the lowest-BI layer of 4 is far above both targets: one architecture
+    out = run_search_quality_cfg(run, tmp_path, [1.02, 1.01], logs, methods=("depth",))
+    a, b = out["rows"]
+    assert a["target"] == 1.01 and b["target"] == 1.02 and a["layers"] == b["layers"]
+    assert b["same_as"] == 1.01 and b["measured_x"] == a["measured_x"] and a["retention_pct"] > 0
+    assert not (tmp_path / "work" / "depth_x1.02" / "gkd").exists() and any("not retrained" in s for s in logs)
+    assert "same child as 1.01x" in (tmp_path / "res" / "table.md").read_text()
+
+
+def run_search_quality_cfg(run, tmp_path, targets, logs, methods=("puzzle", "greedy", "uniform")):
     import yaml
 
     from megapuzzle.bench_search_quality import run_search_quality
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
-    return run_search_quality(cfg, run, [x], tmp_path / "res", work_dir=tmp_path / "work",
-                              methods=("puzzle", "greedy"), log=logs.append)
+    return run_search_quality(cfg, run, targets, tmp_path / "res", work_dir=tmp_path / "work", methods=methods,
+                              gkd_steps=3, uniform_steps=4, command="megapuzzle bench search-quality --gkd-steps 3",
+                              log=logs.append)
