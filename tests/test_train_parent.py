@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +75,43 @@ def test_exported_parent_loads_in_transformers_and_matches(trained):
                                                        reduction="sum").item()
             n += batch[:, 1:].numel()
     assert abs(total / n - res["heldout_loss"]) < 1e-4
+
+
+PYDOC = Path("/usr/share/doc/python3-doc/html/_sources")
+
+
+def test_a_directory_corpus_splits_by_relative_path(tmp_path):
+    from megapuzzle.errors import UserError
+    from megapuzzle.train_parent import corpus_files
+
+    for i in range(200):
+        (tmp_path / f"d{i % 7}").mkdir(exist_ok=True)
+        (tmp_path / f"d{i % 7}" / f"page{i}.rst.txt").write_text(f"page {i}\n")
+    (tmp_path / "skip.bin").write_bytes(b"\0")
+    train, held, every = (corpus_files(str(tmp_path), s) for s in ("train", "heldout", "all"))
+    assert len(every) == 200 and sorted(train + held) == every and not set(train) & set(held)
+    assert 0 < len(held) < 20  # ~2% by relative path: stable wherever the directory sits
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in every:
+        (moved / f.relative_to(tmp_path)).parent.mkdir(exist_ok=True)
+        (moved / f.relative_to(tmp_path)).write_text(f.read_text())
+    assert [f.relative_to(moved) for f in corpus_files(str(moved), "heldout")] == [f.relative_to(tmp_path) for f in held]
+    with pytest.raises(UserError, match="python3-doc"):
+        corpus_files(str(tmp_path / "nope"), "train")
+
+
+@pytest.mark.skipif(not PYDOC.is_dir(), reason="apt-get install -y python3-doc (.ci/run does)")
+def test_a_parent_trains_on_the_python_docs(tmp_path):
+    from megapuzzle.data.tokenizer import load_tokenizer
+
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(CFG, steps=6, checkpoint_every=6, corpus=str(PYDOC), max_files=60)
+    res = train_parent(tmp_path / "p", cfg, log=lambda *a: None)
+    assert res["config"]["corpus"] == str(PYDOC) and math.isfinite(res["heldout_loss"])
+    tok = load_tokenizer(tmp_path / "p" / "tokenizer")
+    words = tok.encode("The interpreter reads the documentation")  # prose: few pieces per word
+    assert len(words) < 25
+    # the stdlib-trained config is another parent: the same directory refuses it
+    with pytest.raises(Exception, match="another config"):
+        train_parent(tmp_path / "p", dataclasses.replace(cfg, corpus="stdlib"), log=lambda *a: None)
