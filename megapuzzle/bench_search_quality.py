@@ -241,8 +241,9 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
     log(f"[bench] search-quality: {', '.join(methods)} at {', '.join(f'{t:g}x' for t in targets)} from {run_dir}; "
         f"GKD {steps} steps; children in {work}")
 
-    def write() -> dict:
-        header = (f"Base run `{Path(run_dir).resolve()}`, children in `{work.resolve()}`; config `{config}`. "
+    def write(final: bool = False) -> dict:
+        header = ("" if final else f"**PARTIAL: the sweep had not finished when this was written (after child {k}; "
+                  f"methods still running: {', '.join(m for m in methods if m not in stopped)}).** ") + (f"Base run `{Path(run_dir).resolve()}`, children in `{work.resolve()}`; config `{config}`. "
                   f"**Every child gets the same reduced GKD: {steps} steps** (gkd: section with --gkd-steps; "
                   f"the config's own is {(load_config(config).get('gkd') or {}).get('steps', 'default')}) and the "
                   f"same evaluate. `predicted x` is the selection's own prediction from costs.json (uniform widths "
@@ -264,7 +265,7 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
         result = {"command": command, "config": str(config), "run_dir": str(Path(run_dir).resolve()),
                   "work_dir": str(work.resolve()), "targets": targets, "methods": list(methods), "seed": seed,
                   "gkd_steps": steps, "parent": parent, "rows": rows, "stopped": stopped, "envelopes": env,
-                  "plot": str(out / "quality_vs_throughput.png") if png else None,
+                  "plot": str(out / "quality_vs_throughput.png") if png else None, "complete": final,
                   "wall_s": time.perf_counter() - t_all}
         atomic_write_json(out / "results.json", result)
         return result
@@ -309,7 +310,7 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
                 f"{_f(row.get('retention_before_gkd_pct'), '.1f')}%) ({time.perf_counter() - t0:.0f}s; "
                 f"{time.perf_counter() - t_all:.0f}s total)")
             write()
-    result = write()
+    result = write(final=True)
     log((out / "table.md").read_text())
     log(f"[bench] wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {result['plot']}" if result["plot"] else ""))
     return result
