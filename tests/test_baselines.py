@@ -144,13 +144,15 @@ def test_uniform_is_the_same_everywhere_meets_the_budget_and_keeps_init_weights(
 
     opts = _uniform_speedups(run)
     assert len(opts) == 4  # kv {2, 1} x ffn {256, 128}
-    by_params = sorted(opts.items(), key=lambda kv: -kv[1][0])
-    # a target between the 2nd and 3rd largest settings' speedups: the 3rd must be chosen
-    x = (by_params[1][1][1] + by_params[2][1][1]) / 2
-    assert by_params[1][1][1] < x < by_params[2][1][1]
+    # FFN width first, then KV heads: (most KV heads, most parameters)
+    order = sorted(opts.items(), key=lambda kv: (-int(kv[0][0].split("kv")[1]), -kv[1][0]))
+    assert [k for k, _ in order] == [("gqa_kv2", "mlp_256"), ("gqa_kv2", "mlp_128"), ("gqa_kv1", "mlp_256"),
+                                     ("gqa_kv1", "mlp_128")]
+    x = order[1][1][1] * 1.01  # just beyond KV 2 at the smaller FFN: the first KV-1 setting that is fast enough
+    want = next(k for k, (_, sp) in order[2:] if sp >= x)
     ctx = load_context(run, CFG, x)
     layers, info = select_uniform(ctx, SearchSpace.from_dict(CFG["search_space"]), None)
-    assert len(set(layers)) == 1 and (layers[0].attention.name, layers[0].ffn.name) == by_params[2][0]
+    assert len(set(layers)) == 1 and (layers[0].attention.name, layers[0].ffn.name) == want
     assert ctx.best_batch(layers) is not None and info["chosen"]["feasible"]
 
     res = run_child(run, CFG, "uniform", x, tmp_path / "u", until="select", uniform_steps=None, **QUIET)
