@@ -275,13 +275,13 @@ def solution_record(parent: Architecture, cands: Candidates, sol, sc: ScenarioCo
 
 
 def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print) -> dict[str, Any]:
-    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost_table import load_costs
     from megapuzzle.library import BlockLibrary
     from megapuzzle.mip import InfeasibleBudgetError, MIPError, pareto_sweep, solve_diverse, solve_over_batches
 
     run = RunDir(run_dir)
-    parent = load_arch(run.require_parent())
+    parent = load_arch(require_parent(run))
     costs = load_costs(run.costs)
     scores = load_scores(run.scores)
     cands = library_candidates(parent, BlockLibrary(run.library), scores, cfg.metric)
