@@ -9,37 +9,8 @@ RUN/data/heldout (the fixed eval batches); writes RUN/library (megapuzzle.librar
 work split and per-rank resumable state under RUN/state/bld/<block-set hash>/ (removed as ranks
 finish) and tensorboard scalars (NMSE per block) under RUN/tb/bld/dp###/ (dp###_pp###/ with PP).
 
-Every student block gets the PARENT's input to its layer and learns to match the parent's
-layer there with the normalized MSE
-
-    L = MSE(o_parent, o_child) / MSE(o_parent, 0),   o = layer output - layer input,
-
-i.e. on the layer's *update* to the residual stream (with the residual included the loss
-would be trivially small: the residual dominates both outputs). Decoupled mode trains every
-attention variant with the parent FFN frozen after it and every FFN variant with the parent
-attention frozen before it; coupled mode trains (attention, FFN) pairs, both trainable
-(megapuzzle.bld_blocks). One teacher forward per batch feeds every block of every layer the
-rank holds, and no gradient crosses a block boundary.
-
-Work is split over data-parallel ranks by block (greedy by parameter count); each rank runs
-its own teacher on the SAME global batches, so a block's training does not depend on which
-rank or which other blocks it trains with. TP shards teacher and students as Megatron-core
-does. PP splits the teacher's layers over pipeline stages; each stage trains the blocks of its
-own layers (split over its DP ranks) and only the boundary hidden state travels between stages
-(megapuzzle.bld_pipeline). All students of a rank train in lockstep (tokens_per_block /
-(batch_size * seq_len) steps; megapuzzle.bld_train) and are written to the library together
-when the rank finishes. Blocks already in the library with a valid checksum are skipped (so a
-search space can be extended without retraining); the parent's own variants are written
-directly. Killed at any moment, a re-run resumes each rank from its last checkpoint (every
-`checkpoint_every` steps; TP ranks and the stages of a pipeline resume from one step). With
-`fp8: true` the students run FP8 GEMMs (TransformerEngine, sm >= 89; checked at start).
-
-Precision (`dtype`; auto = bf16 on a GPU, fp32 on CPU): teacher and students hold bf16 params and
-every block trains under its own Megatron-core mixed-precision optimizer (fp32 master weights
-and main grads, AdamW and clipping on those; megapuzzle.train.block_optimizer), with the master
-weights in the resumable state. The same optimizers run on CPU (megapuzzle.runtime.cpu_compat),
-so `dtype: bfloat16` is tested in CI. DDP has no gradient to reduce here: no block trains on two
-DP ranks.
+How BLD trains (the loss, decoupled / coupled, the work split, TP / PP, precision, resume):
+docs/design.md, "BLD".
 """
 
 from __future__ import annotations
@@ -88,10 +59,10 @@ def _plan_for_ranks(state_root: Path, todo: list[BlockSpec], arch: Architecture,
 # ----------------------------------------------------------------------------- entry points
 
 def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, progress: bool = True,
-            stop_after: int | None = None, threads: int | None = None) -> dict:
+            threads: int | None = None) -> dict:
     """Build (or complete) RUN/library. `cfg_dict`: the whole run config (sections
-    `search_space` and `bld`). `stop_after`: tests' kill switch, returns after that many steps
-    of this run without saving, like a kill between checkpoints. Returns this rank's summary."""
+    `search_space` and `bld`). Under `faults.kill_after("bld", n)` (tests) a rank stops after
+    step n without saving, like a kill between checkpoints. Returns this rank's summary."""
     from megapuzzle.bld_train import train_rank
     from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint, require_parent
     from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te, stage_layer_ranges
@@ -158,7 +129,7 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, pro
     if mine or (role is not None and role.deepest >= 0):
         res = train_rank(rd, cfg, arch, parent_tensors, mine, lib, info,
                          state_dir=state_root / f"rank{info.rank:03d}", signature=sig,
-                         plan_keys=plan_keys, log=log, progress=progress, stop_after=stop_after, role=role)
+                         plan_keys=plan_keys, log=log, progress=progress, role=role)
         summary.update(res)
     summary["timings"]["total_s"] = time.perf_counter() - t0
     return summary

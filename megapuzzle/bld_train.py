@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from megapuzzle.train import faults
 from megapuzzle.arch import Architecture
 from megapuzzle.bld_plan import BLDConfig, BlockSpec, tensor_sig
 from megapuzzle.checkpoints.canonical import first_dtype
@@ -120,7 +121,7 @@ def _resume_point(state_dir: Path, keys_sig: str, mine: list[BlockSpec], steps: 
 
 def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: dict, mine: list[BlockSpec],
                lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str], log=print,
-               progress: bool = True, stop_after: int | None = None, role=None) -> dict:
+               progress: bool = True, role=None) -> dict:
     """Train this rank's blocks in lockstep and write them to the library. `role` (PP > 1): this
     rank's megapuzzle.bld_pipeline.PipelineRole; every rank of a pipeline with work calls this,
     `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work)."""
@@ -229,7 +230,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
             logger.scalar(f"eval_nmse/{k}", v, 0)
     last_log, window = start, {s.key: [] for s in trainable}
     for step in range(start, total):
-        if stop_after is not None and step >= stop_after:
+        if faults.reached("bld", step):
             bar.close()
             logger.close()
             return {"stopped_at": step, "resumed_from": start if resume else None, "timings": tim}

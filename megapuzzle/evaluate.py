@@ -25,70 +25,17 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megapuzzle.config.evaluate import EvaluateConfig  # noqa: F401 (the stage's config)
 from megapuzzle.arch import Architecture
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
 from megapuzzle.metrics import kl_per_token, nll_per_token, top1_matches
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """The `evaluate:` config section."""
-
-    batch_size: int | None = None
-    """Sequences generated together when timing (None: the MIP's chosen batch size, else 1)."""
-    prefill_len: int | None = None
-    """Prompt tokens per sequence when timing (None: the MIP's, else 128)."""
-    gen_len: int | None = None
-    """Generated tokens per sequence when timing (None: the MIP's, else 64)."""
-    repeats: int = 1
-    """Timed generations per model and round."""
-    warmup: int = 1
-    """Untimed generations before each timing."""
-    rounds: int = 8
-    """Parent/child timing rounds in ABBA order. The measured speedup is the median over the
-    rounds x repeats generations of parent time / child time, each pair taken seconds apart, so
-    machine drift (a shared host's clock speed moved the parent's time by 40% within a minute
-    here) cancels as in the cost measurement's paired differences."""
-    threads: int | None = None
-    """torch threads while timing (None: what costs.json was measured with)."""
-    dtype: str | None = None
-    """Timing dtype: auto, float32 or bfloat16 (None: costs.json's)."""
-    quality_batch_size: int = 8
-    """Held-out sequences per quality batch."""
-    seq_len: int = 256
-    """Held-out tokens per sequence."""
-    eval_batches: int = 8
-    """Held-out batches for the quality metrics (0 = the whole split)."""
-    quality_dtype: str = "float32"
-    """Weights of the quality models: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU);
-    log-probs and KL are computed in fp32 either way."""
-    vllm: bool | None = None
-    """Also time parent and child in vLLM (its own environment; `rounds` ABBA rounds, random
-    weights). None: when costs.json was measured in vLLM, so the MIP's engine is always timed."""
-
-    def __post_init__(self):
-        for f in ("batch_size", "prefill_len", "gen_len", "threads"):
-            v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise UserError(f"evaluate.{f} must be a positive integer or omitted, got {v!r}")
-        for f in ("repeats", "rounds", "quality_batch_size", "seq_len"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                raise UserError(f"evaluate.{f} must be an integer >= 1, got {v!r}")
-        if self.warmup < 0 or self.eval_batches < 0:
-            raise UserError("evaluate.warmup and evaluate.eval_batches must be >= 0")
-        if self.dtype not in (None, "auto", "float32", "bfloat16"):
-            raise UserError(f"evaluate.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
-        if self.quality_dtype not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"evaluate.quality_dtype {self.quality_dtype!r} unknown; use auto, float32 or bfloat16")
 
 
 # ----------------------------------------------------------------------------- quality

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megapuzzle.fileio import atomic_write_json, atomic_write_text
 from megapuzzle.train.distill import all_reduce_if, tp_group_rank_size
 
-TRAINERS = ("auto", "megatron", "local")
+from megapuzzle.config.gkd import TRAINERS  # noqa: E402,F401 (re-exported)
 
 
 def resolve_trainer(name: str) -> str:

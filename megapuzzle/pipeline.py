@@ -26,74 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megapuzzle.config import RunDir, load_config, section
+from megapuzzle.config.pipeline import DataSection, ExportSection, ParentSection  # noqa: F401
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, replace_dir
-
-
-@dataclasses.dataclass(frozen=True)
-class ParentSection:
-    """The `parent:` section: exactly one source."""
-
-    train: str | None = None
-    """Train the embedded parent with this train-parent flavour (default, debug)."""
-    steps: int | None = None
-    """Override the flavour's optimizer steps."""
-    hf_dir: str | None = None
-    """Import this HuggingFace Llama directory."""
-    checkpoint: str | None = None
-    """Copy this megapuzzle checkpoint."""
-    threads: int | None = None
-    """torch CPU threads for train-parent."""
-
-    def __post_init__(self):
-        given = [k for k in ("train", "hf_dir", "checkpoint") if getattr(self, k)]
-        if len(given) != 1:
-            raise UserError(f"parent: give exactly one of train / hf_dir / checkpoint (got {given or 'none'})")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    """The `data:` section (ignored when the parent is trained here: its own data is used)."""
-
-    train: str | None = None
-    """Megatron indexed-dataset prefix of training tokens (parent's tokenizer)."""
-    heldout: str | None = None
-    """Indexed-dataset prefix of held-out tokens."""
-    stdlib: bool = False
-    """Tokenize the embedded stdlib corpus with the parent's tokenizer instead."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportSection:
-    """The `export:` section: the HF DeciLM directory (RUN/export) and, optionally, an FP8 one."""
-
-    dtype: str = "auto"
-    """Weight dtype of RUN/export: auto (the checkpoint's own: lossless), bf16, fp16 or fp32."""
-    target: str | None = None
-    """vllm or tensorrt-llm: fail the stage, naming the layers, if that engine cannot load the child."""
-    quantize: str | None = None
-    """fp8: also write RUN/export_fp8 (ModelOpt FP8, calibrated on RUN/data/heldout); needs
-    nvidia-modelopt (the [modelopt] extra)."""
-    calib_batches: int = 8
-    """FP8 calibration batches (x calib_batch_size x calib_seq_len tokens)."""
-    calib_batch_size: int = 4
-    """Sequences per calibration batch."""
-    calib_seq_len: int = 256
-    """Tokens per calibration sequence."""
-    max_shard_size: str = "2GB"
-    """Split safetensors files above this size."""
-
-    def __post_init__(self):
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise UserError(f"export.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.target not in (None, "vllm", "tensorrt-llm"):
-            raise UserError(f"export.target must be vllm, tensorrt-llm or omitted, got {self.target!r}")
-        if self.quantize not in (None, "fp8"):
-            raise UserError(f"export.quantize must be fp8 or omitted, got {self.quantize!r}")
-        for f in ("calib_batches", "calib_batch_size", "calib_seq_len"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                raise UserError(f"export.{f} must be an integer >= 1, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- stages

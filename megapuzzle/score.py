@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megapuzzle.train import faults
+from megapuzzle.config.score import ScoreConfig  # noqa: F401 (the stage's config)
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
@@ -40,41 +42,6 @@ from megapuzzle.fileio import atomic_write_json
 from megapuzzle.metrics import kl_per_token, nll_per_token, top1_matches, topk_overlap
 
 FORMAT = "megapuzzle-scores/1"
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """The `score:` config section."""
-
-    batch_size: int = 8
-    """Held-out sequences per batch."""
-    seq_len: int = 256
-    """Tokens per sequence."""
-    num_batches: int = 4
-    """Held-out batches (tokens scored = num_batches x batch_size x seq_len)."""
-    top_k: int = 5
-    """k of the top-k overlap metric."""
-    candidates_per_pass: int = 8
-    """Candidates of one layer stacked into one pass through the shared layers."""
-    threads: int | None = None
-    """torch CPU threads (None: torch's choice)."""
-    dtype: str = "float32"
-    """Parent and candidate weights: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU). The
-    log-probs and KL are computed in fp32 either way."""
-    cache_gb: float = 16.0
-    """Parent activations kept per rank, GiB: per held-out batch, the residual stream entering
-    every layer (layers x tokens x hidden, in `dtype`) and the parent's fp32 log-probs (tokens x
-    vocab). Batches beyond it are scored in groups, each group's parent pass computed once; the
-    scores are the same (see `cache_plan`)."""
-
-    def __post_init__(self):
-        for f in ("batch_size", "seq_len", "num_batches", "top_k", "candidates_per_pass"):
-            if getattr(self, f) < 1:
-                raise UserError(f"score.{f} must be >= 1, got {getattr(self, f)}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"score.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
-        if not isinstance(self.cache_gb, (int, float)) or self.cache_gb <= 0:
-            raise UserError(f"score.cache_gb must be a positive number of GiB, got {self.cache_gb!r}")
 
 
 @dataclass
@@ -278,7 +245,7 @@ def parent_metrics(model, batches, k: int) -> dict[str, float]:
 
 
 def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, progress: bool = True,
-              naive: bool = False, stop_after: int | None = None, shard: tuple[int, int] = (0, 1)
+              naive: bool = False, shard: tuple[int, int] = (0, 1)
               ) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -343,7 +310,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
         if info.tp_rank == 0:
             atomic_write_json(state, {"settings": settings, "blocks": done})
         counter["n"] += 1
-        if stop_after is not None and counter["n"] >= stop_after:
+        if faults.reached("score", counter["n"]):
             raise _Stop
 
     bar = tqdm(total=len(mine), initial=sum(r.key in done for r in mine), desc="score", unit="block",

@@ -100,7 +100,7 @@ def test_every_section_is_validated_before_the_first_stage(tmp_path):
     start: no run directory, no stage run (never half-way, after hours of BLD)."""
     cfg = yaml.safe_load(DEBUG.read_text())
     for section, key, value, match in (("evaluate", "repeats", 0, "evaluate.repeats must be an integer >= 1"),
-                                       ("export", "quantize", "int4", "export.quantize must be fp8 or omitted"),
+                                       ("export", "quantize", "int4", "export.quantize 'int4' unknown; use fp8, or omit it"),
                                        ("gkd", "fp8", True, "gkd.fp8: fp8=True needs")):
         bad = yaml.safe_load(DEBUG.read_text())
         bad[section][key] = value

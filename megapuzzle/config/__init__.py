@@ -5,8 +5,10 @@
     search_space:  megapuzzle.arch.SearchSpace fields
     bld: score: measure: mip: gkd: evaluate: export:   one section per stage
 
-Each stage owns a frozen dataclass for its section (fields documented, validated in
-`__post_init__`); `section()` builds it and rejects unknown keys with a one-line error.
+Each section is a frozen dataclass in this package, one module per stage (config/bld.py, ...),
+torch-free: every field is documented and states its rule in its type (config/rules.py), rules
+that tie fields are named functions. `section()` builds it and rejects unknown keys with a
+one-line error.
 
 Run directory (`RunDir`): every stage reads and writes files here, so any stage can be re-run
 or resumed alone.
