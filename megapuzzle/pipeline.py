@@ -181,9 +181,12 @@ def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
 
 
 def _stage_mip(run: RunDir, cfg: dict, log) -> dict:
+    from megapuzzle.arch import SearchSpace
     from megapuzzle.mip.stage import MIPConfig, run_mip
 
-    out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log)
+    # search_space is not in this stage's config hash: changing it re-runs bld, hence this stage
+    out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log,
+                  fusion_max_run=SearchSpace.from_dict(cfg.get("search_space")).fusion_max_run)
     return {"predicted_speedup": out["solutions"][0]["predicted_speedup"], "objective": out["solutions"][0]["objective"]}
 
 

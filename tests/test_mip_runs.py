@@ -131,3 +131,13 @@ def test_max_run_drops_long_candidates_and_validation():
         RunProblem(3, c)
     with pytest.raises(ValueError, match="outside"):
         RunProblem(2, c + [RunCandidate(1, 2, 0.0, {"t": 0.0})])
+
+
+def test_search_space_fusion_max_run():
+    from megapuzzle.arch import ArchitectureError, SearchSpace
+
+    assert SearchSpace.from_dict({}).fusion_max_run == 1
+    assert SearchSpace.from_dict({"fusion_max_run": 3}).fusion_max_run == 3
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ArchitectureError, match="fusion_max_run"):
+            SearchSpace.from_dict({"fusion_max_run": bad})
