@@ -9,6 +9,7 @@ one FFN of the summed width (the exact fold), the run's other layers no-op / no-
 directory, so every other command works on it:
 
     OUT/parent        the unfused child (a link): the teacher and the reference
+    OUT/source        the unfused child imported, when --child is a HF directory
     OUT/data          train / held-out tokens (a link to the source run's, --data, or the stdlib
                       tokenized with the child's tokenizer)
     OUT/child         the fused checkpoint (streamed, sharded, atomic; no training)
@@ -134,9 +135,10 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
     t0 = time.perf_counter()
     run = RunDir(out)
     run.root.mkdir(parents=True, exist_ok=True)
-    child_dir, source_run = resolve_source(child, run.state / "fuse")
-    if child_dir.resolve() == run.parent.resolve() or run.root.resolve() in child_dir.resolve().parents:
-        raise UserError(f"--out {run.root} would hold the source child {child_dir}; pick another --out")
+    given = Path(child).resolve()
+    if given == run.root.resolve() or run.root.resolve() in given.parents:
+        raise UserError(f"--out {run.root} holds the source child {child}; pick another --out")
+    child_dir, source_run = resolve_source(child, run.root)  # a HF directory is imported into OUT/source
     _link(child_dir, run.parent)
     prepare_fuse_data(run, source_run, data, child_dir, log)
     arch, new, runs = write_fused(run.parent, run.child, runs, leading_attention=leading_attention, max_run=max_run,
