@@ -280,17 +280,17 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: i
     from megapuzzle.library import BlockLibrary
     from megapuzzle.mip import InfeasibleBudgetError, MIPError, pareto_sweep, solve_diverse, solve_over_batches
 
+    if fusion_max_run > 1:
+        # The tiling MIP (megapuzzle.mip.runs) is ready; what is missing is scored and measured
+        # fused-run blocks in the library (BLD over a run, replace-the-run KL), issue #16.
+        raise UserError(f"search_space.fusion_max_run {fusion_max_run}: the library holds no fused-run blocks "
+                        f"(BLD does not train them yet); set fusion_max_run: 1, and fuse a child's no-op-attention "
+                        f"runs afterwards with `megapuzzle fuse --child RUN --out DIR`")
     run = RunDir(run_dir)
     parent = load_arch(run.require_parent())
     costs = load_costs(run.costs)
     scores = load_scores(run.scores)
     cands = library_candidates(parent, BlockLibrary(run.library), scores, cfg.metric)
-    if fusion_max_run > 1:
-        # The tiling MIP (megapuzzle.mip.runs) is ready; what is missing is scored and measured
-        # fused-run blocks in the library (BLD over a run, replace-the-run KL), issue #16 part 2.
-        raise UserError(f"search_space.fusion_max_run {fusion_max_run}: the library holds no fused-run blocks "
-                        f"(BLD does not train them yet); set fusion_max_run: 1, and fuse a child's no-op-attention "
-                        f"runs afterwards with `megapuzzle fuse --child RUN --out DIR`")
     sc = ScenarioCosts(costs, parent, cfg)
     batches = [int(b) for b in cfg.batch_sizes]
     parent_tps = {b: sc.tokens_per_s(parent, b) for b in batches}
