@@ -141,14 +141,3 @@ def test_search_space_fusion_max_run():
     for bad in (0, -1, 1.5, "2"):
         with pytest.raises(ArchitectureError, match="fusion_max_run"):
             SearchSpace.from_dict({"fusion_max_run": bad})
-
-
-def test_mip_stage_refuses_fusion_runs_in_one_line(tmp_path):
-    from megapuzzle.errors import UserError
-    from megapuzzle.mip.stage import MIPConfig, run_mip
-
-    with pytest.raises(UserError, match="fusion_max_run 2: the library holds no fused-run blocks") as e:
-        run_mip(tmp_path, MIPConfig(), log=lambda *a: None, fusion_max_run=2)
-    assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="holds no parent checkpoint"):  # 1: today's path, unchanged
-        run_mip(tmp_path, MIPConfig(), log=lambda *a: None, fusion_max_run=1)

@@ -280,12 +280,6 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: i
     from megapuzzle.library import BlockLibrary
     from megapuzzle.mip import InfeasibleBudgetError, MIPError, pareto_sweep, solve_diverse, solve_over_batches
 
-    if fusion_max_run > 1:
-        # The tiling MIP (megapuzzle.mip.runs) is ready; what is missing is scored and measured
-        # fused-run blocks in the library (BLD over a run, replace-the-run KL), issue #16.
-        raise UserError(f"search_space.fusion_max_run {fusion_max_run}: the library holds no fused-run blocks "
-                        f"(BLD does not train them yet); set fusion_max_run: 1, and fuse a child's no-op-attention "
-                        f"runs afterwards with `megapuzzle fuse --child RUN --out DIR`")
     run = RunDir(run_dir)
     parent = load_arch(run.require_parent())
     costs = load_costs(run.costs)
@@ -302,6 +296,15 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: i
         + ", ".join(f"{parent_tps[b]:.1f}" for b in batches) + f" tokens/s at batch {batches}; target "
         + (f"{cfg.throughput:.1f} tokens/s" if cfg.throughput else f"{cfg.throughput_x}x the parent" if cfg.throughput_x
            else "none") + f" (scenario prefill {cfg.prefill_len} + gen {cfg.gen_len}, costs: {cfg.cost_source})")
+    if fusion_max_run > 1:  # candidates covering runs of layers (FFN Fusion): the tiling MIP
+        from megapuzzle.mip.stage_runs import run_mip_with_runs
+
+        out = run_mip_with_runs(run, parent, cands, sc, cfg, batches, parent_tps, target, build_problem,
+                                fusion_max_run, log)
+        out["config"] = section_dict(cfg)
+        run.mip.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.mip / "solutions.json", out)
+        return out
     t0 = time.perf_counter()
     try:
         result = solve_over_batches(lambda b: build_problem(parent, cands, sc, cfg, b, target(b)), batches,
