@@ -269,6 +269,12 @@ def score_runs(run_root, score_cfg, log=print) -> dict:
     run = RunDir(run_root)
     index = load_run_index(run.root)
     parent, tensors, _ = load_checkpoint(run.require_parent(), dtype=torch.float32)
+    settings = {"batch_size": score_cfg.batch_size, "seq_len": score_cfg.seq_len, "num_batches": score_cfg.num_batches}
+    if index.get("score_settings") != settings:  # other scoring batches: every block is scored again
+        index["score_settings"] = settings
+        for e in index["blocks"].values():
+            for k in ("kl", "lm_loss_delta", "top1"):
+                e.pop(k, None)
     for key, e in index["blocks"].items():
         if "kl" in e:
             continue
