@@ -169,10 +169,21 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
     batches = list(heldout.eval_batches(eval_cfg.quality_batch_size, eval_cfg.seq_len,
                                         max_batches=eval_cfg.eval_batches or None))
     report["quality"] = quality_metrics(teacher, models, batches)
-    del models, teacher
     base = report["quality"]["unfused"]["accuracy"]
     for n, q in report["quality"].items():
         q["retention_pct"] = 100.0 * q["accuracy"] / base if base > 0 else None
+    from megapuzzle.checkpoints.canonical import is_checkpoint
+
+    if source_run is not None and is_checkpoint(source_run.parent):  # the original parent, when known
+        p_arch, p_tensors, _ = load_checkpoint(source_run.parent, dtype=torch.float32)
+        pm = _build(p_arch, p_tensors, qdt)
+        vp = quality_metrics(pm, {"parent": pm, **models}, batches)
+        pa = vp["parent"]["accuracy"]
+        for q in vp.values():
+            q["retention_pct"] = 100.0 * q["accuracy"] / pa if pa > 0 else None
+        report["quality_vs_parent"] = vp
+        del pm
+    del models, teacher
 
     if measure:
         costs_file = source_run.costs if source_run is not None else None
@@ -206,6 +217,13 @@ def fuse_markdown(r: dict) -> str:
         ret = "n/a" if q.get("retention_pct") is None else f"{q['retention_pct']:.1f}%"
         lines.append(f"| {n} | {q['accuracy']:.4f} | {ret} | {q['kl_to_parent']:.4f} | {q['top1_agreement']:.4f} | "
                      f"{q['lm_loss']:.4f} |")
+    vp = r.get("quality_vs_parent")
+    if vp:
+        lines += ["", "Against the original parent:", "",
+                  "| model | held-out accuracy | retention vs parent | KL(parent ‖ model) |", "|---|---:|---:|---:|"]
+        for n, q in vp.items():
+            ret = "n/a" if q.get("retention_pct") is None else f"{q['retention_pct']:.1f}%"
+            lines.append(f"| {n} | {q['accuracy']:.4f} | {ret} | {q['kl_to_parent']:.4f} |")
     s = r.get("speed")
     if s:
         sc = s["scenario"]
