@@ -5,7 +5,7 @@
         --out benchmarks/results/search_quality [--work-dir runs/cpu_demo_sq_bench] [--methods puzzle uniform ...] \\
         [--threads 1]
 
-For every target and method (puzzle = the MIP through mip.stage.run_mip; uniform, depth, random,
+For every target and method (puzzle = the MIP through mip_stage.run_mip; uniform, depth, random,
 greedy = megapuzzle.baselines) one child run directory WORK/<method>_x<target> is built from the
 same parent, library, scores and costs, under the same budget, then gets the same GKD (the
 config's gkd: section) and the same evaluate (evaluate: section). WORK defaults to

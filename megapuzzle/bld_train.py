@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from megapuzzle.arch import Architecture
-from megapuzzle.bld import BLDConfig, BlockSpec, _tensor_sig
+from megapuzzle.bld_plan import BLDConfig, BlockSpec, tensor_sig
 from megapuzzle.checkpoints.canonical import first_dtype
 from megapuzzle.config import RunDir
 from megapuzzle.fileio import save_safetensors_atomic
@@ -142,7 +142,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     talk = leader and info.dp_rank == 0  # per-block lines: one rank per stage (rank 0 without PP)
     # The state belongs to this rank's whole planned key set: a rank killed while writing its
     # finished blocks resumes the rest from the final checkpoint instead of retraining them.
-    keys_sig = _tensor_sig(signature + "|" + ",".join(sorted(plan_keys)))
+    keys_sig = tensor_sig(signature + "|" + ",".join(sorted(plan_keys)))
     mine_keys = sorted(b.key for b in mine)
     saved = _resume_point(state_dir, keys_sig, mine, cfg.steps) if mine else None
     resume = saved is not None

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bld": ("megapuzzle.bld", "child initialisation + blockwise local distillation into the block library"),
     "score": ("megapuzzle.score", "replace-1-block scoring of every library block (KL, LM loss, top-k)"),
     "measure": ("megapuzzle.cost", "measured per-variant runtime + memory costs (and GPU roofline estimates)"),
-    "mip": ("megapuzzle.mip.stage", "pick one variant per layer under throughput / latency / memory budgets"),
+    "mip": ("megapuzzle.mip_stage", "pick one variant per layer under throughput / latency / memory budgets"),
     "realize": ("megapuzzle.realize", "stitch a MIP solution's blocks into a child checkpoint"),
     "gkd": ("megapuzzle.gkd", "global knowledge distillation of the child from the parent"),
     "fuse": ("megapuzzle.fuse", "FFN Fusion: fuse a child's attention-free FFN runs into wide FFNs, heal (GKD), measure"),

@@ -96,14 +96,6 @@ class RunDir:
     manifest = property(lambda self: self.root / "manifest.json")
     report = property(lambda self: self.root / "report.md")
 
-    def require_parent(self) -> Path:
-        from megapuzzle.checkpoints.canonical import is_checkpoint
-
-        if not is_checkpoint(self.parent):
-            raise UserError(f"{self.parent} holds no parent checkpoint; run `megapuzzle import-hf --out "
-                            f"{self.parent}` (or `megapuzzle run CONFIG`) first")
-        return self.parent
-
     def require_data(self, split: str = "train") -> Path:
         prefix = self.train_data if split == "train" else self.heldout_data
         if not prefix.with_suffix(".idx").is_file():

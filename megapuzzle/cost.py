@@ -435,14 +435,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.config import RunDir, load_config, section
 
     run = RunDir(args.run_dir)
     cfg_dict = load_config(args.config) if args.config else {}
     mcfg = section(cfg_dict, "measure", MeasureConfig)
     space = SearchSpace.from_dict(cfg_dict.get("search_space"))
-    parent = load_arch(run.require_parent())
+    parent = load_arch(require_parent(run))
     state = run.state / "measure_partial.json"
     if args.force and state.exists():
         state.unlink()

@@ -35,6 +35,7 @@ from megapuzzle.arch import Architecture
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
+from megapuzzle.metrics import kl_per_token, nll_per_token, top1_matches
 
 
 @dataclass(frozen=True)
@@ -112,13 +113,12 @@ def quality_metrics(parent, models: dict[str, Any], batches) -> dict[str, dict[s
     for batch in batches:
         inp, tgt = batch[:, :-1], batch[:, 1:]
         lp = torch.log_softmax(forward_logits(parent, inp).float(), dim=-1)
-        p_top = lp.argmax(-1)
+        p_top = lp.argmax(-1)  # token ids: top1_matches compares against them
         for name, m in models.items():
             lq = lp if m is parent else torch.log_softmax(forward_logits(m, inp).float(), dim=-1)
-            top = lq.argmax(-1)
             sums[name] += torch.stack([
-                -lq.gather(-1, tgt.unsqueeze(-1)).sum(), (top == tgt).sum(),
-                (lp.exp() * (lp - lq)).sum(), (top == p_top).sum()]).double()
+                nll_per_token(lq, tgt).sum(), top1_matches(lq, tgt).sum(),
+                kl_per_token(lp, lq).sum(), top1_matches(lq, p_top).sum()]).double()
         tokens += tgt.numel()
     if not tokens:
         raise UserError("no held-out batch to evaluate on; lower evaluate.seq_len or add held-out data")
@@ -206,7 +206,7 @@ def _chosen_solution(sols: dict | None, child: Architecture, meta: dict) -> tupl
 
 def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None, log=print) -> dict:
     """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content."""
-    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint
+    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, require_parent
     from megapuzzle.cost_runtime import ensure_runtime, resolve_dtype
     from megapuzzle.cost_table import load_costs, predict_generation_time, throughput_settings
     from megapuzzle.data.datasets import PackedSequenceDataset
@@ -220,7 +220,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
     ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
     # lazy readers: each model reads its tensors one at a time, cast to its dtype
-    parent_arch, parent_t, _ = load_checkpoint(run.require_parent(), dtype=torch.float32)
+    parent_arch, parent_t, _ = load_checkpoint(require_parent(run), dtype=torch.float32)
     child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
     qdt = resolve_dtype(cfg.quality_dtype)
     if (child_arch.vocab_size, child_arch.hidden_size) != (parent_arch.vocab_size, parent_arch.hidden_size):
@@ -352,7 +352,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def report_markdown(ev: dict, parent: Architecture, child: Architecture, sols: dict | None) -> str:
-    from megapuzzle.info import architecture_table
+    from megapuzzle.arch_table import architecture_table
 
     p, c, s, sc = ev["parent"], ev["child"], ev["speedup"], ev["scenario"]
     f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731

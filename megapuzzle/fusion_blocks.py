@@ -215,12 +215,12 @@ def run_bld(run_root, bld_cfg, max_run: int, log=print) -> dict:
     import hashlib
     import json
 
-    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.config import RunDir
     from megapuzzle.fileio import atomic_write_json, save_safetensors_atomic, sha256_file
 
     run = RunDir(run_root)
-    parent = load_arch(run.require_parent())
+    parent = load_arch(require_parent(run))
     steps = max(1, bld_cfg.tokens_per_block // (bld_cfg.batch_size * bld_cfg.seq_len))
     settings = {"steps": steps, "batch_size": bld_cfg.batch_size, "seq_len": bld_cfg.seq_len, "lr": bld_cfg.lr,
                 "seed": bld_cfg.seed, "eval_batches": bld_cfg.eval_batches, "parent": parent.to_dict()}
@@ -262,13 +262,13 @@ def run_block_ffn(run_root, key: str) -> dict[str, torch.Tensor]:
 def score_runs(run_root, score_cfg, log=print) -> dict:
     """Replace-the-run scores of every stored run block (with the parent's attention at i), on
     score's batch size / seq_len / batches: kl, lm_loss_delta (vs the parent, same batches), top1."""
-    from megapuzzle.checkpoints.canonical import load_checkpoint
+    from megapuzzle.checkpoints.canonical import load_checkpoint, require_parent
     from megapuzzle.config import RunDir
     from megapuzzle.fileio import atomic_write_json
 
     run = RunDir(run_root)
     index = load_run_index(run.root)
-    parent, tensors, _ = load_checkpoint(run.require_parent(), dtype=torch.float32)
+    parent, tensors, _ = load_checkpoint(require_parent(run), dtype=torch.float32)
     settings = {"batch_size": score_cfg.batch_size, "seq_len": score_cfg.seq_len, "num_batches": score_cfg.num_batches}
     if index.get("score_settings") != settings:  # other scoring batches: every block is scored again
         index["score_settings"] = settings

@@ -58,10 +58,11 @@ import torch.distributed as dist
 
 from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, first_dtype
 from megapuzzle.config import RunDir, load_config, section, section_dict
-from megapuzzle.train.distill import distill_terms
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 from megapuzzle.gkd_trainers import TRAINERS, legacy_trainer, make_trainer, resolve_trainer, resume_point
+from megapuzzle.metrics import heldout_metrics
+from megapuzzle.train.distill import distill_terms
 
 DEFAULT_STEPS = 200
 TERMS = ("loss", "cosine", "kl", "lm")
@@ -216,16 +217,7 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
     if info.dp_size > 1:
         dist.all_reduce(acc, group=ps.get_data_parallel_group())
     child.train(was)
-    return heldout_metrics(acc, cfg)
-
-
-def heldout_metrics(acc: torch.Tensor, cfg: GKDConfig) -> dict[str, float]:
-    """Per-token means from the summed [cosine, kl, lm, parent lm, tokens] (reduced over ranks)."""
-    n = max(acc[4].item(), 1.0)
-    out = {"cosine": acc[0].item() / n, "kl": acc[1].item() / n, "lm_loss": acc[2].item() / n,
-           "parent_lm_loss": acc[3].item() / n, "tokens": int(acc[4].item())}
-    out["loss"] = cfg.cosine_weight * out["cosine"] + cfg.kl_weight * out["kl"] + cfg.lm_weight * out["lm_loss"]
-    return out
+    return heldout_metrics(acc, cosine_weight=cfg.cosine_weight, kl_weight=cfg.kl_weight, lm_weight=cfg.lm_weight)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -253,13 +245,13 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
     this run without saving, like a kill between checkpoints."""
     from tqdm import tqdm
 
-    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, tokenizer_path
-    from megapuzzle.cost_runtime import resolve_dtype
+    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, tokenizer_path, require_parent
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import load_canonical_into_model, write_checkpoint_from_model
     from megapuzzle.runtime.distributed import init_distributed
+    from megapuzzle.runtime.dtypes import resolve_dtype
     from megapuzzle.train.schedule import LRSchedule
     from megapuzzle.train.train_logger import TrainLogger
 
@@ -274,7 +266,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
         except ModelConfigError as e:
             raise UserError(f"gkd.fp8: {e}") from None
     run = RunDir(run_dir)
-    parent_dir = run.require_parent()
+    parent_dir = require_parent(run)
     if not is_checkpoint(run.child):
         raise UserError(f"{run.child} holds no child checkpoint; run `megapuzzle realize --run-dir {run.root}` first")
     train = PackedSequenceDataset.from_prefix(run.require_data("train"))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant
+from megapuzzle.checkpoints.canonical import layer_prefix, local_layer_tensors, with_layer_prefix  # noqa: F401
 
 ATTN_NAMES = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
               "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.linear_attn.weight")
@@ -38,21 +39,6 @@ class InitError(ValueError):
 
 
 # ----------------------------------------------------------------------------- names
-
-def layer_prefix(layer: int) -> str:
-    return f"model.layers.{layer}."
-
-
-def local_layer_tensors(tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """The canonical tensors of one layer under layer-local names."""
-    p = layer_prefix(layer)
-    return {k[len(p):]: tensors[k] for k in tensors if k.startswith(p)}  # keys first: a lazy reader reads only these
-
-
-def with_layer_prefix(local: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    p = layer_prefix(layer)
-    return {p + k: v for k, v in local.items()}
-
 
 def attention_part(local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The attention subblock's tensors (incl. its norm) of a layer-local dict."""

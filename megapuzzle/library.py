@@ -32,10 +32,9 @@ from typing import Any
 import torch
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
-from megapuzzle.checkpoints.canonical import expected_canonical_shapes
+from megapuzzle.checkpoints.canonical import expected_canonical_shapes, layer_prefix, with_layer_prefix
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, read_safetensors, save_safetensors_atomic, sha256_file
-from megapuzzle.init import layer_prefix, with_layer_prefix
 
 INDEX_FILE = "index.json"
 BLOCKS_DIR = "blocks"

@@ -186,10 +186,10 @@ def _stage_score(run: RunDir, cfg: dict, log) -> dict:
 
 def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost import MeasureConfig, format_check, measure_costs
 
-    costs = measure_costs(load_arch(run.require_parent()), section(cfg, "measure", MeasureConfig),
+    costs = measure_costs(load_arch(require_parent(run)), section(cfg, "measure", MeasureConfig),
                           space=SearchSpace.from_dict(cfg.get("search_space")),
                           state_path=run.state / "measure_partial.json", log=log)
     atomic_write_json(run.costs, costs)
@@ -199,7 +199,7 @@ def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
 
 
 def _stage_mip(run: RunDir, cfg: dict, log) -> dict:
-    from megapuzzle.mip.stage import MIPConfig, run_mip
+    from megapuzzle.mip_stage import MIPConfig, run_mip
 
     # search_space is not in this stage's config hash: changing it re-runs bld, hence this stage
     out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log, fusion_max_run=_fusion_max_run(cfg))
@@ -207,7 +207,7 @@ def _stage_mip(run: RunDir, cfg: dict, log) -> dict:
 
 
 def _stage_realize(run: RunDir, cfg: dict, log) -> dict:
-    from megapuzzle.info import architecture_table
+    from megapuzzle.arch_table import architecture_table
     from megapuzzle.checkpoints.canonical import load_arch
     from megapuzzle.realize import realize
 
@@ -307,7 +307,7 @@ def validate_config(cfg: dict) -> None:
     from megapuzzle.cost import MeasureConfig
     from megapuzzle.evaluate import EvaluateConfig
     from megapuzzle.gkd import GKDConfig
-    from megapuzzle.mip.stage import MIPConfig
+    from megapuzzle.mip_stage import MIPConfig
     from megapuzzle.score import ScoreConfig
 
     if not section(cfg, "parent", ParentSection).train:

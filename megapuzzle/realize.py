@@ -34,12 +34,12 @@ def solution_layers(run: RunDir, k: int) -> tuple[list[LayerArch], dict]:
 def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = None, force: bool = True,
             layers: list[LayerArch] | None = None, log=print, max_shard_bytes: int | None = None) -> Path:
     """Write the child checkpoint (RUN/child by default); `layers` overrides the MIP solution."""
-    from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path, write_checkpoint
+    from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path, write_checkpoint, require_parent
     from megapuzzle.checkpoints.shards import DEFAULT_MAX_SHARD_BYTES
     from megapuzzle.library import BlockLibrary
 
     run = RunDir(run_dir)
-    parent_arch, parent_tensors, _ = load_checkpoint(run.require_parent())
+    parent_arch, parent_tensors, _ = load_checkpoint(require_parent(run))
     meta: dict = {"source": "realize"}
     if layers is None:
         layers, sol = solution_layers(run, solution)
@@ -77,7 +77,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from megapuzzle.checkpoints.shards import parse_size
 
     realize(args.run_dir, args.solution, out=args.out, max_shard_bytes=parse_size(args.max_shard_size))
-    from megapuzzle.info import architecture_table
+    from megapuzzle.arch_table import architecture_table
     from megapuzzle.checkpoints.canonical import load_arch
 
     print(architecture_table(load_arch(args.out or RunDir(args.run_dir).child)))

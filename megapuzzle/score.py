@@ -37,6 +37,7 @@ from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArc
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
+from megapuzzle.metrics import kl_per_token, nll_per_token, top1_matches, topk_overlap
 
 FORMAT = "megapuzzle-scores/1"
 
@@ -154,11 +155,8 @@ def block_layer_module(parent, ref: BlockRef, library, parent_tensors, tp: int,
 
 def _metrics(parent_lp: torch.Tensor, child_lp: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, float]:
     """Sums over tokens (divided by the token count at the end)."""
-    kl = (parent_lp.exp() * (parent_lp - child_lp)).sum(-1)
-    nll = -child_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    top1 = (child_lp.argmax(-1) == parent_lp.argmax(-1)).float()
-    pk, ck = parent_lp.topk(k, dim=-1).indices, child_lp.topk(k, dim=-1).indices
-    overlap = (pk.unsqueeze(-1) == ck.unsqueeze(-2)).any(-1).float().mean(-1)
+    kl, nll = kl_per_token(parent_lp, child_lp), nll_per_token(child_lp, targets)
+    top1, overlap = top1_matches(child_lp, parent_lp), topk_overlap(parent_lp, child_lp, k)
     return {"kl": kl.sum().item(), "lm_loss": nll.sum().item(), "top1": top1.sum().item(),
             "topk": overlap.sum().item()}
 
@@ -273,8 +271,8 @@ def parent_metrics(model, batches, k: int) -> dict[str, float]:
         inp, tgt = tokens[:, :-1], tokens[:, 1:]
         h, rot = runner.embed(inp)
         lp = runner.run_from(h, 0, rot)
-        tot["lm_loss"] += -lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
-        tot["accuracy"] += (lp.argmax(-1) == tgt).float().sum().item()
+        tot["lm_loss"] += nll_per_token(lp, tgt).sum().item()
+        tot["accuracy"] += top1_matches(lp, tgt).sum().item()
         n += tgt.numel()
     return {k: v / n for k, v in tot.items()}
 
@@ -284,7 +282,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
               ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, load_checkpoint
+    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, load_checkpoint, require_parent
     from megapuzzle.library import BlockLibrary
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
@@ -295,10 +293,10 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
         torch.set_num_threads(cfg.threads)
     run = RunDir(run_dir)
     info = init_distributed(tp=tp)
-    from megapuzzle.cost_runtime import resolve_dtype
+    from megapuzzle.runtime.dtypes import resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype)
-    parent, tensors, _ = load_checkpoint(run.require_parent(), dtype=dtype)  # lazy: a layer's tensors at a time
+    parent, tensors, _ = load_checkpoint(require_parent(run), dtype=dtype)  # lazy: a layer's tensors at a time
     library = BlockLibrary(run.library)
     refs = library_blocks(parent, library)
     if not refs:

@@ -32,7 +32,7 @@ MODEL_FIELDS = {"lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens
 @pytest.fixture(scope="module")
 def run(debug_parent, tmp_path_factory):
     from megapuzzle.gkd import GKDConfig, run_gkd
-    from megapuzzle.mip.stage import MIPConfig, run_mip
+    from megapuzzle.mip_stage import MIPConfig, run_mip
     from megapuzzle.realize import realize
 
     r = make_searched_run(debug_parent, tmp_path_factory.mktemp("evaluate") / "run", CFG)

@@ -43,7 +43,7 @@ def test_mip_with_runs_and_realize(fusion_run):
     from megapuzzle.checkpoints.canonical import load_checkpoint
     from megapuzzle.fusion_blocks import load_run_index, run_block_ffn
     from megapuzzle.library import BlockLibrary
-    from megapuzzle.mip.stage import MIPConfig, run_mip
+    from megapuzzle.mip_stage import MIPConfig, run_mip
     from megapuzzle.realize import realize
 
     quiet = lambda *a: None

@@ -15,7 +15,7 @@ import torch
 from conftest import SEARCH_CFG, make_searched_run
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
-from megapuzzle.mip.stage import MIPConfig, library_candidates, run_mip, ScenarioCosts, load_scores
+from megapuzzle.mip_stage import MIPConfig, library_candidates, run_mip, ScenarioCosts, load_scores
 from megapuzzle.score import ScoreConfig, run_score
 
 CFG = SEARCH_CFG

@@ -110,9 +110,35 @@ def validate_tensors(arch: Architecture, tensors: Mapping[str, torch.Tensor], so
                         f"only Llama/DeciLM weights without biases are supported")
 
 
+# ----------------------------------------------------------------------------- per-layer names
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def local_layer_tensors(tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """The canonical tensors of one layer under layer-local names."""
+    p = layer_prefix(layer)
+    return {k[len(p):]: tensors[k] for k in tensors if k.startswith(p)}  # keys first: a lazy reader reads only these
+
+
+def with_layer_prefix(local: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    p = layer_prefix(layer)
+    return {p + k: v for k, v in local.items()}
+
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     p = Path(path)
     return (p / ARCH_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / INDEX_FILE).is_file())
+
+
+def require_parent(run) -> Path:
+    """RUN/parent (run: a config.RunDir), or a one-line error saying how to make it."""
+    if not is_checkpoint(run.parent):
+        raise UserError(f"{run.parent} holds no parent checkpoint; run `megapuzzle import-hf --out "
+                        f"{run.parent}` (or `megapuzzle run CONFIG`) first")
+    return run.parent
 
 
 def write_checkpoint(out_dir: str | os.PathLike, arch: Architecture, items: Iterable[tuple[str, torch.Tensor]], *,

@@ -25,7 +25,7 @@ from megapuzzle.errors import UserError
 def run_candidates(parent: Architecture, cands, sc, b: int, index: dict, metric: str, max_run: int):
     from megapuzzle.fusion_blocks import run_score_value
 
-    from .runs import RunCandidate
+    from megapuzzle.mip.runs import RunCandidate
 
     out = []
     bpp = sc.bytes_per_param
@@ -69,8 +69,8 @@ def run_mip_with_runs(run, parent: Architecture, cands, sc, cfg, batches, parent
                       max_run: int, log) -> dict[str, Any]:
     from megapuzzle.fusion_blocks import load_run_index
 
-    from .problem import InfeasibleBudgetError, MIPError
-    from .runs import RunProblem, solve_runs
+    from megapuzzle.mip.problem import InfeasibleBudgetError, MIPError
+    from megapuzzle.mip.runs import RunProblem, solve_runs
 
     index = load_run_index(run.root)
     if not index["blocks"]:

@@ -275,13 +275,13 @@ def solution_record(parent: Architecture, cands: Candidates, sol, sc: ScenarioCo
 
 
 def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: int = 1) -> dict[str, Any]:
-    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost_table import load_costs
     from megapuzzle.library import BlockLibrary
     from megapuzzle.mip import InfeasibleBudgetError, MIPError, pareto_sweep, solve_diverse, solve_over_batches
 
     run = RunDir(run_dir)
-    parent = load_arch(run.require_parent())
+    parent = load_arch(require_parent(run))
     costs = load_costs(run.costs)
     scores = load_scores(run.scores)
     cands = library_candidates(parent, BlockLibrary(run.library), scores, cfg.metric)
@@ -297,7 +297,7 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: i
         + (f"{cfg.throughput:.1f} tokens/s" if cfg.throughput else f"{cfg.throughput_x}x the parent" if cfg.throughput_x
            else "none") + f" (scenario prefill {cfg.prefill_len} + gen {cfg.gen_len}, costs: {cfg.cost_source})")
     if fusion_max_run > 1:  # candidates covering runs of layers (FFN Fusion): the tiling MIP
-        from megapuzzle.mip.stage_runs import run_mip_with_runs
+        from megapuzzle.mip_stage_runs import run_mip_with_runs
 
         out = run_mip_with_runs(run, parent, cands, sc, cfg, batches, parent_tps, target, build_problem,
                                 fusion_max_run, log)
