@@ -486,6 +486,9 @@ class SearchSpace:
     """Offer the linear FFN replacement."""
     ffn_no_op: bool = True
     """Offer removing the FFN."""
+    fusion_max_run: int = 1
+    """Longest run of consecutive layers one MIP candidate may cover (FFN Fusion, megapuzzle.fusion;
+    1 = one candidate per layer)."""
 
     def __post_init__(self):
         object.__setattr__(self, "kv_heads", tuple(int(k) for k in self.kv_heads))
@@ -497,6 +500,8 @@ class SearchSpace:
             raise ArchitectureError(f"search_space.ffn_fractions must lie in (0, 1], got {self.ffn_fractions}")
         if self.ffn_granularity < 1:
             raise ArchitectureError(f"search_space.ffn_granularity must be >= 1, got {self.ffn_granularity}")
+        if not isinstance(self.fusion_max_run, int) or self.fusion_max_run < 1:
+            raise ArchitectureError(f"search_space.fusion_max_run must be an integer >= 1, got {self.fusion_max_run!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SearchSpace":

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mip": ("megapuzzle.mip_stage", "pick one variant per layer under throughput / latency / memory budgets"),
     "realize": ("megapuzzle.realize", "stitch a MIP solution's blocks into a child checkpoint"),
     "gkd": ("megapuzzle.gkd", "global knowledge distillation of the child from the parent"),
+    "fuse": ("megapuzzle.fuse", "FFN Fusion: fuse a child's attention-free FFN runs into wide FFNs, heal (GKD), measure"),
     "evaluate": ("megapuzzle.evaluate", "parent vs child: quality, measured throughput, report.md + pareto.png"),
     "baseline": ("megapuzzle.baselines", "uniform / depth / random / greedy compression at a throughput target, GKD'd + evaluated"),
     "bench": ("megapuzzle.bench_search_quality", "benchmarks: search-quality (Puzzle vs the baselines at equal throughput)"),

@@ -219,7 +219,7 @@ def solution_record(parent: Architecture, cands: Candidates, sol, sc: ScenarioCo
     }
 
 
-def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print) -> dict[str, Any]:
+def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: int = 1) -> dict[str, Any]:
     from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost_table import load_costs
     from megapuzzle.library import BlockLibrary
@@ -241,6 +241,15 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print) -> dict[str, Any]:
         + ", ".join(f"{parent_tps[b]:.1f}" for b in batches) + f" tokens/s at batch {batches}; target "
         + (f"{cfg.throughput:.1f} tokens/s" if cfg.throughput else f"{cfg.throughput_x}x the parent" if cfg.throughput_x
            else "none") + f" (scenario prefill {cfg.prefill_len} + gen {cfg.gen_len}, costs: {cfg.cost_source})")
+    if fusion_max_run > 1:  # candidates covering runs of layers (FFN Fusion): the tiling MIP
+        from megapuzzle.mip_stage_runs import run_mip_with_runs
+
+        out = run_mip_with_runs(run, parent, cands, sc, cfg, batches, parent_tps, target, build_problem,
+                                fusion_max_run, log)
+        out["config"] = section_dict(cfg)
+        run.mip.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.mip / "solutions.json", out)
+        return out
     t0 = time.perf_counter()
     try:
         result = solve_over_batches(lambda b: build_problem(parent, cands, sc, cfg, b, target(b)), batches,

@@ -91,14 +91,32 @@ def _stage_bld(run: RunDir, cfg: dict, log) -> dict:
     from megapuzzle.bld import run_bld
 
     res = run_bld(run.root, cfg, log=log)
-    return {"trained": len(res.get("trained", []))}
+    out = {"trained": len(res.get("trained", []))}
+    max_run = _fusion_max_run(cfg)
+    if max_run > 1:
+        from megapuzzle.bld import BLDConfig
+        from megapuzzle.fusion_blocks import run_bld as run_fusion_bld
+
+        out["run_blocks"] = len(run_fusion_bld(run.root, section(cfg, "bld", BLDConfig), max_run, log=log)["blocks"])
+    return out
+
+
+def _fusion_max_run(cfg: dict) -> int:
+    from megapuzzle.arch import SearchSpace
+
+    return SearchSpace.from_dict(cfg.get("search_space")).fusion_max_run
 
 
 def _stage_score(run: RunDir, cfg: dict, log) -> dict:
     from megapuzzle.score import ScoreConfig, run_score
 
     res = run_score(run.root, section(cfg, "score", ScoreConfig), log=log)
-    return {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
+    out = {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
+    if _fusion_max_run(cfg) > 1:  # search_space is bld's: a change there re-runs bld, then this stage
+        from megapuzzle.fusion_blocks import score_runs
+
+        out["run_blocks"] = len(score_runs(run.root, section(cfg, "score", ScoreConfig), log=log)["blocks"])
+    return out
 
 
 def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
@@ -118,7 +136,8 @@ def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
 def _stage_mip(run: RunDir, cfg: dict, log) -> dict:
     from megapuzzle.mip_stage import MIPConfig, run_mip
 
-    out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log)
+    # search_space is not in this stage's config hash: changing it re-runs bld, hence this stage
+    out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log, fusion_max_run=_fusion_max_run(cfg))
     return {"predicted_speedup": out["solutions"][0]["predicted_speedup"], "objective": out["solutions"][0]["objective"]}
 
 

@@ -44,11 +44,20 @@ def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = 
     if layers is None:
         layers, sol = solution_layers(run, solution)
         meta.update(solution=solution, objective=sol["objective"], predicted_speedup=sol.get("predicted_speedup"))
+        if sol.get("runs"):
+            meta["runs"] = sol["runs"]
     lib = BlockLibrary(run.library)
     arch = lib.child_arch(parent_arch, layers)
     dest = Path(out) if out is not None else run.child
-    # streamed: one layer's blocks (and the parent's embedding / head, read lazily) at a time
-    write_checkpoint(dest, arch, lib.iter_assembled(parent_arch, parent_tensors, layers), meta=meta,
+    runs = [tuple(r) for r in (meta.get("runs") or [])]
+    if runs:  # fused-run blocks (FFN Fusion) come from RUN/library_runs
+        from megapuzzle.fusion_blocks import iter_child_with_runs
+
+        items = iter_child_with_runs(lib, run.root, parent_arch, parent_tensors, layers, runs)
+    else:
+        # streamed: one layer's blocks (and the parent's embedding / head, read lazily) at a time
+        items = lib.iter_assembled(parent_arch, parent_tensors, layers)
+    write_checkpoint(dest, arch, items, meta=meta,
                      tokenizer_dir=tokenizer_path(run.parent), force=force,
                      max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     log(f"[realize] child with {arch.num_params() / 1e6:.2f}M params ({arch.num_params() / parent_arch.num_params():.1%} "
