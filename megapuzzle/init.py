@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant
+from megapuzzle.blocks import registry
 
-ATTN_NAMES = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-              "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.linear_attn.weight")
-FFN_NAMES = ("post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-             "mlp.down_proj.weight", "mlp.linear_mlp.weight")
+# every layer-local tensor name any attention / FFN kind holds (megapuzzle.blocks)
+ATTN_NAMES = registry.local_names("attention")
+FFN_NAMES = registry.local_names("ffn")
 
 
 class InitError(ValueError):
@@ -176,13 +176,7 @@ def init_attention(arch: Architecture, parent: AttentionVariant, variant: Attent
     """(layer-local attention tensors, init method name) for `variant` from the parent subblock."""
     if variant == parent:
         return {k: v.clone() for k, v in attention_part(local).items()}, "parent"
-    if variant.kind == "no_op":
-        return {}, "no_op"
-    if parent.kind == "gqa" and variant.kind == "gqa":
-        return pool_kv_heads(local, parent.num_kv_heads, variant.num_kv_heads, arch.kv_channels), "kv_mean_pool"
-    if parent.kind == "gqa" and variant.kind == "linear":
-        return linear_attention(local, arch.num_attention_heads, parent.num_kv_heads, arch.kv_channels), "wo_wv"
-    raise InitError(f"no initialisation from {parent.name} attention to {variant.name}")
+    return variant.kind_spec.init_from(arch, parent, variant, local)  # the kind's rule (megapuzzle.blocks)
 
 
 def init_ffn(parent: FFNVariant, variant: FFNVariant, local: Mapping[str, torch.Tensor],
@@ -190,14 +184,4 @@ def init_ffn(parent: FFNVariant, variant: FFNVariant, local: Mapping[str, torch.
     """(layer-local FFN tensors, init method name) for `variant`; `scores` (C_i) for pruning."""
     if variant == parent:
         return {k: v.clone() for k, v in ffn_part(local).items()}, "parent"
-    if variant.kind == "no_op":
-        return {}, "no_op"
-    if parent.kind == "mlp" and variant.kind == "mlp":
-        if variant.intermediate_size > parent.intermediate_size:
-            raise InitError(f"cannot grow the FFN from {parent.intermediate_size} to {variant.intermediate_size}")
-        if scores is None:
-            raise InitError(f"{variant.name} needs channel contributions (calibration) to prune the parent FFN")
-        return prune_ffn(local, top_channels(scores, variant.intermediate_size)), "channel_contribution"
-    if parent.kind == "mlp" and variant.kind == "linear":
-        return linear_ffn(local), "wdown_wup"
-    raise InitError(f"no initialisation from {parent.name} FFN to {variant.name}")
+    return variant.kind_spec.init_from(None, parent, variant, local, scores)  # the kind's rule (megapuzzle.blocks)

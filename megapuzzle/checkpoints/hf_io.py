@@ -254,7 +254,7 @@ def llama_config(arch: Architecture, torch_dtype: str = "bfloat16") -> dict:
     """A plain LlamaForCausalLM config.json for a homogeneous architecture."""
     first = arch.layers[0]
     for i, layer in enumerate(arch.layers):
-        if layer != first or first.attention.kind != "gqa" or first.ffn.kind != "mlp":
+        if layer != first or not first.attention.parent_like or not first.ffn.parent_like:
             raise UserError(f"layer {i} is {layer.name} but a Llama config needs every layer equal and "
                             f"GQA + MLP; export heterogeneous models with write_decilm_dir")
     return {

@@ -158,9 +158,10 @@ def make_transformer_config(arch: Architecture, tp: int, pp: int, opts: ModelOpt
     first, last = pipeline_split(arch.num_layers, pp)
     # The global num_query_groups / ffn_hidden_size only matter for layers without their own
     # value (linear / no-op ones never read them); use a real layer's so validation passes.
-    kv = next((l.attention.num_kv_heads for l in arch.layers if l.attention.kind == "gqa"),
+    blocks = arch.block_configs(megatron=True)
+    kv = next((b["attention"]["num_query_groups"] for b in blocks if b["attention"]["num_query_groups"]),
               arch.num_attention_heads)
-    ffn = next((l.ffn.intermediate_size for l in arch.layers if l.ffn.kind == "mlp"), 4 * arch.hidden_size)
+    ffn = next((b["ffn"]["ffn_hidden_size"] for b in blocks if b["ffn"]["ffn_hidden_size"]), 4 * arch.hidden_size)
     cuda = torch.cuda.is_available()
     kw: dict[str, Any] = dict(
         num_layers=arch.num_layers,
