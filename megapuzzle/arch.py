@@ -25,76 +25,17 @@ from megapuzzle.blocks.base import (  # noqa: F401  (re-exported: the public nam
     FFN,
     FFN_MULT_ROUNDING,
     ArchitectureError,
+    AttentionKind,
+    AttentionVariant,
     BlockKind,
+    FFNKind,
+    FFNVariant,
     ffn_mult_to_intermediate_size,
     intermediate_size_to_ffn_mult,
     round_up,
 )
 
 # ----------------------------------------------------------------------------- variants
-
-AttentionKind = str
-"""A registered attention kind (`megapuzzle.blocks.registry.kind_names("attention")`)."""
-FFNKind = str
-"""A registered FFN kind (`megapuzzle.blocks.registry.kind_names("ffn")`)."""
-
-
-class _Variant:
-    """What AttentionVariant and FFNVariant share: everything kind-specific is the kind's
-    (megapuzzle.blocks), looked up in the registry."""
-
-    SUBBLOCK = ""
-
-    def __post_init__(self):
-        registry.get(self.SUBBLOCK, self.kind).validate(self)
-
-    @property
-    def kind_spec(self) -> BlockKind:
-        """This variant's kind (megapuzzle.blocks.base.BlockKind)."""
-        return registry.get(self.SUBBLOCK, self.kind)
-
-    @property
-    def name(self) -> str:
-        return self.kind_spec.name(self)
-
-    @classmethod
-    def from_name(cls, name: str):
-        return registry.parse_name(cls.SUBBLOCK, name)
-
-    @property
-    def identity(self) -> bool:
-        """Computes nothing: no weights, no norm, zero cost (a no-op subblock)."""
-        return self.kind_spec.identity
-
-    @property
-    def parent_like(self) -> bool:
-        """The parent family's own subblock at some size (GQA, SwiGLU MLP)."""
-        return self.kind_spec.parent_like
-
-
-@dataclass(frozen=True, order=True)
-class AttentionVariant(_Variant):
-    """One attention subblock shape."""
-
-    SUBBLOCK = ATTENTION
-    kind: AttentionKind
-    """`gqa` (grouped-query attention), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op`
-    (and any kind registered in megapuzzle.blocks)."""
-    num_kv_heads: int | None = None
-    """KV heads for `gqa`; None for the other kinds."""
-
-
-@dataclass(frozen=True, order=True)
-class FFNVariant(_Variant):
-    """One FFN subblock shape."""
-
-    SUBBLOCK = FFN
-    kind: FFNKind
-    """`mlp` (SwiGLU), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op` (and any kind
-    registered in megapuzzle.blocks)."""
-    intermediate_size: int | None = None
-    """SwiGLU intermediate size for `mlp`; None for the other kinds."""
-
 
 @dataclass(frozen=True)
 class LayerArch:

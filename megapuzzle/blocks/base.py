@@ -55,6 +55,10 @@ class ArchitectureError(ValueError):
     """A malformed architecture; the message names the problem and the fix in one line."""
 
 
+class InitError(ValueError):
+    """A variant cannot be initialised from this parent subblock; one line says why."""
+
+
 class WeightsError(ValueError):
     """Canonical tensors do not fit the architecture / model; the message says which and how."""
 
@@ -94,6 +98,100 @@ def decilm_ffn(ffn_mult: float | None = None, no_op: bool = False, replace_with_
     return {"ffn_mult": ffn_mult, "no_op": no_op, "replace_with_linear": replace_with_linear, **extra}
 
 
+# ----------------------------------------------------------------------------- the kind table
+# Filled by registry.register (registry.py lists the built-in kinds); looked up here so that the
+# variant types below need nothing but this module.
+
+_TABLE: dict[str, dict[str, "BlockKind"]] = {ATTENTION: {}, FFN: {}}
+
+
+def lookup(subblock: str, kind: str) -> "BlockKind":
+    """The kind `kind` of `subblock`; one-line ArchitectureError naming the known ones otherwise."""
+    try:
+        return _TABLE[subblock][kind]
+    except (KeyError, TypeError):
+        known = list(_TABLE[subblock])
+        raise ArchitectureError(f"{subblock} kind {kind!r} unknown; use "
+                                f"{', '.join(known[:-1])} or {known[-1]}") from None
+
+
+def parse_name(subblock: str, name: str):
+    """The variant a name denotes (`gqa_kv4`, `mlp_512`, `linear`, `no_op`)."""
+    for k in _TABLE[subblock].values():
+        v = k.parse_name(name)
+        if v is not None:
+            return v
+    lookup(subblock, name)  # raises: "<subblock> kind 'x' unknown; use ..."
+    raise AssertionError(name)
+
+
+# ----------------------------------------------------------------------------- variants
+
+AttentionKind = str
+"""A registered attention kind (`registry.kind_names("attention")`)."""
+FFNKind = str
+"""A registered FFN kind (`registry.kind_names("ffn")`)."""
+
+
+class _Variant:
+    """What AttentionVariant and FFNVariant share: everything kind-specific is the kind's
+    (megapuzzle.blocks), looked up in the registry."""
+
+    SUBBLOCK = ""
+
+    def __post_init__(self):
+        lookup(self.SUBBLOCK, self.kind).validate(self)
+
+    @property
+    def kind_spec(self) -> BlockKind:
+        """This variant's kind (megapuzzle.blocks.base.BlockKind)."""
+        return lookup(self.SUBBLOCK, self.kind)
+
+    @property
+    def name(self) -> str:
+        return self.kind_spec.name(self)
+
+    @classmethod
+    def from_name(cls, name: str):
+        return parse_name(cls.SUBBLOCK, name)
+
+    @property
+    def identity(self) -> bool:
+        """Computes nothing: no weights, no norm, zero cost (a no-op subblock)."""
+        return self.kind_spec.identity
+
+    @property
+    def parent_like(self) -> bool:
+        """The parent family's own subblock at some size (GQA, SwiGLU MLP)."""
+        return self.kind_spec.parent_like
+
+
+@dataclass(frozen=True, order=True)
+class AttentionVariant(_Variant):
+    """One attention subblock shape."""
+
+    SUBBLOCK = ATTENTION
+    kind: AttentionKind
+    """`gqa` (grouped-query attention), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op`
+    (and any kind registered in megapuzzle.blocks)."""
+    num_kv_heads: int | None = None
+    """KV heads for `gqa`; None for the other kinds."""
+
+
+@dataclass(frozen=True, order=True)
+class FFNVariant(_Variant):
+    """One FFN subblock shape."""
+
+    SUBBLOCK = FFN
+    kind: FFNKind
+    """`mlp` (SwiGLU), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op` (and any kind
+    registered in megapuzzle.blocks)."""
+    intermediate_size: int | None = None
+    """SwiGLU intermediate size for `mlp`; None for the other kinds."""
+
+
+# ----------------------------------------------------------------------------- the kind interface
+
 class BlockKind:
     """One subblock kind. Subclasses set the class attributes and override what differs;
     the registry holds one instance of each (`registry.register`)."""
@@ -118,8 +216,6 @@ class BlockKind:
     # -- names and validation
     def variant(self, *args, **kw):
         """A variant of this kind (AttentionVariant / FFNVariant)."""
-        from megapuzzle.arch import AttentionVariant, FFNVariant
-
         return (AttentionVariant if self.subblock == ATTENTION else FFNVariant)(self.kind, *args, **kw)
 
     def name(self, v) -> str:
@@ -214,8 +310,6 @@ class BlockKind:
     def init_from(self, arch, parent_v, v, local, scores=None) -> tuple[dict, str]:
         """(layer-local tensors, init method name) for `v` from the parent subblock `parent_v`
         (not equal to `v`); raises megapuzzle.init.InitError when there is no rule."""
-        from megapuzzle.init import InitError
-
         raise InitError(f"no initialisation from {parent_v.name} {self.subblock_label()} to {v.name}")
 
     def subblock_label(self) -> str:

@@ -3,7 +3,12 @@ a reduced-KV version of it (K and V mean-pooled within each new group)."""
 
 from __future__ import annotations
 
-from .base import ATTENTION, ArchitectureError, BlockKind, WeightEntry, decilm_attention, first_present
+from typing import TYPE_CHECKING, Mapping
+
+from .base import ATTENTION, ArchitectureError, BlockKind, InitError, WeightEntry, decilm_attention, first_present
+
+if TYPE_CHECKING:
+    import torch
 
 
 class GQAAttention(BlockKind):
@@ -105,7 +110,24 @@ class GQAAttention(BlockKind):
     # -- init: mean-pool K and V within each new group
     def init_from(self, arch, parent_v, v, local, scores=None):
         if parent_v.kind == self.kind:
-            from megapuzzle.init import pool_kv_heads
-
             return pool_kv_heads(local, parent_v.num_kv_heads, v.num_kv_heads, arch.kv_channels), "kv_mean_pool"
         return super().init_from(arch, parent_v, v, local, scores)
+
+
+# ----------------------------------------------------------------------------- init math (torch tensors,
+# tensor methods only: this module imports no torch)
+
+def pool_kv_heads(local: Mapping[str, torch.Tensor], old_kv: int, new_kv: int, head_dim: int
+                  ) -> dict[str, torch.Tensor]:
+    """Mean-pool K and V over each group of old_kv // new_kv consecutive KV heads."""
+    if new_kv > old_kv or old_kv % new_kv:
+        raise InitError(f"cannot pool {old_kv} KV heads into {new_kv}; the new count must divide the old")
+    r = old_kv // new_kv
+    out = {k: local[k].clone() for k in ("input_layernorm.weight", "self_attn.q_proj.weight",
+                                         "self_attn.o_proj.weight")}
+    for name in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        w = local[name]
+        h = w.shape[1]
+        out[name] = w.double().reshape(new_kv, r, head_dim, h).mean(dim=1).reshape(new_kv * head_dim, h).to(w.dtype)
+    return {k: out[k] for k in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                "self_attn.v_proj.weight", "self_attn.o_proj.weight")}

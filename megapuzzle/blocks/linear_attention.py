@@ -4,8 +4,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Mapping
+
 from .base import ATTENTION, BlockKind, WeightEntry, first_present
 from .gqa import GQAAttention
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LinearAttention(BlockKind):
@@ -42,8 +47,24 @@ class LinearAttention(BlockKind):
 
     def init_from(self, arch, parent_v, v, local, scores=None):
         if isinstance(parent_v.kind_spec, GQAAttention):
-            from megapuzzle.init import linear_attention
-
             return linear_attention(local, arch.num_attention_heads, parent_v.num_kv_heads,
                                     arch.kv_channels), "wo_wv"
         return super().init_from(arch, parent_v, v, local, scores)
+
+
+# ----------------------------------------------------------------------------- init math (torch tensors,
+# tensor methods only: this module imports no torch)
+
+def expand_v(w_v: torch.Tensor, num_heads: int, num_kv: int, head_dim: int) -> torch.Tensor:
+    """[kv*d, h] -> [heads*d, h]: query head j gets the V rows of KV head j // (heads / kv)."""
+    h = w_v.shape[1]
+    return w_v.reshape(num_kv, head_dim, h).repeat_interleave(num_heads // num_kv, dim=0).reshape(-1, h)
+
+
+def linear_attention(local: Mapping[str, torch.Tensor], num_heads: int, num_kv: int, head_dim: int
+                     ) -> dict[str, torch.Tensor]:
+    """W = W_o . W_v_expanded ([h, h]), input_layernorm kept."""
+    wv = expand_v(local["self_attn.v_proj.weight"].double(), num_heads, num_kv, head_dim)
+    w = local["self_attn.o_proj.weight"].double() @ wv
+    return {"input_layernorm.weight": local["input_layernorm.weight"].clone(),
+            "self_attn.linear_attn.weight": w.to(local["self_attn.o_proj.weight"].dtype)}

@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Mapping
+
 from .base import FFN, BlockKind, WeightEntry, first_present
 from .mlp import MLP
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LinearFFN(BlockKind):
@@ -41,7 +46,15 @@ class LinearFFN(BlockKind):
 
     def init_from(self, arch, parent_v, v, local, scores=None):
         if isinstance(parent_v.kind_spec, MLP):
-            from megapuzzle.init import linear_ffn
-
             return linear_ffn(local), "wdown_wup"
         return super().init_from(arch, parent_v, v, local, scores)
+
+
+# ----------------------------------------------------------------------------- init math (torch tensors,
+# tensor methods only: this module imports no torch)
+
+def linear_ffn(local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W = W_down . W_up (gate ignored), post_attention_layernorm kept."""
+    w = local["mlp.down_proj.weight"].double() @ local["mlp.up_proj.weight"].double()
+    return {"post_attention_layernorm.weight": local["post_attention_layernorm.weight"].clone(),
+            "mlp.linear_mlp.weight": w.to(local["mlp.down_proj.weight"].dtype)}

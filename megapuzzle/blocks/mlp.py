@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
-from .base import (FFN, FFN_MULT_ROUNDING, ArchitectureError, BlockKind, WeightEntry, decilm_ffn,
+from typing import TYPE_CHECKING, Mapping
+
+from .base import (FFN, FFN_MULT_ROUNDING, ArchitectureError, BlockKind, InitError, WeightEntry, decilm_ffn,
                    ffn_mult_to_intermediate_size, first_present, intermediate_size_to_ffn_mult, round_up)
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MLP(BlockKind):
@@ -96,10 +101,30 @@ class MLP(BlockKind):
     def init_from(self, arch, parent_v, v, local, scores=None):
         if not isinstance(parent_v.kind_spec, MLP):
             return super().init_from(arch, parent_v, v, local, scores)
-        from megapuzzle.init import InitError, prune_ffn, top_channels
-
         if v.intermediate_size > parent_v.intermediate_size:
             raise InitError(f"cannot grow the FFN from {parent_v.intermediate_size} to {v.intermediate_size}")
         if scores is None:
             raise InitError(f"{v.name} needs channel contributions (calibration) to prune the parent FFN")
         return prune_ffn(local, top_channels(scores, v.intermediate_size)), "channel_contribution"
+
+
+# ----------------------------------------------------------------------------- init math (torch tensors,
+# tensor methods only: this module imports no torch)
+
+def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, sorted ascending (original order kept). Ties go to the
+    lower index (a stable sort), so the choice is deterministic."""
+    if not 0 < k <= scores.numel():
+        raise InitError(f"cannot keep {k} of {scores.numel()} FFN channels")
+    order = scores.sort(descending=True, stable=True).indices[:k]
+    return order.sort().values
+
+
+def prune_ffn(local: Mapping[str, torch.Tensor], channels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The FFN subblock keeping only `channels` (rows of gate/up, columns of down); norm kept."""
+    return {
+        "post_attention_layernorm.weight": local["post_attention_layernorm.weight"].clone(),
+        "mlp.gate_proj.weight": local["mlp.gate_proj.weight"][channels].clone(),
+        "mlp.up_proj.weight": local["mlp.up_proj.weight"][channels].clone(),
+        "mlp.down_proj.weight": local["mlp.down_proj.weight"][:, channels].clone(),
+    }

@@ -11,9 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Iterator, Mapping
 
-from .base import ATTENTION, FFN, SUBBLOCKS, ArchitectureError, BlockKind, decilm_attention, decilm_ffn
-
-_KINDS: dict[str, dict[str, BlockKind]] = {ATTENTION: {}, FFN: {}}
+from .base import _TABLE as _KINDS
+from .base import ATTENTION, FFN, SUBBLOCKS, ArchitectureError, BlockKind, decilm_attention, decilm_ffn, lookup, parse_name  # noqa: F401
 
 # module:Class of every built-in kind, in search-space order
 _BUILTIN = (
@@ -53,29 +52,12 @@ def kind_names(subblock: str) -> tuple[str, ...]:
     return tuple(_KINDS[subblock])
 
 
-def get(subblock: str, kind: str) -> BlockKind:
-    """The kind `kind` of `subblock`; one-line ArchitectureError naming the known ones otherwise."""
-    try:
-        return _KINDS[subblock][kind]
-    except (KeyError, TypeError):
-        known = list(_KINDS[subblock])
-        raise ArchitectureError(f"{subblock} kind {kind!r} unknown; use "
-                                f"{', '.join(known[:-1])} or {known[-1]}") from None
+get = lookup  # the kind `kind` of `subblock` (one-line ArchitectureError for unknown ones)
 
 
 def kind_of(v) -> BlockKind:
     """The kind of a variant (AttentionVariant / FFNVariant)."""
     return get(v.SUBBLOCK, v.kind)
-
-
-def parse_name(subblock: str, name: str):
-    """The variant a name denotes (`gqa_kv4`, `mlp_512`, `linear`, `no_op`)."""
-    for k in _KINDS[subblock].values():
-        v = k.parse_name(name)
-        if v is not None:
-            return v
-    get(subblock, name)  # raises: "<subblock> kind 'x' unknown; use ..."
-    raise AssertionError(name)
 
 
 def subblocks_of_name(name: str) -> list[str]:
