@@ -324,7 +324,9 @@ def _layers_from_block_configs(blocks: Any, n_layers: int, hidden: int, heads: i
 
 SEARCH_SPACE_PRESETS: dict[str, dict[str, Any]] = {
     # vLLM's nemotron_nas has no linear subblocks and reads FFN sizes only through ffn_mult
-    "vllm": {"attention_linear": False, "ffn_linear": False, "ffn_granularity": FFN_MULT_ROUNDING},
+    # (nor sliding windows: it ignores window_length)
+    "vllm": {"attention_linear": False, "ffn_linear": False, "ffn_granularity": FFN_MULT_ROUNDING,
+             "attention_windows": ()},
 }
 
 
@@ -349,6 +351,9 @@ class SearchSpace:
     """Offer the linear FFN replacement."""
     ffn_no_op: bool = True
     """Offer removing the FFN."""
+    attention_windows: tuple[int, ...] = ()
+    """Sliding-window lengths: offer the parent's GQA attending to only this many recent tokens
+    (kind `swa`, megapuzzle/blocks/swa.py). Empty: none offered."""
 
     def __post_init__(self):
         object.__setattr__(self, "kv_heads", tuple(int(k) for k in self.kv_heads))
@@ -358,6 +363,9 @@ class SearchSpace:
             raise ArchitectureError(f"search_space.kv_heads must be positive, got {self.kv_heads}")
         if any(not 0 < f <= 1 for f in self.ffn_fractions):
             raise ArchitectureError(f"search_space.ffn_fractions must lie in (0, 1], got {self.ffn_fractions}")
+        object.__setattr__(self, "attention_windows", tuple(int(w) for w in self.attention_windows))
+        if any(w < 1 for w in self.attention_windows):
+            raise ArchitectureError(f"search_space.attention_windows must be positive, got {self.attention_windows}")
         if self.ffn_granularity < 1:
             raise ArchitectureError(f"search_space.ffn_granularity must be >= 1, got {self.ffn_granularity}")
 

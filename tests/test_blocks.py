@@ -28,6 +28,8 @@ def _examples(kind):
     """A couple of variants of each registered kind."""
     if kind.size_field is None:
         return [kind.variant()]
+    if "window" in kind.size_fields:
+        return [kind.variant(n, window=w) for n, w in ((1, 4), (4, 100))]
     return [kind.variant(n) for n in (1, 2, 4)] if kind.subblock == ATTENTION else [kind.variant(n) for n in (64, 256)]
 
 
@@ -64,7 +66,7 @@ def test_one_default_kind_per_subblock_and_unique_names():
         assert registry.default(s).parent_like
         assert len({k.kind for k in ks}) == len(ks)
         assert sum(k.identity for k in ks) == 1
-    with pytest.raises(ArchitectureError, match="attention kind 'sliding' unknown; use gqa, linear or no_op"):
+    with pytest.raises(ArchitectureError, match="attention kind 'sliding' unknown; use gqa, linear, no_op or swa"):
         AttentionVariant("sliding")
     assert registry.subblocks_of_name("gqa_kv2") == [ATTENTION]
     assert registry.subblocks_of_name("linear") == [ATTENTION, FFN]

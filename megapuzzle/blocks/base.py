@@ -25,7 +25,8 @@ SUBBLOCKS = (ATTENTION, FFN)
 FFN_MULT_ROUNDING = 256  # the rule TRT-LLM, vLLM and Megatron-core apply to ffn_mult
 
 # The variant fields that carry a kind's size, per subblock (AttentionVariant / FFNVariant).
-SIZE_FIELDS = {ATTENTION: ("num_kv_heads",), FFN: ("intermediate_size",)}
+# The first is the one every kind of the subblock had before a second existed: it is always in the repr.
+SIZE_FIELDS = {ATTENTION: ("num_kv_heads", "window"), FFN: ("intermediate_size",)}
 
 
 def round_up(n: int, k: int) -> int:
@@ -142,6 +143,12 @@ class _Variant:
     def __post_init__(self):
         lookup(self.SUBBLOCK, self.kind).validate(self)
 
+    def __repr__(self) -> str:  # later size fields only when set, so old reprs stay as they were
+        first, *later = SIZE_FIELDS[self.SUBBLOCK]
+        parts = [f"kind={self.kind!r}", f"{first}={getattr(self, first)!r}"]
+        parts += [f"{f}={getattr(self, f)!r}" for f in later if getattr(self, f) is not None]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     @property
     def kind_spec(self) -> BlockKind:
         """This variant's kind (megapuzzle.blocks.base.BlockKind)."""
@@ -166,7 +173,7 @@ class _Variant:
         return self.kind_spec.parent_like
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, repr=False)
 class AttentionVariant(_Variant):
     """One attention subblock shape."""
 
@@ -175,10 +182,12 @@ class AttentionVariant(_Variant):
     """`gqa` (grouped-query attention), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op`
     (and any kind registered in megapuzzle.blocks)."""
     num_kv_heads: int | None = None
-    """KV heads for `gqa`; None for the other kinds."""
+    """KV heads for `gqa` (and `swa`); None for the other kinds."""
+    window: int | None = None
+    """Sliding-window length for `swa` (tokens each query attends to, itself included); None otherwise."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, repr=False)
 class FFNVariant(_Variant):
     """One FFN subblock shape."""
 
@@ -226,11 +235,16 @@ class BlockKind:
         """The variant `name` denotes if it is of this kind, else None."""
         return self.variant() if name == self.kind else None
 
+    @property
+    def size_fields(self) -> tuple[str, ...]:
+        """Every variant field this kind sets (the others must stay None)."""
+        return (self.size_field,) if self.size_field else ()
+
     def validate(self, v) -> None:
         """One-line ArchitectureError for a malformed variant of this kind (fields it does not take)."""
         for f in SIZE_FIELDS[self.subblock]:
             val = getattr(v, f)
-            if f != self.size_field and val is not None:
+            if f not in self.size_fields and val is not None:
                 raise ArchitectureError(f"{self.kind} {self.subblock} takes no {f} (got {val})")
 
     def validate_in(self, arch, v, layer: int) -> None:
@@ -284,6 +298,11 @@ class BlockKind:
         """The variant a `block_configs[i].<subblock>` dict `d` selecting this kind describes
         (`where` names it in errors; `arch_dims`: hidden_size, num_attention_heads)."""
         return self.variant()
+
+    def megatron_layer_overrides(self, arch, v) -> dict[str, Any]:
+        """TransformerConfig fields this layer sets beyond what the heterogeneous json carries
+        (applied per layer by megapuzzle.model.config); {} for all built-in kinds but `swa`."""
+        return {}
 
     # -- search space
     def offered(self, space, parent, own) -> list:

@@ -68,6 +68,10 @@ class GQAAttention(BlockKind):
         return decilm_attention(n_heads_in_group=arch.num_attention_heads // v.num_kv_heads)
 
     def from_block_config(self, d, where, arch_dims):
+        return self.variant(self.kv_heads_from_block_config(d, where, arch_dims))
+
+    def kv_heads_from_block_config(self, d, where, arch_dims) -> int:
+        """KV heads from Megatron's `num_query_groups` or DeciLM's `n_heads_in_group`."""
         kv = d.get("num_query_groups")
         if kv is None:
             heads = arch_dims["num_attention_heads"]
@@ -78,7 +82,7 @@ class GQAAttention(BlockKind):
                 raise ArchitectureError(f"{where.rsplit('.', 1)[0]}: n_heads_in_group {g} does not divide "
                                         f"num_attention_heads {heads}; use a divisor of it")
             kv = heads // g
-        return self.variant(int(kv))
+        return int(kv)
 
     # -- search space: fewer KV heads than the parent's (divisors of the query heads)
     def offered(self, space, parent, own) -> list:

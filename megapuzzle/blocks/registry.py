@@ -17,6 +17,7 @@ from .base import ATTENTION, FFN, SUBBLOCKS, ArchitectureError, BlockKind, decil
 # module:Class of every built-in kind, in search-space order
 _BUILTIN = (
     "gqa:GQAAttention", "linear_attention:LinearAttention", "noop_attention:NoOpAttention",
+    "swa:SlidingWindowAttention",
     "mlp:MLP", "linear_ffn:LinearFFN", "noop_ffn:NoOpFFN",
 )
 

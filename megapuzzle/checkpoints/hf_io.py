@@ -105,9 +105,9 @@ def _check_llama_like(cfg: dict, hf_dir: Path) -> None:
         raise UserError(f"{hf_dir}/config.json uses attention/MLP biases, which megapuzzle does not support")
     for i, block in enumerate(cfg.get("block_configs") or []):
         for part in ("attention", "ffn"):
-            for key in ("window_length", "num_sink_tokens", "unshifted_sink", "sparsify"):
+            for key in ("num_sink_tokens", "unshifted_sink", "sparsify"):  # window_length: kind swa
                 if isinstance(block, dict) and isinstance(block.get(part), dict) and block[part].get(key):
-                    raise UserError(f"{hf_dir}/config.json block_configs[{i}].{part}.{key} is set; sliding-window, "
+                    raise UserError(f"{hf_dir}/config.json block_configs[{i}].{part}.{key} is set; "
                                     f"sink and sparsified blocks are not supported")
 
 

@@ -146,6 +146,27 @@ def llama3_inv_freq(arch: Architecture) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+_OVERRIDE_CLASS = None
+
+
+def _layer_override_config_class():
+    """HeterogeneousTransformerConfig whose get_config_for_layer also applies the layer's
+    `megapuzzle_layer_overrides` (TransformerConfig fields, e.g. window_size)."""
+    global _OVERRIDE_CLASS
+    if _OVERRIDE_CLASS is None:
+        from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
+
+        class LayerOverrideTransformerConfig(HeterogeneousTransformerConfig):
+            def get_config_for_layer(self, layer_number: int):
+                cfg = super().get_config_for_layer(layer_number)
+                for k, v in getattr(self, "megapuzzle_layer_overrides", [{}] * layer_number)[layer_number - 1].items():
+                    setattr(cfg, k, v)
+                return cfg
+
+        _OVERRIDE_CLASS = LayerOverrideTransformerConfig
+    return _OVERRIDE_CLASS
+
+
 def make_transformer_config(arch: Architecture, tp: int, pp: int, opts: ModelOptions | None = None):
     """The HeterogeneousTransformerConfig for `arch` at TP=`tp`, PP=`pp` (Llama semantics)."""
     from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
@@ -209,8 +230,15 @@ def make_transformer_config(arch: Architecture, tp: int, pp: int, opts: ModelOpt
     if opts.fp8:
         kw.update(fp8=opts.fp8_format)
     kw.update(opts.extra)
+    # what the heterogeneous json cannot carry (a sliding window): each kind's per-layer overrides
+    overrides = [{**l.attention.kind_spec.megatron_layer_overrides(arch, l.attention),
+                  **l.ffn.kind_spec.megatron_layer_overrides(arch, l.ffn)} for l in arch.layers]
+    cls = _layer_override_config_class() if any(overrides) else HeterogeneousTransformerConfig
     try:
-        return HeterogeneousTransformerConfig(**kw)
+        config = cls(**kw)
+        if any(overrides):
+            config.megapuzzle_layer_overrides = overrides
+        return config
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, ArchitectureError):
             raise
