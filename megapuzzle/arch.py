@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from megapuzzle.blocks import registry
+from megapuzzle.families import DEFAULT as DEFAULT_FAMILY
+from megapuzzle.families import Family, get_family
 from megapuzzle.blocks.base import (  # noqa: F401  (re-exported: the public names live here)
     ATTENTION,
     FFN,
@@ -84,6 +86,9 @@ class Architecture:
     """Begin-of-sequence id written to HF configs."""
     eos_token_id: int | list[int] | None = None
     """End-of-sequence id(s) written to HF configs."""
+    family: str = DEFAULT_FAMILY
+    """The parent family (megapuzzle.families): tensors outside the layers, HF model types, the
+    Megatron config that makes its computation. Only "llama" today."""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -93,6 +98,7 @@ class Architecture:
                 raise ArchitectureError(f"{name} must be a positive int, got {v!r}")
         if not self.layers:
             raise ArchitectureError("an architecture needs at least one layer")
+        get_family(self.family)  # one-line error for an unknown family
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ArchitectureError(
@@ -105,6 +111,10 @@ class Architecture:
             layer.ffn.kind_spec.validate_in(self, layer.ffn, i)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ArchitectureError(f"rope_scaling must be a dict or null, got {self.rope_scaling!r}")
+
+    @property
+    def family_spec(self) -> Family:
+        return get_family(self.family)
 
     # -- derived sizes
     @property
@@ -184,6 +194,8 @@ class Architecture:
             "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
             "eos_token_id")}
         d["layers"] = [{"attention": l.attention.name, "ffn": l.ffn.name} for l in self.layers]
+        if self.family != DEFAULT_FAMILY:  # absent for Llama: arch.json files stay as they were
+            d["family"] = self.family
         return d
 
     @classmethod
@@ -216,6 +228,9 @@ class Architecture:
                  "ffn": getattr(l.ffn.kind_spec, enc)(self, l.ffn)} for l in self.layers]
 
     def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        if not self.family_spec.decilm:
+            raise ArchitectureError(f"family {self.family} has no HF DeciLM (nemotron-nas) form; "
+                                    f"DeciLM represents Llama-family children only")
         cfg: dict[str, Any] = {
             "architectures": ["DeciLMForCausalLM"],
             "model_type": "nemotron-nas",

@@ -95,3 +95,26 @@ def test_no_code_outside_the_registry_branches_on_kind_names():
             if _BRANCH.search(line):
                 found.append(f"{rel}:{i}: {line.strip()}")
     assert not found, "branch on the kind's methods (megapuzzle/blocks) instead:\n" + "\n".join(found)
+
+
+# ----------------------------------------------------------------------------- parent families
+
+def test_family_is_llama_and_absent_from_arch_json():
+    assert ARCH.family == "llama" and ARCH.family_spec.name == "llama"
+    assert "family" not in ARCH.to_dict()  # arch.json files of Llama runs stay byte-identical
+    with pytest.raises(ArchitectureError, match="family 'gpt2' unknown; known: llama"):
+        Architecture(vocab_size=64, hidden_size=128, num_attention_heads=8, layers=ARCH.layers, family="gpt2")
+
+
+def test_export_refuses_a_family_decilm_cannot_represent(monkeypatch):
+    from megapuzzle import families
+
+    class Toy(families.Family):
+        name = "toy"  # decilm stays False
+
+    monkeypatch.setitem(families.FAMILIES, "toy", Toy())
+    arch = Architecture(vocab_size=64, hidden_size=128, num_attention_heads=8, layers=ARCH.layers, family="toy")
+    assert Architecture.from_dict(arch.to_dict()) == arch and arch.to_dict()["family"] == "toy"
+    with pytest.raises(ArchitectureError, match="family toy has no HF DeciLM") as e:
+        arch.to_hf_config()
+    assert "\n" not in str(e.value)

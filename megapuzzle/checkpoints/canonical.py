@@ -44,15 +44,13 @@ TOKENIZER_DIR = "tokenizer"
 
 def expected_canonical_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     """Every canonical tensor of `arch` with its full shape, in file order (embeddings, layers, head)."""
-    h = arch.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h)}
+    before, after = arch.family_spec.outer_shapes(arch)  # embeddings; final norm + LM head (the family's)
+    shapes: dict[str, tuple[int, ...]] = dict(before)
     for i, layer in enumerate(arch.layers):
         p = f"model.layers.{i}."
         for v in (layer.attention, layer.ffn):  # each kind's own tensors, its norm first (megapuzzle.blocks)
             shapes.update((p + k, s) for k, s in v.kind_spec.canonical_shapes(arch, v).items())
-    shapes["model.norm.weight"] = (h,)
-    if not arch.tie_word_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    shapes.update(after)
     return shapes
 
 

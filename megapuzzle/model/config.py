@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..arch import Architecture, ArchitectureError
 
@@ -201,16 +200,8 @@ def make_transformer_config(arch: Architecture, tp: int, pp: int, opts: ModelOpt
         pipeline_dtype=opts.params_dtype,
         bf16=opts.params_dtype == torch.bfloat16,
         fp16=opts.params_dtype == torch.float16,
-        # Llama: RMSNorm, SwiGLU, no biases, RoPE (rotate-half, as HF), no dropout.
-        normalization="RMSNorm",
-        layernorm_epsilon=arch.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        rotary_interleaved=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        # the family's computation (Llama: RMSNorm, SwiGLU, no biases, rotate-half RoPE, no dropout)
+        **arch.family_spec.transformer_config_kwargs(arch),
         attention_softmax_in_fp32=True,
         # Fused kernels need CUDA/Apex/TE; the unfused paths are exact and run everywhere.
         bias_activation_fusion=False,

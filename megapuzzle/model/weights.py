@@ -112,15 +112,16 @@ def _plan(model, arch: Architecture) -> tuple[list[_Entry], dict[str, torch.nn.P
     m = unwrap_model(model)
     params = dict(m.named_parameters())
     entries: list[_Entry] = []
+    fam = arch.family_spec
     if m.pre_process:
-        entries.append(_Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "dim0"))
+        entries.append(_Entry("embedding.word_embeddings.weight", (fam.embed_name,), "dim0"))
     for j, layer in enumerate(m.decoder.layers):
         i = layer.layer_number - 1  # Megatron's layer_number is global and 1-based
         entries += layer_param_plan(params, j, i, arch.layers[i].attention, arch.layers[i].ffn)
     if m.post_process:
-        entries.append(_Entry("decoder.final_layernorm.weight", ("model.norm.weight",), "rep"))
+        entries.append(_Entry("decoder.final_layernorm.weight", (fam.final_norm_name,), "rep"))
         if m.output_layer.weight is not None:  # None when tied on a single stage
-            src = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+            src = fam.embed_name if arch.tie_word_embeddings else fam.lm_head_name
             entries.append(_Entry("output_layer.weight", (src,), "dim0"))
     for e in entries:
         if e.param not in params:
@@ -265,7 +266,7 @@ def _gather_entries(entries: list[_Entry], params, arch: Architecture, t: int) -
 
 
 def _owner_stage(name: str, arch: Architecture, pp: int) -> int:
-    if name == "model.embed_tokens.weight":
+    if name == arch.family_spec.embed_name:
         return 0
     if name.startswith("model.layers."):
         i = int(name.split(".")[2])
