@@ -10,7 +10,8 @@ Where it is represented:
 * Megatron-core: the heterogeneous json has no per-layer window, so the kind asks for a per-layer
   TransformerConfig override (`megatron_layer_overrides`: `window_size = (w - 1, 0)`), which
   megapuzzle.model.config applies in `get_config_for_layer`; Megatron's local attention then masks
-  with `get_sliding_window_causal_mask`, TE's with its own window support.
+  with `get_sliding_window_causal_mask` (tests/test_swa.py); TE's attention takes the same field
+  (not yet run on a GPU).
 * Weights: exactly GQA's (same tensors, same TP layout): the window changes the mask only.
 """
 
