@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace, empty_layer
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, sha256_file
@@ -64,7 +64,7 @@ from megapuzzle.fileio import atomic_write_json, sha256_file
 METHODS = ("uniform", "depth", "random", "greedy")
 ALL_METHODS = ("puzzle",) + METHODS
 LINKS = ("parent", "data", "library", "scores.json", "costs.json")
-DROPPED = LayerArch(AttentionVariant("no_op"), FFNVariant("no_op"))
+DROPPED = empty_layer()
 
 
 # ----------------------------------------------------------------------------- the shared budget
@@ -176,9 +176,9 @@ def select_uniform(ctx: SearchContext, space: SearchSpace) -> tuple[list[LayerAr
     """The same GQA KV-head count and MLP size in every layer: the feasible one with the most
     parameters (then the lowest summed block score)."""
     L, p = ctx.parent.num_layers, ctx.parent
-    common_a = [a for a in space.attention_variants(p, 0) if a.kind == "gqa"
+    common_a = [a for a in space.attention_variants(p, 0) if a.parent_like
                 and all(a in space.attention_variants(p, l) for l in range(L))]
-    common_f = [f for f in space.ffn_variants(p, 0) if f.kind == "mlp"
+    common_f = [f for f in space.ffn_variants(p, 0) if f.parent_like
                 and all(f in space.ffn_variants(p, l) for l in range(L))]
     options = []
     for a in common_a:
@@ -321,7 +321,7 @@ def init_child_tensors(run: RunDir, parent_arch: Architecture, parent_tensors: d
     from megapuzzle.checkpoints.canonical import expected_canonical_shapes
     from megapuzzle.init import InitError, init_attention, init_ffn, local_layer_tensors, with_layer_prefix
 
-    prune = {l for l, la in enumerate(layers) if la.ffn.kind == "mlp" and la.ffn != parent_arch.layers[l].ffn}
+    prune = {l for l, la in enumerate(layers) if la.ffn.kind_spec.needs_calibration(parent_arch.layers[l].ffn, la.ffn)}
     scores = ffn_channel_scores(run, parent_arch, parent_tensors, prune, bld_cfg) if prune else {}
     out = {k: parent_tensors[k] for k in parent_tensors if not k.startswith("model.layers.")}
     for l, la in enumerate(layers):

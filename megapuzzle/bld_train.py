@@ -157,8 +157,8 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     model = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
     if role is None or role.active:
         load_canonical_into_model(model, parent_tensors, arch)
-    prune = {b.layer for b in mine if b.kind != "attention" and b.variant.ffn.kind == "mlp"
-             and b.variant.ffn != arch.layers[b.layer].ffn}
+    prune = {b.layer for b in mine if b.kind != "attention"
+             and b.variant.ffn.kind_spec.needs_calibration(arch.layers[b.layer].ffn, b.variant.ffn)}
     relay = None
     if role is not None and role.active:
         from megapuzzle.bld_pipeline import PipelineRelay

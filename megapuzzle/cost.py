@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from megapuzzle.train import faults
 from megapuzzle.config.measure import MeasureConfig  # noqa: F401 (the stage's config)
-from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace, empty_layer
 from megapuzzle.cost_table import (  # noqa: F401  (re-exported: the accessors live there, torch-free)
     FORMAT,
     cost_table,
@@ -63,7 +63,7 @@ _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ----------------------------------------------------------------------------- variants
 
-_EMPTY = LayerArch(AttentionVariant("no_op"), FFNVariant("no_op"))
+_EMPTY = empty_layer()
 
 
 def stack_arch(parent: Architecture, subblock: str, variant, layers: int) -> Architecture:
@@ -73,11 +73,11 @@ def stack_arch(parent: Architecture, subblock: str, variant, layers: int) -> Arc
 
 
 def _subblock_params(parent: Architecture, subblock: str, v) -> int:
-    return parent.attention_params(v) if subblock == "attention" else parent.ffn_params(v)
+    return parent.subblock_params(v)
 
 
 def _kv_elems_per_token(parent: Architecture, subblock: str, v) -> int:
-    return 2 * v.num_kv_heads * parent.kv_channels if subblock == "attention" and v.kind == "gqa" else 0
+    return v.kind_spec.kv_elems_per_token(parent, v)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -193,8 +193,8 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
     partial = MeasurePartial(Path(state_path) if state_path is not None else None, settings, log)
 
     # no-op variants are an empty layer: zero by definition (their overhead is `empty_layer`)
-    todo = ["baseline"] + [f"attention.{v.name}" for v in attention if v.kind != "no_op"]
-    todo += [f"ffn.{v.name}" for v in ffn if v.kind != "no_op"] + (["check.parent"] if cfg.check_parent else [])
+    todo = ["baseline"] + [f"attention.{v.name}" for v in attention if not v.identity]
+    todo += [f"ffn.{v.name}" for v in ffn if not v.identity] + (["check.parent"] if cfg.check_parent else [])
     jobs = [(p, name) for p in range(cfg.passes) for name in todo]
     left = sum(not partial.done(name, p) for p, name in jobs)
     measurer, t_start, n_done = None, time.perf_counter(), 0
@@ -239,9 +239,9 @@ def assemble_costs(parent: Architecture, cfg: MeasureConfig, partial: MeasurePar
     for subblock, vs in (("attention", attention), ("ffn", ffn)):
         for v in vs:
             name, params = f"{subblock}.{v.name}", _subblock_params(parent, subblock, v)
-            runtime = ({ph: {"median": zeros, "iqr": zeros} for ph in cfg.phases} if v.kind == "no_op"
+            runtime = ({ph: {"median": zeros, "iqr": zeros} for ph in cfg.phases} if v.identity
                        else partial.pooled(name, cfg.passes)["runtime"])
-            variants[name] = {"subblock": subblock, "name": v.name, "measured": v.kind != "no_op",
+            variants[name] = {"subblock": subblock, "name": v.name, "measured": not v.identity,
                               "param_count": params, "param_bytes": params * elem,
                               "kv_bytes_per_token": _kv_elems_per_token(parent, subblock, v) * elem,
                               "runtime": runtime}

@@ -191,9 +191,9 @@ def unreachable_throughput(parent: Architecture, cands: Candidates, sc: Scenario
     best = max(fastest, key=lambda b: fastest[b] / parent_tps[b])
     x = fastest[best] / parent_tps[best]
     asked = f"mip.throughput {cfg.throughput:g} tokens/s" if cfg.throughput else f"mip.throughput_x {cfg.throughput_x:g}"
-    kinds = {(p.attention.kind, p.ffn.kind) for pairs in cands.layers for p in pairs}
     widen = [f"search_space.{k}: true" for k, present in (
-        ("attention_no_op", any(a == "no_op" for a, _ in kinds)), ("ffn_no_op", any(f == "no_op" for _, f in kinds)))
+        ("attention_no_op", any(p.attention.identity for pairs in cands.layers for p in pairs)),
+        ("ffn_no_op", any(p.ffn.identity for pairs in cands.layers for p in pairs)))
         if not present]
     how = (f"widen the search space ({', '.join(widen)}, then re-run bld and score)" if widen else
            "the embedding and LM head bound it once every layer is at its cheapest, so try larger mip.batch_sizes "
