@@ -23,7 +23,7 @@ def search_space_variants(parent: Architecture, space: SearchSpace | None = None
     L = parent.num_layers
     for n in range(2, space.fusion_max_run + 1):  # FFN Fusion: a run's FFNs as one of the summed width
         for i in range(L - n + 1):
-            if all(parent.layers[k].ffn.kind == "mlp" for k in range(i, i + n)):
+            if all(parent.layers[k].ffn.parent_like for k in range(i, i + n)):
                 ffn.setdefault(FFNVariant("mlp", sum(parent.layers[k].ffn.intermediate_size for k in range(i, i + n))))
     return list(attn), list(ffn)
 

@@ -114,8 +114,8 @@ def write_fused(child_dir: Path, out_dir: Path, runs, *, leading_attention: bool
                            "child_meta": meta}, tokenizer_dir=tokenizer_path(child_dir),
                      max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     log(f"[fuse] {len(runs)} run(s) {', '.join(f'{i}-{j}' for i, j in runs)}: {arch.num_layers} layers, "
-        f"{sum(l.attention.kind != 'no_op' or l.ffn.kind != 'no_op' for l in arch.layers)} -> "
-        f"{sum(l.attention.kind != 'no_op' or l.ffn.kind != 'no_op' for l in new.layers)} non-empty; "
+        f"{sum(not l.attention.identity or not l.ffn.identity for l in arch.layers)} -> "
+        f"{sum(not l.attention.identity or not l.ffn.identity for l in new.layers)} non-empty; "
         f"{arch.num_params() / 1e6:.3f}M -> {new.num_params() / 1e6:.3f}M params -> {out_dir}")
     return arch, new, runs
 

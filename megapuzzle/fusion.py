@@ -41,15 +41,15 @@ def find_runs(arch: Architecture, *, leading_attention: bool = True, max_run: in
     i = 0
     while i < L:
         li = arch.layers[i]
-        if li.ffn.kind != "mlp" or (not leading_attention and li.attention.kind != "no_op"):
+        if not li.ffn.parent_like or (not leading_attention and not li.attention.identity):
             i += 1
             continue
         j, last_mlp, mlps = i, i, 1
-        while j + 1 < L and arch.layers[j + 1].attention.kind == "no_op" \
-                and arch.layers[j + 1].ffn.kind in ("mlp", "no_op") \
+        while j + 1 < L and arch.layers[j + 1].attention.identity \
+                and (arch.layers[j + 1].ffn.parent_like or arch.layers[j + 1].ffn.identity) \
                 and (max_run is None or j + 2 - i <= max_run):
             j += 1
-            if arch.layers[j].ffn.kind == "mlp":
+            if arch.layers[j].ffn.parent_like:
                 last_mlp, mlps = j, mlps + 1
         if mlps >= 2:
             runs.append((i, last_mlp))
@@ -69,19 +69,19 @@ def check_runs(arch: Architecture, runs: Sequence[Run]) -> None:
         if i <= prev:
             raise UserError(f"fusion runs overlap at layer {i}; give disjoint runs")
         prev = j
-        if arch.layers[i].ffn.kind != "mlp" or arch.layers[j].ffn.kind != "mlp":
+        if not arch.layers[i].ffn.parent_like or not arch.layers[j].ffn.parent_like:
             raise UserError(f"fusion run [{i}, {j}] must start and end with an MLP FFN "
                             f"(layers {i}, {j} have {arch.layers[i].ffn.name}, {arch.layers[j].ffn.name})")
         for k in range(i + 1, j + 1):
             l = arch.layers[k]
-            if l.attention.kind != "no_op" or l.ffn.kind not in ("mlp", "no_op"):
+            if not l.attention.identity or not (l.ffn.parent_like or l.ffn.identity):
                 raise UserError(f"fusion run [{i}, {j}]: layer {k} is {l.name}; inside a run every layer "
                                 f"after the first needs no-op attention and an MLP or no-op FFN")
 
 
 def fused_width(arch: Architecture, run: Run) -> int:
     i, j = run
-    return sum(arch.layers[k].ffn.intermediate_size for k in range(i, j + 1) if arch.layers[k].ffn.kind == "mlp")
+    return sum(arch.layers[k].ffn.intermediate_size for k in range(i, j + 1) if arch.layers[k].ffn.parent_like)
 
 
 def fused_arch(arch: Architecture, runs: Sequence[Run]) -> Architecture:
@@ -140,7 +140,7 @@ def iter_fused_tensors(arch: Architecture, tensors: Mapping[str, torch.Tensor], 
                 continue  # emitted with the norm, below
             parts = []
             for k in range(layer, start[layer] + 1):
-                if arch.layers[k].ffn.kind != "mlp":
+                if not arch.layers[k].ffn.parent_like:
                     continue
                 q = f"model.layers.{k}."
                 parts.append((tensors[q + "post_attention_layernorm.weight"], tensors[q + "mlp.gate_proj.weight"],

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,7 @@ def run_block_layer(parent: Architecture, i: int, j: int) -> LayerArch:
     """The replacement layer of run [i, j]: the parent's attention at i, an MLP of the summed FFN width."""
     if not 0 <= i < j < parent.num_layers:
         raise UserError(f"run [{i}, {j}] is not a range of at least two of the parent's {parent.num_layers} layers")
-    widths = [parent.layers[k].ffn.intermediate_size for k in range(i, j + 1) if parent.layers[k].ffn.kind == "mlp"]
+    widths = [parent.layers[k].ffn.intermediate_size for k in range(i, j + 1) if parent.layers[k].ffn.parent_like]
     if not widths:
         raise UserError(f"run [{i}, {j}] has no MLP to fuse")
     return LayerArch(parent.layers[i].attention, FFNVariant("mlp", sum(widths)))
@@ -54,7 +55,7 @@ def init_run_block(parent: Architecture, tensors: Mapping[str, torch.Tensor], i:
              (n.startswith(p + "self_attn.") or n == p + "input_layernorm.weight")}
     parts = []
     for k in range(i, j + 1):
-        if parent.layers[k].ffn.kind == "mlp":
+        if parent.layers[k].ffn.parent_like:
             q = f"model.layers.{k}."
             parts.append((tensors[q + "post_attention_layernorm.weight"], tensors[q + "mlp.gate_proj.weight"],
                           tensors[q + "mlp.up_proj.weight"], tensors[q + "mlp.down_proj.weight"]))
@@ -187,12 +188,10 @@ def run_windows(parent: Architecture, max_run: int) -> list[tuple[int, int]]:
     """Every [i, j] of 2..max_run layers whose FFNs are all MLPs."""
     L = parent.num_layers
     return [(i, i + n - 1) for n in range(2, max_run + 1) for i in range(L - n + 1)
-            if all(parent.layers[k].ffn.kind == "mlp" for k in range(i, i + n))]
+            if all(parent.layers[k].ffn.parent_like for k in range(i, i + n))]
 
 
-def _index_path(run_root) -> "Path":
-    from pathlib import Path
-
+def _index_path(run_root) -> Path:
     return Path(run_root) / RUNS_DIR / "index.json"
 
 
