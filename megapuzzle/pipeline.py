@@ -28,6 +28,7 @@ from typing import Any, Callable
 from megapuzzle.config import RunDir, load_config, section
 from megapuzzle.config.pipeline import DataSection, ExportSection, ParentSection  # noqa: F401
 from megapuzzle.errors import UserError
+from megapuzzle.stages import STAGES as REGISTRY
 from megapuzzle.fileio import atomic_write_json, replace_dir
 
 
@@ -186,19 +187,14 @@ def _stage_export(run: RunDir, cfg: dict, log) -> dict:
     return out
 
 
-# (name, config sections it reads, function). Order is the pipeline's order.
+# how `megapuzzle run` runs each stage of the registry (megapuzzle.stages), in its order
+_RUNNERS: dict[str, Callable[[RunDir, dict, Any], dict]] = {
+    "parent": _stage_parent, "data": _stage_data, "bld": _stage_bld, "score": _stage_score,
+    "measure": _stage_measure, "mip": _stage_mip, "realize": _stage_realize, "gkd": _stage_gkd,
+    "evaluate": _stage_evaluate, "export": _stage_export,
+}
 STAGES: list[tuple[str, tuple[str, ...], Callable[[RunDir, dict, Any], dict]]] = [
-    ("parent", ("parent",), _stage_parent),
-    ("data", ("parent", "data"), _stage_data),
-    ("bld", ("search_space", "bld"), _stage_bld),
-    ("score", ("score",), _stage_score),
-    ("measure", ("search_space", "measure"), _stage_measure),
-    ("mip", ("mip",), _stage_mip),
-    ("realize", ("realize",), _stage_realize),
-    ("gkd", ("gkd",), _stage_gkd),
-    ("evaluate", ("evaluate",), _stage_evaluate),
-    ("export", ("export",), _stage_export),
-]
+    (s.name, s.sections, _RUNNERS[s.name]) for s in REGISTRY]
 STAGE_NAMES = [s[0] for s in STAGES]
 
 
@@ -238,19 +234,12 @@ def validate_config(cfg: dict) -> None:
     """Every section parsed (unknown keys, bad values) and FP8 checked against this machine
     BEFORE the first stage runs: a bad config fails at start in one line, never half-way."""
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld import BLDConfig
-    from megapuzzle.cost import MeasureConfig
-    from megapuzzle.evaluate import EvaluateConfig
-    from megapuzzle.gkd import GKDConfig
-    from megapuzzle.mip_stage import MIPConfig
-    from megapuzzle.score import ScoreConfig
+    from megapuzzle.stages import schema
 
     if not section(cfg, "parent", ParentSection).train:
         section(cfg, "data", DataSection)
     SearchSpace.from_dict(cfg.get("search_space"))
-    parsed = {name: section(cfg, name, C) for name, C in (
-        ("bld", BLDConfig), ("score", ScoreConfig), ("measure", MeasureConfig), ("mip", MIPConfig),
-        ("gkd", GKDConfig), ("evaluate", EvaluateConfig), ("export", ExportSection))}
+    parsed = {s.name: section(cfg, s.sections[-1], schema(s)) for s in REGISTRY if s.schema}
     fp8 = [name for name in ("bld", "measure", "gkd") if getattr(parsed[name], "fp8", False)]
     if fp8:
         from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te

@@ -27,7 +27,8 @@ TORCH_FREE = ("megapuzzle.arch", "megapuzzle.config", "megapuzzle.config.rules",
               "megapuzzle.config.gkd", "megapuzzle.config.score", "megapuzzle.config.measure", "megapuzzle.config.mip",
               "megapuzzle.config.evaluate", "megapuzzle.config.parent", "megapuzzle.config.pipeline",
               "megapuzzle.cost_table", "megapuzzle.mip", "megapuzzle.mip_stage", "megapuzzle.roofline",
-              "megapuzzle.arch_table", "megapuzzle.cli", "megapuzzle.pipeline")
+              "megapuzzle.arch_table", "megapuzzle.cli", "megapuzzle.pipeline", "megapuzzle.stages",
+              "megapuzzle.blocks", "megapuzzle.families")
 
 
 def _starts(mod: str, prefixes) -> bool:
