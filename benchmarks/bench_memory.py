@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py                       # Llama-3.2-1B shape, -> benchmarks/results/memory.md
     python benchmarks/bench_memory.py --shape small --out /tmp/memory.md   # hidden 1024, 8 layers, vocab 32k
+    python benchmarks/bench_memory.py --shape mid --gkd-only --out benchmarks/results/memory_mid.md  # gkd, 0.62B
 
 Builds a random Llama with transformers in a temp dir (bf16; nothing downloaded), then runs the
 real commands, each in fresh processes, and records every rank's peak RSS (ru_maxrss inside the
@@ -13,7 +14,7 @@ rank, at exit) and the bytes of model weights that rank owns:
   blocks into the library layer by layer; no student trains, so this is the read path only);
 * `score` (bf16 weights, KL in fp32) under torchrun at TP x PP = 1x1, 2x1 and 1x2 where the
   stage has PP; score has none, so "1x2" runs it as two data-parallel ranks, each a full replica;
-* `evaluate` (bf16 quality and timing; one process by design: it times whole models);
+* `evaluate` (bf16 quality and timing) at TP = 1 and 2 (`evaluate --tp`); it has no PP;
 * `bld` with trained students: two per layer (GQA with half the parent's KV heads, and a SwiGLU at
   25 % of the parent's width), 2 steps, bf16 params under Megatron's mixed-precision optimizer
   (fp32 master weights, main grads and AdamW moments: the recipes' 20 B per trainable parameter),
@@ -52,6 +53,9 @@ SHAPES = {  # Llama-3.2-1B: 1.24B params, tied embeddings, llama3 RoPE
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0,
                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # between the two: for gkd, whose fp32 state at the 1b shape does not fit this machine
+    "mid": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
+                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                   num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False),
 }
@@ -144,6 +148,8 @@ def main() -> int:
     ap.add_argument("--gkd", choices=("auto", "yes", "no"), default="auto",
                     help="run gkd (2 steps, fp32 AdamW) at each layout; auto: only for the small shape (a 1.24B "
                          "child's fp32 Adam state next to its parent does not fit a shared 24 GB machine)")
+    ap.add_argument("--gkd-only", action="store_true",
+                    help="only what gkd needs (import-hf, bld of the parent's blocks, realize) and gkd itself")
     ap.add_argument("--bld-train", action=argparse.BooleanOptionalAction, default=True,
                     help="run bld with two trained students per layer at each layout")
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir, removed afterwards)")
@@ -194,7 +200,7 @@ def main() -> int:
                          "seq_len": 32, "eval_batches": 1}}))
         (r,) = run_ranks(work, "bld", 1, ["bld", "--config", str(cfg), "--run-dir", str(run), "--no-progress"])
         rows.append(("bld (parent blocks only)", "1x1", 0, r, None, None, "", "bld-read"))
-        for lay in a.layouts.split(","):
+        for lay in ([] if a.gkd_only else a.layouts.split(",")):
             tp, pp = (int(x) for x in lay.split("x"))
             world = tp * pp
             (run / "scores.json").unlink(missing_ok=True)
@@ -211,7 +217,7 @@ def main() -> int:
             "objective": 0.0, "predicted_speedup": 1.0}]}))
         (r,) = run_ranks(work, "realize", 1, ["realize", "--run-dir", str(run), "--max-shard-size", a.max_shard_size])
         rows.append(("realize", "1 process", 0, r, None, io_target, "", "realize"))
-        if a.gkd == "yes" or (a.gkd == "auto" and a.shape == "small"):
+        if a.gkd == "yes" or a.gkd_only or (a.gkd == "auto" and a.shape == "small"):
             for lay in a.layouts.split(","):
                 tp, pp = (int(x) for x in lay.split("x"))
                 shutil.rmtree(run / "gkd", ignore_errors=True)
@@ -223,39 +229,45 @@ def main() -> int:
                     own = owned_bytes(arch, tp, 4, pp=pp, stage=st) * 5
                     rows.append(("gkd (2 steps)", lay, rr["rank"], rr, own, None, "parent + child, grads, AdamW",
                                  "gkd-fp32"))
-        (r,) = run_ranks(work, "evaluate", 1, ["evaluate", "--run-dir", str(run), "--config", str(cfg),
-                                                "--child", str(run / "parent")])
-        rows.append(("evaluate (parent vs itself)", "1x1", 0, r, owned_bytes(arch, 1, 2, replicas=2), None, "",
-                     "evaluate"))
-        (r,) = run_ranks(work, "export", 1, ["export-hf", "--checkpoint", str(run / "parent"), "--out",
-                                              str(work / "export"), "--dtype", "bf16", "--max-shard-size",
-                                              a.max_shard_size])
-        rows.append(("export-hf", "1 process", 0, r, None, io_target, "", "export-hf"))
-        if a.bld_train:
-            # two students per layer: GQA at half the KV heads, SwiGLU at 25 %; bf16 + fp32 master state
-            student_attn = AttentionVariant("gqa", max(1, kv // 2))
-            student_ffn = FFNVariant("mlp", round_up(arch.layers[0].ffn.intermediate_size // 4, 256))
-            cfg_train = work / "bench_bld.yaml"
-            cfg_train.write_text(json.dumps({
-                "search_space": {"kv_heads": [student_attn.num_kv_heads], "ffn_fractions": [0.25],
-                                 "attention_linear": False, "attention_no_op": False, "ffn_linear": False,
-                                 "ffn_no_op": False},
-                "bld": {"tokens_per_block": 64, "batch_size": 1, "seq_len": 32, "eval_batches": 1,
-                        "calibration_batches": 1, "checkpoint_every": 2, "dtype": "bfloat16"}}))
-            per_layer = arch.attention_params(student_attn) + arch.ffn_params(student_ffn)
+        if not a.gkd_only:
             for lay in a.layouts.split(","):
                 tp, pp = (int(x) for x in lay.split("x"))
-                shutil.rmtree(run / "library", ignore_errors=True)
-                shutil.rmtree(run / "state" / "bld", ignore_errors=True)
-                res = run_ranks(work, f"bld_train_{lay}", tp * pp, ["bld", "--config", str(cfg_train), "--run-dir",
-                                                                     str(run), "--tp", str(tp), "--pp", str(pp),
-                                                                     "--no-progress"])
+                if pp > 1:  # evaluate has no PP; a "1x2" would be two identical TP=1 processes
+                    continue
+                res = run_ranks(work, f"evaluate_{lay}", tp, ["evaluate", "--run-dir", str(run), "--config", str(cfg),
+                                                               "--child", str(run / "parent"), "--tp", str(tp)])
                 for rr in res:
-                    st = rr["rank"] // tp
-                    layers = len(stage_layer_ranges(arch.num_layers, pp)[st])
-                    own = owned_bytes(arch, tp, 2, pp=pp, stage=st) + BLD_STATE_BYTES * per_layer * layers // tp
-                    rows.append(("bld (2 students/layer, 2 steps)", lay, rr["rank"], rr, own, None,
-                                 "bf16 teacher + students, 20 B/trained param", "bld-train"))
+                    rows.append(("evaluate (parent vs itself)", lay, rr["rank"], rr,
+                                 owned_bytes(arch, tp, 2, replicas=2), None, "", "evaluate"))
+            (r,) = run_ranks(work, "export", 1, ["export-hf", "--checkpoint", str(run / "parent"), "--out",
+                                                  str(work / "export"), "--dtype", "bf16", "--max-shard-size",
+                                                  a.max_shard_size])
+            rows.append(("export-hf", "1 process", 0, r, None, io_target, "", "export-hf"))
+            if a.bld_train:
+                # two students per layer: GQA at half the KV heads, SwiGLU at 25 %; bf16 + fp32 master state
+                student_attn = AttentionVariant("gqa", max(1, kv // 2))
+                student_ffn = FFNVariant("mlp", round_up(arch.layers[0].ffn.intermediate_size // 4, 256))
+                cfg_train = work / "bench_bld.yaml"
+                cfg_train.write_text(json.dumps({
+                    "search_space": {"kv_heads": [student_attn.num_kv_heads], "ffn_fractions": [0.25],
+                                     "attention_linear": False, "attention_no_op": False, "ffn_linear": False,
+                                     "ffn_no_op": False},
+                    "bld": {"tokens_per_block": 64, "batch_size": 1, "seq_len": 32, "eval_batches": 1,
+                            "calibration_batches": 1, "checkpoint_every": 2, "dtype": "bfloat16"}}))
+                per_layer = arch.attention_params(student_attn) + arch.ffn_params(student_ffn)
+                for lay in a.layouts.split(","):
+                    tp, pp = (int(x) for x in lay.split("x"))
+                    shutil.rmtree(run / "library", ignore_errors=True)
+                    shutil.rmtree(run / "state" / "bld", ignore_errors=True)
+                    res = run_ranks(work, f"bld_train_{lay}", tp * pp, ["bld", "--config", str(cfg_train), "--run-dir",
+                                                                         str(run), "--tp", str(tp), "--pp", str(pp),
+                                                                         "--no-progress"])
+                    for rr in res:
+                        st = rr["rank"] // tp
+                        layers = len(stage_layer_ranges(arch.num_layers, pp)[st])
+                        own = owned_bytes(arch, tp, 2, pp=pp, stage=st) + BLD_STATE_BYTES * per_layer * layers // tp
+                        rows.append(("bld (2 students/layer, 2 steps)", lay, rr["rank"], rr, own, None,
+                                     "bf16 teacher + students, 20 B/trained param", "bld-train"))
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -276,10 +288,9 @@ Misses, each with its cause (not rows of this table):
   its fp32 parent is ~23 GiB at 1x1, more than this 2-core, 24 GB machine shared with test runs holds;
   gkd is measured at every layout at the `small` shape instead (memory_small.md), and the memory model
   (megapuzzle.memory_model) scales its coefficient from there.
-* evaluate at 2x1 / 1x2: evaluate has no TP or PP; it builds parent and child whole in one process
-  (it times whole models, and its quality pass uses the same single-process models). Adding TP to the
-  quality pass means running it under the distributed runner like score; not done yet. At 70B and
-  405B this is why evaluate does not fit one H100 (tests/test_examples.py, MISSES).
+* evaluate at 1x2: evaluate has no PP (`evaluate --tp N` splits both models over TP; the 2x1 rows).
+  `megapuzzle run` and slurm/evaluate.sbatch still launch it as one process, which is why evaluate
+  does not fit one H100 at 70B and 405B (tests/test_examples.py, MISSES).
 * score at 1x2: score has no PP; that row is two data-parallel replicas, each a full TP=1 model.
 
 The figures are stored machine-readably in memory.json (same rows); megapuzzle.memory_model fits
@@ -292,7 +303,8 @@ def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int,
     from megapuzzle.fileio import atomic_write_json, atomic_write_text
 
     cmd = "python benchmarks/bench_memory.py" + ("" if a.shape == "1b" else f" --shape {a.shape}") + \
-        ("" if a.max_shard_size == "1GB" else f" --max-shard-size {a.max_shard_size}")
+        ("" if a.max_shard_size == "1GB" else f" --max-shard-size {a.max_shard_size}") + \
+        (" --gkd-only" if a.gkd_only else "")
     lines = [f"`{cmd}`", "",
              f"Random Llama, shape `{a.shape}`: {arch.num_params() / 1e9:.2f}B parameters, {arch.num_layers} layers, "
              f"hidden {arch.hidden_size}, vocab {arch.vocab_size}, tied={arch.tie_word_embeddings}; "
