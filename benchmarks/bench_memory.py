@@ -285,9 +285,10 @@ as the stages did (whole file per rank, cast to fp32, then sliced) cost 4.6-7.6 
 Misses, each with its cause (not rows of this table):
 
 * gkd at this shape: the 1.24B-parameter child's fp32 state (params, grads, two AdamW moments) next to
-  its fp32 parent is ~23 GiB at 1x1, more than this 2-core, 24 GB machine shared with test runs holds;
-  gkd is measured at every layout at the `small` shape instead (memory_small.md), and the memory model
-  (megapuzzle.memory_model) scales its coefficient from there.
+  its fp32 parent is ~23 GiB at 1x1, more than this 2-core, 24 GB machine shared with test runs holds.
+  gkd is measured at every layout at the `mid` shape instead (0.62B: hidden 2048, 8 layers, vocab 32k;
+  memory_mid.md, 1x1 peak 13.2 GiB for 11.5 GiB owned, all within target) and at `small`
+  (memory_small.md); the memory model (megapuzzle.memory_model) scales its coefficient from `mid`.
 * evaluate at 1x2: evaluate has no PP (`evaluate --tp N` splits both models over TP; the 2x1 rows).
   `megapuzzle run` and slurm/evaluate.sbatch still launch it as one process, which is why evaluate
   does not fit one H100 at 70B and 405B (tests/test_examples.py, MISSES).
@@ -295,7 +296,7 @@ Misses, each with its cause (not rows of this table):
 
 The figures are stored machine-readably in memory.json (same rows); megapuzzle.memory_model fits
 bytes added per owned byte and the baseline to them and tests/test_examples.py scales them to the
-8B / 70B / 405B H100 recipes."""
+8B / 70B / 405B H100 recipes: memory_recipes.md (`python benchmarks/memory_recipes.py`)."""
 
 
 def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int, rows: list[tuple],

@@ -12,9 +12,11 @@ stages, the optimizer state of its trainable parameters). From those rows:
     k_stage   = max over the stage's rows of (peak - baseline) / owned       (bytes added per owned byte)
     fixed     = max baseline                                                  (bytes before any weight)
 
-taken from the largest shape the stage was measured at (the 1.24B shape where it ran; GKD only at the
-0.19B shape, whose fixed costs make its k larger, so the scaled figure errs high). import-hf / realize /
-export-hf are per process, owned = one shard + the largest tensor.
+taken from the largest shape the stage was measured at (the 1.24B `1b` shape; GKD at the 0.62B `mid`
+shape, its fp32 state at `1b` does not fit the benchmark machine). A smaller shape's fixed costs weigh
+more per owned byte, so the max errs high. import-hf / realize / export-hf are one process each,
+owned = one shard + the largest tensor. GKD is measured in fp32 with local AdamW (owned = parent,
+child, grads, two moments) and applied to the recipes' bf16 + fp32-master layout byte for byte.
 
 Scaling to a recipe (`Prediction`):
 
