@@ -17,6 +17,11 @@ another checkpoint). For parent and child, side by side:
 
 The scenario defaults to the MIP's (mip/solutions.json: its best batch size, prefill_len,
 gen_len), so the measured speedup checks the MIP's promise like for like.
+
+`--tp N` (under torchrun, N processes): parent and child are built tensor-parallel, each rank
+reading only its slices, so no rank holds a whole model; the quality metrics are the same as at
+TP=1 (the logits are gathered over the vocabulary before the fp32 log-softmax) and the speed is
+timed at TP=N (eval.json `tensor_parallel`). Rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -151,8 +156,10 @@ def _chosen_solution(sols: dict | None, child: Architecture, meta: dict) -> tupl
 
 # ----------------------------------------------------------------------------- the stage
 
-def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None, log=print) -> dict:
-    """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content."""
+def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None, log=print,
+                 tp: int = 1) -> dict:
+    """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content.
+    `tp` > 1: every model tensor-parallel over the TP group (torchrun); rank 0 writes."""
     from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, require_parent
     from megapuzzle.cost_runtime import ensure_runtime, resolve_dtype
     from megapuzzle.cost_table import load_costs, predict_generation_time, throughput_settings
@@ -165,11 +172,30 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     if not is_checkpoint(child_dir):
         raise UserError(f"{child_dir} holds no child checkpoint; run `megapuzzle realize` (and `megapuzzle gkd`) first")
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
-    ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
+    writer = True
+    if tp > 1:  # each rank builds its TP shard of every model (quality and timing)
+        from megapuzzle.runtime import init_distributed
+
+        if cfg.vllm:
+            raise UserError("evaluate.vllm times whole models in vLLM; run it at --tp 1")
+        info = init_distributed(tp=tp)
+        writer = info.rank == 0
+        if not writer:
+            log = lambda *a, **k: None  # noqa: E731
+    else:
+        ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
     # lazy readers: each model reads its tensors one at a time, cast to its dtype
     parent_arch, parent_t, _ = load_checkpoint(require_parent(run), dtype=torch.float32)
     child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
     qdt = resolve_dtype(cfg.quality_dtype)
+    if tp > 1:
+        from megapuzzle.arch import ArchitectureError
+
+        for who, a in (("parent", parent_arch), ("child", child_arch)):
+            try:
+                a.validate_tensor_parallel(tp)
+            except ArchitectureError as e:
+                raise UserError(f"evaluate --tp {tp}: the {who} cannot be split: {e}") from None
     if (child_arch.vocab_size, child_arch.hidden_size) != (parent_arch.vocab_size, parent_arch.hidden_size):
         raise UserError(f"{child_dir} does not share the parent's vocabulary / hidden size; it is no child of it")
 
@@ -199,7 +225,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     engine = (costs or {}).get("engine", "megatron")
     by_engine = {"megatron": measured}
     vllm_speed = None
-    if cfg.vllm or (cfg.vllm is None and engine == "vllm"):
+    if cfg.vllm or (cfg.vllm is None and engine == "vllm" and tp == 1):
         from megapuzzle.serving.vllm_costs import measure_speedup_vllm
 
         vllm_speed = measure_speedup_vllm({"parent": parent_arch, "child": child_arch}, sc, rounds=cfg.rounds,
@@ -212,7 +238,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     sols = _solutions(run)
     k, sol = _chosen_solution(sols, child_arch, child_meta)
     out: dict[str, Any] = {"config": section_dict(cfg), "scenario": sc, "timing": settings, "bytes_per_param": bpp,
-                           "parent_dir": str(run.parent), "child_dir": str(child_dir)}
+                           "tensor_parallel": tp, "parent_dir": str(run.parent), "child_dir": str(child_dir)}
     for name, arch in (("parent", parent_arch), ("child", child_arch)):
         out[name] = {**quality[name], **memory(arch, sc, bpp), **speed[name]}
         if costs:
@@ -227,7 +253,8 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     # the prediction is checked against the engine the costs (and so the MIP) came from
     out["speedup"] = {"measured": measured, "predicted": predicted, "engine": engine, "measured_by_engine": by_engine,
                       "ratio_of_median_tokens_per_s": out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"],
-                      "prediction_error_pct": 100 * (predicted / by_engine[engine] - 1) if predicted else None,
+                      "prediction_error_pct": (100 * (predicted / by_engine[engine] - 1)
+                                               if predicted and engine in by_engine else None),
                       "mip_predicted": sol.get("predicted_speedup") if sol else None,
                       "mip_batch_size": sol.get("batch_size") if sol else None, "mip_solution": k}
     pa = out["parent"]["accuracy"]
@@ -237,10 +264,12 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     out["gkd"] = {k2: v for k2, v in json.loads(gkd_res.read_text()).items() if k2 in ("steps", "tokens", "initial",
                                                                                           "final")} \
         if gkd_res.is_file() and child_dir == gkd_ckpt else None
-    out["pareto_png"] = str(run.root / "pareto.png") if plot_pareto(sols, sol, out, run.root / "pareto.png") else None
+    png = run.root / "pareto.png"
+    out["pareto_png"] = str(png) if (plot_pareto(sols, sol, out, png) if writer else png.is_file()) else None
     out["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(run.root / "eval.json", out)
-    atomic_write_text(run.report, report_markdown(out, parent_arch, child_arch, sols))
+    if writer:
+        atomic_write_json(run.root / "eval.json", out)
+        atomic_write_text(run.report, report_markdown(out, parent_arch, child_arch, sols))
     ret = out["quality_retention_pct"]  # None when the parent's accuracy is 0 (an untrained parent)
     log(f"[evaluate] child: {'n/a' if ret is None else f'{ret:.1f}'}% of the parent's accuracy, KL "
         f"{out['child']['kl_to_parent']:.4f}; speedup measured {measured:.2f}x"
@@ -371,10 +400,17 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML with an evaluate: section (defaults otherwise)")
     p.add_argument("--run-dir", required=True, help="run directory (parent/, child/ or gkd/checkpoint, data/)")
     p.add_argument("--child", help="evaluate this checkpoint instead of RUN/gkd/checkpoint or RUN/child")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size (torchrun --nproc-per-node N): no rank holds a whole model")
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    import os
+
     cfg = section(load_config(args.config) if args.config else {}, "evaluate", EvaluateConfig)
-    run_evaluate(args.run_dir, cfg, child=args.child)
-    print(RunDir(args.run_dir).report.read_text())
+    if args.tp < 1:
+        raise UserError(f"--tp must be >= 1, got {args.tp}")
+    run_evaluate(args.run_dir, cfg, child=args.child, tp=args.tp)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(RunDir(args.run_dir).report.read_text())
     return 0

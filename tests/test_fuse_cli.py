@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from megapuzzle.arch import AttentionVariant as A, FFNVariant as F, LayerArch

@@ -41,7 +41,7 @@ def test_run_blocks_are_trained_scored_and_measured(fusion_run):
 
 def test_mip_with_runs_and_realize(fusion_run):
     from megapuzzle.checkpoints.canonical import load_checkpoint
-    from megapuzzle.fusion_blocks import load_run_index, run_block_ffn
+    from megapuzzle.fusion_blocks import run_block_ffn
     from megapuzzle.library import BlockLibrary
     from megapuzzle.mip_stage import MIPConfig, run_mip
     from megapuzzle.realize import realize
