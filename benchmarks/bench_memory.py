@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py                       # Llama-3.2-1B shape, -> benchmarks/results/memory.md
     python benchmarks/bench_memory.py --shape small --out /tmp/memory.md   # hidden 1024, 8 layers, vocab 32k
+    python benchmarks/bench_memory.py --shape mid --gkd-only --out benchmarks/results/memory_mid.md  # gkd, 0.62B
 
 Builds a random Llama with transformers in a temp dir (bf16; nothing downloaded), then runs the
 real commands, each in fresh processes, and records every rank's peak RSS (ru_maxrss inside the
@@ -13,10 +14,20 @@ rank, at exit) and the bytes of model weights that rank owns:
   blocks into the library layer by layer; no student trains, so this is the read path only);
 * `score` (bf16 weights, KL in fp32) under torchrun at TP x PP = 1x1, 2x1 and 1x2 where the
   stage has PP; score has none, so "1x2" runs it as two data-parallel ranks, each a full replica;
-* `evaluate` (bf16 quality and timing; one process by design: it times whole models).
+* `evaluate` (bf16 quality and timing) at TP = 1 and 2 (`evaluate --tp`); it has no PP;
+* `bld` with trained students: two per layer (GQA with half the parent's KV heads, and a SwiGLU at
+  25 % of the parent's width), 2 steps, bf16 params under Megatron's mixed-precision optimizer
+  (fp32 master weights, main grads and AdamW moments: the recipes' 20 B per trainable parameter),
+  at every layout (TP and PP are BLD's own).
+
+Besides the markdown table, the run writes the same rows machine-readably next to it
+(`--out` with `.json`): `megapuzzle.memory_model` fits its per-stage coefficients (bytes added per
+owned byte, the interpreter's baseline) to those files and scales them to the H100 recipes
+(tests/test_examples.py).
 
 Target for a stage: peak RSS <= 1.25 x owned + 1.5 GB, owned = this rank's share of each
-model's weights in their dtype. The table marks each miss.
+model's weights in their dtype (for training stages: plus the optimizer's state for the rank's
+trainable parameters). The table marks each miss.
 """
 
 from __future__ import annotations
@@ -36,11 +47,15 @@ sys.path.insert(0, str(REPO))
 GB = 1 << 30
 MB = 1 << 20
 ALLOW = 1.5 * GB
+BLD_STATE_BYTES = 20  # per trained parameter: bf16 param + grad, fp32 master + main grad + 2 AdamW moments
 SHAPES = {  # Llama-3.2-1B: 1.24B params, tied embeddings, llama3 RoPE
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0,
                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # between the two: for gkd, whose fp32 state at the 1b shape does not fit this machine
+    "mid": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
+                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                   num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=False),
 }
@@ -133,6 +148,10 @@ def main() -> int:
     ap.add_argument("--gkd", choices=("auto", "yes", "no"), default="auto",
                     help="run gkd (2 steps, fp32 AdamW) at each layout; auto: only for the small shape (a 1.24B "
                          "child's fp32 Adam state next to its parent does not fit a shared 24 GB machine)")
+    ap.add_argument("--gkd-only", action="store_true",
+                    help="only what gkd needs (import-hf, bld of the parent's blocks, realize) and gkd itself")
+    ap.add_argument("--bld-train", action=argparse.BooleanOptionalAction, default=True,
+                    help="run bld with two trained students per layer at each layout")
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir, removed afterwards)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "memory.md"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -143,8 +162,10 @@ def main() -> int:
         return 0
     import shutil
 
+    from megapuzzle.arch import AttentionVariant, FFNVariant, round_up
     from megapuzzle.checkpoints.canonical import load_arch
     from megapuzzle.checkpoints.shards import parse_size
+    from megapuzzle.model.config import stage_layer_ranges
 
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_memory_"))
     run = work / "run"
@@ -162,7 +183,7 @@ def main() -> int:
         model_bytes = sum(reader.nbytes(n) for n in reader)
         largest = max(reader.nbytes(n) for n in reader)
         io_target = shard + largest + ALLOW
-        rows.append(("import-hf", "1 process", 0, r, None, io_target))
+        rows.append(("import-hf", "1 process", 0, r, None, io_target, "", "import-hf"))
         make_data(work, arch.vocab_size)
         cfg = work / "bench.yaml"
         kv = arch.layers[0].attention.num_kv_heads
@@ -178,8 +199,8 @@ def main() -> int:
                          "gen_len": 2, "rounds": 1, "repeats": 1, "warmup": 0, "quality_batch_size": 1,
                          "seq_len": 32, "eval_batches": 1}}))
         (r,) = run_ranks(work, "bld", 1, ["bld", "--config", str(cfg), "--run-dir", str(run), "--no-progress"])
-        rows.append(("bld (parent blocks only)", "1x1", 0, r, None, None))
-        for lay in a.layouts.split(","):
+        rows.append(("bld (parent blocks only)", "1x1", 0, r, None, None, "", "bld-read"))
+        for lay in ([] if a.gkd_only else a.layouts.split(",")):
             tp, pp = (int(x) for x in lay.split("x"))
             world = tp * pp
             (run / "scores.json").unlink(missing_ok=True)
@@ -188,15 +209,15 @@ def main() -> int:
                                                            "--tp", str(tp), "--no-progress"])
             note = "" if pp == 1 else "no PP in score: 2 DP replicas"
             for rr in res:
-                rows.append(("score", lay, rr["rank"], rr, owned_bytes(arch, tp, 2), None, note))
+                rows.append(("score", lay, rr["rank"], rr, owned_bytes(arch, tp, 2), None, note, "score"))
         # the MIP's choice, fixed here: the parent's own variants (a 1.24B child from the library)
         run.joinpath("mip").mkdir(exist_ok=True)
         (run / "mip" / "solutions.json").write_text(json.dumps({"solutions": [{
             "layers": [{"attention": la.attention.name, "ffn": la.ffn.name} for la in arch.layers],
             "objective": 0.0, "predicted_speedup": 1.0}]}))
         (r,) = run_ranks(work, "realize", 1, ["realize", "--run-dir", str(run), "--max-shard-size", a.max_shard_size])
-        rows.append(("realize", "1 process", 0, r, None, io_target))
-        if a.gkd == "yes" or (a.gkd == "auto" and a.shape == "small"):
+        rows.append(("realize", "1 process", 0, r, None, io_target, "", "realize"))
+        if a.gkd == "yes" or a.gkd_only or (a.gkd == "auto" and a.shape == "small"):
             for lay in a.layouts.split(","):
                 tp, pp = (int(x) for x in lay.split("x"))
                 shutil.rmtree(run / "gkd", ignore_errors=True)
@@ -206,14 +227,47 @@ def main() -> int:
                     st = rr["rank"] // tp  # ranks are TP-fastest
                     # frozen parent + child, its grads and AdamW's two moments, all fp32 on CPU
                     own = owned_bytes(arch, tp, 4, pp=pp, stage=st) * 5
-                    rows.append(("gkd (2 steps)", lay, rr["rank"], rr, own, None, "parent + child, grads, AdamW"))
-        (r,) = run_ranks(work, "evaluate", 1, ["evaluate", "--run-dir", str(run), "--config", str(cfg),
-                                                "--child", str(run / "parent")])
-        rows.append(("evaluate (parent vs itself)", "1x1", 0, r, owned_bytes(arch, 1, 2, replicas=2), None))
-        (r,) = run_ranks(work, "export", 1, ["export-hf", "--checkpoint", str(run / "parent"), "--out",
-                                              str(work / "export"), "--dtype", "bf16", "--max-shard-size",
-                                              a.max_shard_size])
-        rows.append(("export-hf", "1 process", 0, r, None, io_target))
+                    rows.append(("gkd (2 steps)", lay, rr["rank"], rr, own, None, "parent + child, grads, AdamW",
+                                 "gkd-fp32"))
+        if not a.gkd_only:
+            for lay in a.layouts.split(","):
+                tp, pp = (int(x) for x in lay.split("x"))
+                if pp > 1:  # evaluate has no PP; a "1x2" would be two identical TP=1 processes
+                    continue
+                res = run_ranks(work, f"evaluate_{lay}", tp, ["evaluate", "--run-dir", str(run), "--config", str(cfg),
+                                                               "--child", str(run / "parent"), "--tp", str(tp)])
+                for rr in res:
+                    rows.append(("evaluate (parent vs itself)", lay, rr["rank"], rr,
+                                 owned_bytes(arch, tp, 2, replicas=2), None, "", "evaluate"))
+            (r,) = run_ranks(work, "export", 1, ["export-hf", "--checkpoint", str(run / "parent"), "--out",
+                                                  str(work / "export"), "--dtype", "bf16", "--max-shard-size",
+                                                  a.max_shard_size])
+            rows.append(("export-hf", "1 process", 0, r, None, io_target, "", "export-hf"))
+            if a.bld_train:
+                # two students per layer: GQA at half the KV heads, SwiGLU at 25 %; bf16 + fp32 master state
+                student_attn = AttentionVariant("gqa", max(1, kv // 2))
+                student_ffn = FFNVariant("mlp", round_up(arch.layers[0].ffn.intermediate_size // 4, 256))
+                cfg_train = work / "bench_bld.yaml"
+                cfg_train.write_text(json.dumps({
+                    "search_space": {"kv_heads": [student_attn.num_kv_heads], "ffn_fractions": [0.25],
+                                     "attention_linear": False, "attention_no_op": False, "ffn_linear": False,
+                                     "ffn_no_op": False},
+                    "bld": {"tokens_per_block": 64, "batch_size": 1, "seq_len": 32, "eval_batches": 1,
+                            "calibration_batches": 1, "checkpoint_every": 2, "dtype": "bfloat16"}}))
+                per_layer = arch.attention_params(student_attn) + arch.ffn_params(student_ffn)
+                for lay in a.layouts.split(","):
+                    tp, pp = (int(x) for x in lay.split("x"))
+                    shutil.rmtree(run / "library", ignore_errors=True)
+                    shutil.rmtree(run / "state" / "bld", ignore_errors=True)
+                    res = run_ranks(work, f"bld_train_{lay}", tp * pp, ["bld", "--config", str(cfg_train), "--run-dir",
+                                                                         str(run), "--tp", str(tp), "--pp", str(pp),
+                                                                         "--no-progress"])
+                    for rr in res:
+                        st = rr["rank"] // tp
+                        layers = len(stage_layer_ranges(arch.num_layers, pp)[st])
+                        own = owned_bytes(arch, tp, 2, pp=pp, stage=st) + BLD_STATE_BYTES * per_layer * layers // tp
+                        rows.append(("bld (2 students/layer, 2 steps)", lay, rr["rank"], rr, own, None,
+                                     "bf16 teacher + students, 20 B/trained param", "bld-train"))
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -228,18 +282,30 @@ every HF shard in one dict, then the whole model as one file: 3.1x the model). L
 as the stages did (whole file per rank, cast to fp32, then sliced) cost 4.6-7.6 GB per TP=2 rank
 (issue 14's measurement): 3.7-6.2x the rank's bf16 share, against about 2.1 GiB now for score at 2x1.
 
-Not covered here: BLD with trained students, GKD at this shape (a 1.24B-parameter child's fp32
-Adam state next to its parent does not fit this 2-core, 24 GB machine shared with test runs; see
-memory_small.md for GKD at every layout), and PP for score and evaluate (neither stage has PP;
-score's 1x2 row is two DP replicas)."""
+Misses, each with its cause (not rows of this table):
+
+* gkd at this shape: the 1.24B-parameter child's fp32 state (params, grads, two AdamW moments) next to
+  its fp32 parent is ~23 GiB at 1x1, more than this 2-core, 24 GB machine shared with test runs holds.
+  gkd is measured at every layout at the `mid` shape instead (0.62B: hidden 2048, 8 layers, vocab 32k;
+  memory_mid.md, 1x1 peak 13.2 GiB for 11.5 GiB owned, all within target) and at `small`
+  (memory_small.md); the memory model (megapuzzle.memory_model) scales its coefficient from `mid`.
+* evaluate at 1x2: evaluate has no PP (`evaluate --tp N` splits both models over TP; the 2x1 rows).
+  `megapuzzle run` and slurm/evaluate.sbatch still launch it as one process, which is why evaluate
+  does not fit one H100 at 70B and 405B (tests/test_examples.py, MISSES).
+* score at 1x2: score has no PP; that row is two data-parallel replicas, each a full TP=1 model.
+
+The figures are stored machine-readably in memory.json (same rows); megapuzzle.memory_model fits
+bytes added per owned byte and the baseline to them and tests/test_examples.py scales them to the
+8B / 70B / 405B H100 recipes: memory_recipes.md (`python benchmarks/memory_recipes.py`)."""
 
 
 def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int, rows: list[tuple],
                  wall: float) -> None:
-    from megapuzzle.fileio import atomic_write_text
+    from megapuzzle.fileio import atomic_write_json, atomic_write_text
 
     cmd = "python benchmarks/bench_memory.py" + ("" if a.shape == "1b" else f" --shape {a.shape}") + \
-        ("" if a.max_shard_size == "1GB" else f" --max-shard-size {a.max_shard_size}")
+        ("" if a.max_shard_size == "1GB" else f" --max-shard-size {a.max_shard_size}") + \
+        (" --gkd-only" if a.gkd_only else "")
     lines = [f"`{cmd}`", "",
              f"Random Llama, shape `{a.shape}`: {arch.num_params() / 1e9:.2f}B parameters, {arch.num_layers} layers, "
              f"hidden {arch.hidden_size}, vocab {arch.vocab_size}, tied={arch.tie_word_embeddings}; "
@@ -251,9 +317,9 @@ def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int,
              "<= one shard + the largest tensor + 1.5 GiB for import / export.", "",
              "| stage | TPxPP | rank | owned | peak RSS | added | target | within | note |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    records = []
     for row in rows:
-        stage, lay, rank, r, owned, target = row[:6]
-        note = row[6] if len(row) > 6 else ""
+        stage, lay, rank, r, owned, target, note, key = row
         if target is None and owned is not None:
             target = 1.25 * owned + ALLOW
         ok = "" if target is None else ("yes" if r["peak"] <= target else "**miss**")
@@ -261,12 +327,20 @@ def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int,
         added = r["peak"] - r["baseline"]
         lines.append(f"| {stage} | {lay} | {rank} | {fmt(owned)} | {fmt(r['peak'])} | {fmt(added)} | "
                      f"{fmt(target)} | {ok} | {note} |")
+        records.append({"key": key, "stage": stage, "layout": lay, "rank": rank, "owned": owned,
+                        "baseline": r["baseline"], "peak": r["peak"], "target": target,
+                        "within": None if target is None else bool(r["peak"] <= target), "note": note})
     if a.shape == "1b":
         lines += ["", BEFORE]
     text = "\n".join(lines) + "\n"
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
+    atomic_write_json(out.with_suffix(".json"), {
+        "format": "megapuzzle-bench-memory/1", "command": cmd, "shape": a.shape, "cpus": os.cpu_count(),
+        "params": arch.num_params(), "num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+        "vocab_size": arch.vocab_size, "model_bytes": model_bytes, "largest_tensor_bytes": largest,
+        "shard_bytes": shard, "allowance_bytes": ALLOW, "rows": records})
 
 
 if __name__ == "__main__":

@@ -16,82 +16,28 @@ and vLLM do not, so `Architecture.engine_compatible()` reports it and export war
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
-FFN_MULT_ROUNDING = 256  # the rule TRT-LLM, vLLM and Megatron-core apply to ffn_mult
-
-
-class ArchitectureError(ValueError):
-    """A malformed architecture; the message names the problem and the fix in one line."""
-
+from megapuzzle.blocks import registry
+from megapuzzle.families import DEFAULT as DEFAULT_FAMILY
+from megapuzzle.families import Family, get_family
+from megapuzzle.blocks.base import (  # noqa: F401  (re-exported: the public names live here)
+    ATTENTION,
+    FFN,
+    FFN_MULT_ROUNDING,
+    ArchitectureError,
+    AttentionKind,
+    AttentionVariant,
+    BlockKind,
+    FFNKind,
+    FFNVariant,
+    ffn_mult_to_intermediate_size,
+    intermediate_size_to_ffn_mult,
+    round_up,
+)
 
 # ----------------------------------------------------------------------------- variants
-
-AttentionKind = Literal["gqa", "linear", "no_op"]
-FFNKind = Literal["mlp", "linear", "no_op"]
-
-
-@dataclass(frozen=True, order=True)
-class AttentionVariant:
-    """One attention subblock shape."""
-
-    kind: AttentionKind
-    """`gqa` (grouped-query attention), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op`."""
-    num_kv_heads: int | None = None
-    """KV heads for `gqa`; None for the other kinds."""
-
-    def __post_init__(self):
-        if self.kind not in ("gqa", "linear", "no_op"):
-            raise ArchitectureError(f"attention kind {self.kind!r} unknown; use gqa, linear or no_op")
-        if self.kind == "gqa":
-            if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1:
-                raise ArchitectureError(
-                    f"gqa attention needs num_kv_heads >= 1, got {self.num_kv_heads!r}")
-        elif self.num_kv_heads is not None:
-            raise ArchitectureError(f"{self.kind} attention takes no num_kv_heads (got {self.num_kv_heads})")
-
-    @property
-    def name(self) -> str:
-        return f"gqa_kv{self.num_kv_heads}" if self.kind == "gqa" else self.kind
-
-    @classmethod
-    def from_name(cls, name: str) -> "AttentionVariant":
-        if name.startswith("gqa_kv"):
-            return cls("gqa", int(name[len("gqa_kv"):]))
-        return cls(name)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True, order=True)
-class FFNVariant:
-    """One FFN subblock shape."""
-
-    kind: FFNKind
-    """`mlp` (SwiGLU), `linear` (RMSNorm + Linear(hidden, hidden)) or `no_op`."""
-    intermediate_size: int | None = None
-    """SwiGLU intermediate size for `mlp`; None for the other kinds."""
-
-    def __post_init__(self):
-        if self.kind not in ("mlp", "linear", "no_op"):
-            raise ArchitectureError(f"ffn kind {self.kind!r} unknown; use mlp, linear or no_op")
-        if self.kind == "mlp":
-            if not isinstance(self.intermediate_size, int) or self.intermediate_size < 1:
-                raise ArchitectureError(
-                    f"mlp ffn needs intermediate_size >= 1, got {self.intermediate_size!r}")
-        elif self.intermediate_size is not None:
-            raise ArchitectureError(f"{self.kind} ffn takes no intermediate_size (got {self.intermediate_size})")
-
-    @property
-    def name(self) -> str:
-        return f"mlp_{self.intermediate_size}" if self.kind == "mlp" else self.kind
-
-    @classmethod
-    def from_name(cls, name: str) -> "FFNVariant":
-        if name.startswith("mlp_"):
-            return cls("mlp", int(name[len("mlp_"):]))
-        return cls(name)  # type: ignore[arg-type]
-
 
 @dataclass(frozen=True)
 class LayerArch:
@@ -105,29 +51,9 @@ class LayerArch:
         return f"{self.attention.name}+{self.ffn.name}"
 
 
-# ----------------------------------------------------------------------------- ffn_mult rule
-
-def round_up(n: int, k: int) -> int:
-    return n if n % k == 0 else n + k - n % k
-
-
-def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
-    """The ecosystem's rule (TRT-LLM, vLLM, Megatron-core, DeciLM)."""
-    return round_up(int(2 * ffn_mult * hidden_size / 3), FFN_MULT_ROUNDING)
-
-
-def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float | None:
-    """The shortest `ffn_mult` that maps back to exactly this size, or None if none does."""
-    if intermediate_size % FFN_MULT_ROUNDING:
-        return None
-    exact = 3 * intermediate_size / (2 * hidden_size)
-    for digits in range(1, 12):
-        cand = round(exact, digits)
-        if ffn_mult_to_intermediate_size(cand, hidden_size) == intermediate_size:
-            return cand
-    # int() truncation can land one below a multiple of 256 for the exact ratio; nudge up.
-    cand = math.nextafter(exact, math.inf)
-    return cand if ffn_mult_to_intermediate_size(cand, hidden_size) == intermediate_size else None
+def empty_layer() -> LayerArch:
+    """A layer that computes nothing: the identity (no-op) kind in both subblocks."""
+    return LayerArch(*(next(k for k in registry.kinds(s) if k.identity).variant() for s in (ATTENTION, FFN)))
 
 
 # ----------------------------------------------------------------------------- architecture
@@ -160,6 +86,9 @@ class Architecture:
     """Begin-of-sequence id written to HF configs."""
     eos_token_id: int | list[int] | None = None
     """End-of-sequence id(s) written to HF configs."""
+    family: str = DEFAULT_FAMILY
+    """The parent family (megapuzzle.families): tensors outside the layers, HF model types, the
+    Megatron config that makes its computation. Only "llama" today."""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -169,6 +98,7 @@ class Architecture:
                 raise ArchitectureError(f"{name} must be a positive int, got {v!r}")
         if not self.layers:
             raise ArchitectureError("an architecture needs at least one layer")
+        get_family(self.family)  # one-line error for an unknown family
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ArchitectureError(
@@ -177,13 +107,14 @@ class Architecture:
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, LayerArch):
                 raise ArchitectureError(f"layer {i} is {type(layer).__name__}, expected LayerArch")
-            kv = layer.attention.num_kv_heads
-            if kv is not None and self.num_attention_heads % kv:
-                raise ArchitectureError(
-                    f"layer {i}: num_kv_heads {kv} does not divide num_attention_heads "
-                    f"{self.num_attention_heads}; use a divisor of it")
+            layer.attention.kind_spec.validate_in(self, layer.attention, i)
+            layer.ffn.kind_spec.validate_in(self, layer.ffn, i)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ArchitectureError(f"rope_scaling must be a dict or null, got {self.rope_scaling!r}")
+
+    @property
+    def family_spec(self) -> Family:
+        return get_family(self.family)
 
     # -- derived sizes
     @property
@@ -203,20 +134,14 @@ class Architecture:
         return self.with_layers(layers)
 
     def attention_params(self, v: AttentionVariant) -> int:
-        h, d, nq = self.hidden_size, self.kv_channels, self.num_attention_heads
-        if v.kind == "gqa":
-            return h * nq * d + 2 * h * v.num_kv_heads * d + nq * d * h + h  # q, k, v, o, norm
-        if v.kind == "linear":
-            return h * h + h
-        return 0
+        return v.kind_spec.params(self, v)
 
     def ffn_params(self, v: FFNVariant) -> int:
-        h = self.hidden_size
-        if v.kind == "mlp":
-            return 3 * h * v.intermediate_size + h  # gate, up, down, norm
-        if v.kind == "linear":
-            return h * h + h
-        return 0
+        return v.kind_spec.params(self, v)
+
+    def subblock_params(self, v: AttentionVariant | FFNVariant) -> int:
+        """Parameters of one subblock variant (its GEMMs and its norm)."""
+        return v.kind_spec.params(self, v)
 
     def layer_params(self, i: int) -> int:
         return self.attention_params(self.layers[i].attention) + self.ffn_params(self.layers[i].ffn)
@@ -228,8 +153,8 @@ class Architecture:
 
     def kv_cache_bytes_per_token(self, bytes_per_elem: int = 2) -> int:
         """K and V for one token over all layers."""
-        return sum(2 * l.attention.num_kv_heads * self.kv_channels * bytes_per_elem
-                   for l in self.layers if l.attention.kind == "gqa")
+        return sum(l.attention.kind_spec.kv_elems_per_token(self, l.attention) * bytes_per_elem
+                   for l in self.layers)
 
     def validate_tensor_parallel(self, tp: int) -> None:
         """Raise a one-line error if this architecture cannot be split over `tp` ranks."""
@@ -244,37 +169,23 @@ class Architecture:
                 f"tensor parallel size {tp} does not divide vocab_size {self.vocab_size}; "
                 f"pad the vocabulary to a multiple of {tp} or pick another TP size")
         for i, l in enumerate(self.layers):
-            if l.attention.kind == "gqa" and l.attention.num_kv_heads % tp:
-                raise ArchitectureError(
-                    f"layer {i}: tensor parallel size {tp} does not divide num_kv_heads "
-                    f"{l.attention.num_kv_heads}; pick a TP size that divides every layer's KV heads")
-            if l.ffn.kind == "mlp" and l.ffn.intermediate_size % tp:
-                raise ArchitectureError(
-                    f"layer {i}: tensor parallel size {tp} does not divide intermediate_size "
-                    f"{l.ffn.intermediate_size}; pick a TP size that divides it")
-            if l.attention.kind == "linear" or l.ffn.kind == "linear":
-                if self.hidden_size % tp:
-                    raise ArchitectureError(
-                        f"layer {i}: tensor parallel size {tp} does not divide hidden_size "
-                        f"{self.hidden_size} (linear subblock); pick a TP size that divides it")
+            for v in (l.attention, l.ffn):
+                problem = v.kind_spec.tp_problem(self, v, tp)
+                if problem:
+                    raise ArchitectureError(f"layer {i}: {problem}")
 
     def engine_compatible(self) -> list[str]:
         """Reasons TensorRT-LLM / vLLM cannot load this architecture (empty list: both can).
 
         TensorRT-LLM reads FFN sizes only through `ffn_mult`; vLLM's nemotron_nas also has no
         linear-replacement subblocks (it ignores `replace_with_linear`)."""
-        problems = []
+        out = []
         for i, l in enumerate(self.layers):
-            if l.ffn.kind == "mlp" and intermediate_size_to_ffn_mult(
-                    l.ffn.intermediate_size, self.hidden_size) is None:
-                problems.append(
-                    f"layer {i}: intermediate_size {l.ffn.intermediate_size} has no ffn_mult "
-                    f"(not a multiple of {FFN_MULT_ROUNDING}): TensorRT-LLM and vLLM")
-            if l.attention.kind == "linear":
-                problems.append(f"layer {i}: linear attention: vLLM")
-            if l.ffn.kind == "linear":
-                problems.append(f"layer {i}: linear FFN: vLLM")
-        return problems
+            found = [p for v in (l.attention, l.ffn) for p in v.kind_spec.engine_problems(self, v)]
+            # per layer, what more engines cannot load first ("...: TensorRT-LLM and vLLM" before "...: vLLM")
+            found.sort(key=lambda p: -len(p.rsplit(": ", 1)[-1].split(" and ")))
+            out += [f"layer {i}: {p}" for p in found]
+        return out
 
     # -- our own json (typed, explicit sizes)
     def to_dict(self) -> dict[str, Any]:
@@ -283,6 +194,8 @@ class Architecture:
             "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
             "eos_token_id")}
         d["layers"] = [{"attention": l.attention.name, "ffn": l.ffn.name} for l in self.layers]
+        if self.family != DEFAULT_FAMILY:  # absent for Llama: arch.json files stay as they were
+            d["family"] = self.family
         return d
 
     @classmethod
@@ -310,24 +223,14 @@ class Architecture:
     def block_configs(self, megatron: bool = False) -> list[dict]:
         """Per-layer DeciLM block configs; `megatron=True` adds explicit `num_query_groups`
         / `ffn_hidden_size`, which Megatron-core's HeterogeneousTransformerConfig prefers."""
-        out = []
-        for l in self.layers:
-            a, f = l.attention, l.ffn
-            attn = {"n_heads_in_group": (self.num_attention_heads // a.num_kv_heads if a.kind == "gqa" else None),
-                    "no_op": a.kind == "no_op", "replace_with_linear": a.kind == "linear"}
-            if megatron:
-                attn["num_query_groups"] = a.num_kv_heads
-            mult = (intermediate_size_to_ffn_mult(f.intermediate_size, self.hidden_size)
-                    if f.kind == "mlp" else None)
-            ffn = {"ffn_mult": mult, "no_op": f.kind == "no_op", "replace_with_linear": f.kind == "linear"}
-            if f.kind == "mlp" and mult is None:
-                ffn["intermediate_size"] = f.intermediate_size  # read by our loaders, not TRT-LLM/vLLM
-            if megatron:
-                ffn["ffn_hidden_size"] = f.intermediate_size
-            out.append({"attention": attn, "ffn": ffn})
-        return out
+        enc = "megatron_block_config" if megatron else "block_config"
+        return [{"attention": getattr(l.attention.kind_spec, enc)(self, l.attention),
+                 "ffn": getattr(l.ffn.kind_spec, enc)(self, l.ffn)} for l in self.layers]
 
     def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        if not self.family_spec.decilm:
+            raise ArchitectureError(f"family {self.family} has no HF DeciLM (nemotron-nas) form; "
+                                    f"DeciLM represents Llama-family children only")
         cfg: dict[str, Any] = {
             "architectures": ["DeciLMForCausalLM"],
             "model_type": "nemotron-nas",
@@ -383,7 +286,7 @@ class Architecture:
         else:
             kv = int(cfg.get("num_key_value_heads") or heads)
             inter = int(cfg["intermediate_size"])
-            layers = tuple(LayerArch(AttentionVariant("gqa", kv), FFNVariant("mlp", inter)) for _ in range(n_layers))
+            layers = (_llama_layer(kv, inter),) * n_layers
         head_dim = cfg.get("head_dim")
         if head_dim is not None and int(head_dim) == hidden // heads:
             head_dim = None
@@ -401,9 +304,15 @@ class Architecture:
     @classmethod
     def homogeneous(cls, *, vocab_size: int, hidden_size: int, num_layers: int, num_attention_heads: int,
                     num_kv_heads: int, intermediate_size: int, **kw) -> "Architecture":
-        layer = LayerArch(AttentionVariant("gqa", num_kv_heads), FFNVariant("mlp", intermediate_size))
+        layer = _llama_layer(num_kv_heads, intermediate_size)
         return cls(vocab_size=vocab_size, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
                    layers=(layer,) * num_layers, **kw)
+
+
+def _llama_layer(num_kv_heads: int, intermediate_size: int) -> LayerArch:
+    """A plain Llama layer: the default (flag-free) attention and FFN kinds of DeciLM."""
+    return LayerArch(registry.default(ATTENTION).variant(num_kv_heads),
+                     registry.default(FFN).variant(intermediate_size))
 
 
 def _layers_from_block_configs(blocks: Any, n_layers: int, hidden: int, heads: int) -> tuple[LayerArch, ...]:
@@ -413,6 +322,7 @@ def _layers_from_block_configs(blocks: Any, n_layers: int, hidden: int, heads: i
         raise ArchitectureError(f"block_configs has {len(blocks)} entries but num_hidden_layers is {n_layers}; "
                                 f"give exactly one block config per layer")
     layers = []
+    dims = {"hidden_size": hidden, "num_attention_heads": heads}
     for i, b in enumerate(blocks):
         if not isinstance(b, dict) or "attention" not in b or not ("ffn" in b or "mlp" in b):
             raise ArchitectureError(f"block_configs[{i}] is malformed; each entry needs "
@@ -420,40 +330,8 @@ def _layers_from_block_configs(blocks: Any, n_layers: int, hidden: int, heads: i
         a, f = b["attention"], b.get("ffn", b.get("mlp"))
         if not isinstance(a, dict) or not isinstance(f, dict):
             raise ArchitectureError(f"block_configs[{i}]: 'attention' and 'ffn' must be dicts")
-        if a.get("no_op") and a.get("replace_with_linear"):
-            raise ArchitectureError(f"block_configs[{i}].attention is both no_op and replace_with_linear; pick one")
-        if f.get("no_op") and f.get("replace_with_linear"):
-            raise ArchitectureError(f"block_configs[{i}].ffn is both no_op and replace_with_linear; pick one")
-        if a.get("no_op"):
-            attn = AttentionVariant("no_op")
-        elif a.get("replace_with_linear"):
-            attn = AttentionVariant("linear")
-        else:
-            kv = a.get("num_query_groups")
-            if kv is None:
-                g = a.get("n_heads_in_group")
-                if not isinstance(g, int) or g < 1:
-                    raise ArchitectureError(f"block_configs[{i}].attention.n_heads_in_group must be a "
-                                            f"positive int for a GQA layer, got {g!r}")
-                if heads % g:
-                    raise ArchitectureError(f"block_configs[{i}]: n_heads_in_group {g} does not divide "
-                                            f"num_attention_heads {heads}; use a divisor of it")
-                kv = heads // g
-            attn = AttentionVariant("gqa", int(kv))
-        if f.get("no_op"):
-            ffn = FFNVariant("no_op")
-        elif f.get("replace_with_linear"):
-            ffn = FFNVariant("linear")
-        else:
-            size = f.get("intermediate_size", f.get("ffn_hidden_size"))
-            if size is None:
-                m = f.get("ffn_mult")
-                if not isinstance(m, (int, float)) or m <= 0:
-                    raise ArchitectureError(f"block_configs[{i}].ffn.ffn_mult must be a positive number for "
-                                            f"an MLP layer, got {m!r}")
-                size = ffn_mult_to_intermediate_size(float(m), hidden)
-            ffn = FFNVariant("mlp", int(size))
-        layers.append(LayerArch(attn, ffn))
+        layers.append(LayerArch(registry.from_block_config(ATTENTION, a, f"block_configs[{i}].attention", dims),
+                                registry.from_block_config(FFN, f, f"block_configs[{i}].ffn", dims)))
     return tuple(layers)
 
 
@@ -461,7 +339,9 @@ def _layers_from_block_configs(blocks: Any, n_layers: int, hidden: int, heads: i
 
 SEARCH_SPACE_PRESETS: dict[str, dict[str, Any]] = {
     # vLLM's nemotron_nas has no linear subblocks and reads FFN sizes only through ffn_mult
-    "vllm": {"attention_linear": False, "ffn_linear": False, "ffn_granularity": FFN_MULT_ROUNDING},
+    # (nor sliding windows: it ignores window_length)
+    "vllm": {"attention_linear": False, "ffn_linear": False, "ffn_granularity": FFN_MULT_ROUNDING,
+             "attention_windows": ()},
 }
 
 
@@ -486,6 +366,12 @@ class SearchSpace:
     """Offer the linear FFN replacement."""
     ffn_no_op: bool = True
     """Offer removing the FFN."""
+    fusion_max_run: int = 1
+    """Longest run of consecutive layers one MIP candidate may cover (FFN Fusion, megapuzzle.fusion;
+    1 = one candidate per layer)."""
+    attention_windows: tuple[int, ...] = ()
+    """Sliding-window lengths: offer the parent's GQA attending to only this many recent tokens
+    (kind `swa`, megapuzzle/blocks/swa.py). Empty: none offered."""
 
     def __post_init__(self):
         object.__setattr__(self, "kv_heads", tuple(int(k) for k in self.kv_heads))
@@ -495,8 +381,13 @@ class SearchSpace:
             raise ArchitectureError(f"search_space.kv_heads must be positive, got {self.kv_heads}")
         if any(not 0 < f <= 1 for f in self.ffn_fractions):
             raise ArchitectureError(f"search_space.ffn_fractions must lie in (0, 1], got {self.ffn_fractions}")
+        object.__setattr__(self, "attention_windows", tuple(int(w) for w in self.attention_windows))
+        if any(w < 1 for w in self.attention_windows):
+            raise ArchitectureError(f"search_space.attention_windows must be positive, got {self.attention_windows}")
         if self.ffn_granularity < 1:
             raise ArchitectureError(f"search_space.ffn_granularity must be >= 1, got {self.ffn_granularity}")
+        if not isinstance(self.fusion_max_run, int) or self.fusion_max_run < 1:
+            raise ArchitectureError(f"search_space.fusion_max_run must be an integer >= 1, got {self.fusion_max_run!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SearchSpace":
@@ -526,33 +417,12 @@ class SearchSpace:
     def attention_variants(self, parent: Architecture, layer: int) -> list[AttentionVariant]:
         """Variants for one layer's attention, the parent's own first."""
         own = parent.layers[layer].attention
-        out = [own]
-        if own.kind == "gqa":
-            for k in sorted(set(self.kv_heads), reverse=True):
-                if k < own.num_kv_heads and parent.num_attention_heads % k == 0:
-                    out.append(AttentionVariant("gqa", k))
-        if self.attention_linear and own.kind != "linear":
-            out.append(AttentionVariant("linear"))
-        if self.attention_no_op and own.kind != "no_op":
-            out.append(AttentionVariant("no_op"))
-        return out
+        return [own] + [v for k in registry.kinds(ATTENTION) for v in k.offered(self, parent, own)]
 
     def ffn_variants(self, parent: Architecture, layer: int) -> list[FFNVariant]:
         """Variants for one layer's FFN, the parent's own first, then smaller MLPs, linear, no-op."""
         own = parent.layers[layer].ffn
-        out = [own]
-        if own.kind == "mlp":
-            g = self.ffn_granularity
-            sizes = {max(g, round_up(int(f * own.intermediate_size), g)) for f in self.ffn_fractions}
-            sizes |= set(self.ffn_sizes)
-            for s in sorted(sizes, reverse=True):
-                if 0 < s < own.intermediate_size:
-                    out.append(FFNVariant("mlp", s))
-        if self.ffn_linear and own.kind != "linear":
-            out.append(FFNVariant("linear"))
-        if self.ffn_no_op and own.kind != "no_op":
-            out.append(FFNVariant("no_op"))
-        return out
+        return [own] + [v for k in registry.kinds(FFN) for v in k.offered(self, parent, own)]
 
     def layer_variants(self, parent: Architecture, layer: int) -> list[LayerArch]:
         """Coupled (attention, FFN) pairs for one layer."""

@@ -6,7 +6,7 @@
 
 Every method must meet exactly the budget the MIP meets: the `mip:` section's scenario (batch
 sizes, prefill_len, gen_len), cost source and constraints, with `throughput_x` = --throughput-x.
-Feasibility is decided by mip.stage.build_problem's own budget rows (throughput, and latency /
+Feasibility is decided by mip_stage.build_problem's own budget rows (throughput, and latency /
 memory / params when configured) on costs.json; a candidate counts as feasible when it meets
 them at one of mip.batch_sizes (its best such batch size is recorded, as the MIP keeps its best).
 
@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace, empty_layer
 from megapuzzle.baselines_uniform import InterpolatedCosts, interpolate_linear, uniform_grid  # noqa: F401
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
@@ -68,7 +68,7 @@ from megapuzzle.fileio import atomic_write_json, sha256_file
 METHODS = ("uniform", "depth", "random", "greedy")
 ALL_METHODS = ("puzzle",) + METHODS
 LINKS = ("parent", "data", "library", "scores.json", "costs.json")
-DROPPED = LayerArch(AttentionVariant("no_op"), FFNVariant("no_op"))
+DROPPED = empty_layer()
 
 
 # ----------------------------------------------------------------------------- the shared budget
@@ -80,8 +80,8 @@ class SearchContext:
     run: RunDir
     parent: Architecture
     mcfg: Any            # MIPConfig with throughput_x = the target
-    sc: Any              # mip.stage.ScenarioCosts
-    cands: Any           # mip.stage.Candidates (every library pair per layer, with scores)
+    sc: Any              # mip_stage.ScenarioCosts
+    cands: Any           # mip_stage.Candidates (every library pair per layer, with scores)
     parent_tps: dict[int, float]
     problems: dict[int, Any]  # batch size -> MIPProblem over the library candidates, budgets at the target
     parent_choice: list[int]
@@ -95,7 +95,7 @@ class SearchContext:
 
     def assess(self, layers: list[LayerArch]) -> dict[int, tuple[bool, float]]:
         """Per batch size: (meets every budget row of the MIP, predicted speedup over the parent)."""
-        from megapuzzle.mip.stage import Candidates, build_problem
+        from megapuzzle.mip_stage import Candidates, build_problem
 
         L = self.parent.num_layers
         single = Candidates([[la] for la in layers], [[0.0] for _ in layers])
@@ -139,7 +139,7 @@ class SearchContext:
 
 def mip_config(cfg: dict, throughput_x: float):
     """The config's mip: section with throughput_x = the target (an absolute `throughput` dropped)."""
-    from megapuzzle.mip.stage import MIPConfig
+    from megapuzzle.mip_stage import MIPConfig
 
     if not throughput_x or throughput_x <= 0:
         raise UserError(f"--throughput-x must be positive, got {throughput_x}")
@@ -147,14 +147,14 @@ def mip_config(cfg: dict, throughput_x: float):
 
 
 def load_context(run_dir: str | Path, cfg: dict, throughput_x: float) -> SearchContext:
-    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost_table import load_costs
     from megapuzzle.library import BlockLibrary
-    from megapuzzle.mip.stage import ScenarioCosts, build_problem, library_candidates, load_scores
+    from megapuzzle.mip_stage import ScenarioCosts, build_problem, library_candidates, load_scores
 
     run = RunDir(run_dir)
     mcfg = mip_config(cfg, throughput_x)
-    parent = load_arch(run.require_parent())
+    parent = load_arch(require_parent(run))
     cands = library_candidates(parent, BlockLibrary(run.library), load_scores(run.scores), mcfg.metric)
     sc = ScenarioCosts(load_costs(run.costs), parent, mcfg)
     batches = [int(b) for b in mcfg.batch_sizes]
@@ -328,7 +328,7 @@ def init_child_tensors(run: RunDir, parent_arch: Architecture, parent_tensors: d
     from megapuzzle.checkpoints.canonical import expected_canonical_shapes
     from megapuzzle.init import InitError, init_attention, init_ffn, local_layer_tensors, with_layer_prefix
 
-    prune = {l for l, la in enumerate(layers) if la.ffn.kind == "mlp" and la.ffn != parent_arch.layers[l].ffn}
+    prune = {l for l, la in enumerate(layers) if la.ffn.kind_spec.needs_calibration(parent_arch.layers[l].ffn, la.ffn)}
     scores = ffn_channel_scores(run, parent_arch, parent_tensors, prune, bld_cfg) if prune else {}
     out = {k: parent_tensors[k] for k in parent_tensors if not k.startswith("model.layers.")}
     for l, la in enumerate(layers):
@@ -400,7 +400,7 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
 
     mcfg = mip_config(cfg, x)
     if method == "puzzle":
-        from megapuzzle.mip.stage import run_mip
+        from megapuzzle.mip_stage import run_mip
 
         out = run_mip(child.root, mcfg, log=log)
         realize(child.root, 0, log=log)
@@ -541,7 +541,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     from megapuzzle.checkpoints.canonical import load_arch
-    from megapuzzle.info import architecture_table
+    from megapuzzle.arch_table import architecture_table
 
     res = run_child(args.run_dir, load_config(args.config), args.method, args.throughput_x, args.out, seed=args.seed,
                     until=args.until, random_tries=args.random_tries, random_band=args.random_band,

@@ -17,13 +17,13 @@ def uniform_grid(parent: Architecture, space: SearchSpace, ffn_steps: int | None
     only the library's: a homogeneous pruning is not limited to the sizes BLD trained."""
     L = parent.num_layers
     if ffn_steps is None:
-        att = [a for a in space.attention_variants(parent, 0) if a.kind == "gqa"
+        att = [a for a in space.attention_variants(parent, 0) if a.parent_like
                and all(a in space.attention_variants(parent, l) for l in range(L))]
-        ffn = [f for f in space.ffn_variants(parent, 0) if f.kind == "mlp"
+        ffn = [f for f in space.ffn_variants(parent, 0) if f.parent_like
                and all(f in space.ffn_variants(parent, l) for l in range(L))]
         return att, ffn
     own_a, own_f = parent.layers[0].attention, parent.layers[0].ffn
-    if any(la.attention != own_a or la.ffn != own_f for la in parent.layers) or own_a.kind != "gqa" or own_f.kind != "mlp":
+    if any(la.attention != own_a or la.ffn != own_f for la in parent.layers) or not own_a.parent_like or not own_f.parent_like:
         raise UserError("uniform width over arbitrary sizes needs a homogeneous GQA + MLP parent")
     heads = parent.num_attention_heads
     att = [AttentionVariant("gqa", k) for k in range(own_a.num_kv_heads, 0, -1)
@@ -49,11 +49,11 @@ class InterpolatedCosts:
 
             self._mlp = sorted(FFNVariant.from_name(e["name"]).intermediate_size
                                for e in cost_table(self.sc.costs, self.sc.source)["variants"].values()
-                               if e.get("subblock") == "ffn" and str(e.get("name", "")).startswith("mlp_"))
+                               if e.get("subblock") == "ffn" and FFNVariant.from_name(e["name"]).parent_like)
         return self._mlp
 
     def variant_time(self, v, b: int) -> float:
-        if not (isinstance(v, FFNVariant) and v.kind == "mlp") or v.intermediate_size in self._measured_mlp():
+        if not (isinstance(v, FFNVariant) and v.parent_like) or v.intermediate_size in self._measured_mlp():
             return self.sc.variant_time(v, b)
         return interpolate_linear(self._measured_mlp(), [self.sc.variant_time(FFNVariant("mlp", n), b)
                                                          for n in self._measured_mlp()], v.intermediate_size)

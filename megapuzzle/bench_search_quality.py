@@ -5,7 +5,7 @@
         --out benchmarks/results/search_quality/stdlib [--targets 1.2 1.4 1.6 1.8 2.0 2.4 2.8 3.2] \\
         [--gkd-steps 60] [--work-dir runs/cpu_demo_sq_bench] [--methods puzzle uniform ...] [--threads 1]
 
-Sweep: every method (METHOD_INFO; puzzle = the MIP through mip.stage.run_mip; uniform, depth,
+Sweep: every method (METHOD_INFO; puzzle = the MIP through mip_stage.run_mip; uniform, depth,
 random, greedy = megapuzzle.baselines) is asked for a child at each target, in increasing
 order, target-major (so an interrupted sweep has every method's low targets). A method stops at
 the first target its selection cannot meet; the last target it met is recorded as its max.

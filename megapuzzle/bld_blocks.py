@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
+from megapuzzle.arch import Architecture, LayerArch, empty_layer
 from megapuzzle.model.config import ModelOptions, make_transformer_config, resolve_use_te
 from megapuzzle.model.gpt import fp8_autocast, mark_tensor_parallel_weights, quiet_unknown_mlp, unwrap_model
 from megapuzzle.model.weights import (
@@ -45,7 +45,7 @@ from megapuzzle.model.weights import (
     split_qkv,
 )
 
-NO_ATTN, NO_FFN = AttentionVariant("no_op"), FFNVariant("no_op")
+NO_ATTN, NO_FFN = empty_layer().attention, empty_layer().ffn
 MEGATRON_PREFIX = "decoder.layers.0."  # the names weights.layer_param_plan expects for local layer 0
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from megapuzzle.train import faults
 from megapuzzle.arch import Architecture
-from megapuzzle.bld import BLDConfig, BlockSpec, _tensor_sig
+from megapuzzle.bld_plan import BLDConfig, BlockSpec, tensor_sig
 from megapuzzle.checkpoints.canonical import first_dtype
 from megapuzzle.config import RunDir
 from megapuzzle.fileio import save_safetensors_atomic
@@ -120,7 +121,7 @@ def _resume_point(state_dir: Path, keys_sig: str, mine: list[BlockSpec], steps: 
 
 def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: dict, mine: list[BlockSpec],
                lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str], log=print,
-               progress: bool = True, stop_after: int | None = None, role=None) -> dict:
+               progress: bool = True, role=None) -> dict:
     """Train this rank's blocks in lockstep and write them to the library. `role` (PP > 1): this
     rank's megapuzzle.bld_pipeline.PipelineRole; every rank of a pipeline with work calls this,
     `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work)."""
@@ -142,7 +143,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     talk = leader and info.dp_rank == 0  # per-block lines: one rank per stage (rank 0 without PP)
     # The state belongs to this rank's whole planned key set: a rank killed while writing its
     # finished blocks resumes the rest from the final checkpoint instead of retraining them.
-    keys_sig = _tensor_sig(signature + "|" + ",".join(sorted(plan_keys)))
+    keys_sig = tensor_sig(signature + "|" + ",".join(sorted(plan_keys)))
     mine_keys = sorted(b.key for b in mine)
     saved = _resume_point(state_dir, keys_sig, mine, cfg.steps) if mine else None
     resume = saved is not None
@@ -156,8 +157,8 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     model = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
     if role is None or role.active:
         load_canonical_into_model(model, parent_tensors, arch)
-    prune = {b.layer for b in mine if b.kind != "attention" and b.variant.ffn.kind == "mlp"
-             and b.variant.ffn != arch.layers[b.layer].ffn}
+    prune = {b.layer for b in mine if b.kind != "attention"
+             and b.variant.ffn.kind_spec.needs_calibration(arch.layers[b.layer].ffn, b.variant.ffn)}
     relay = None
     if role is not None and role.active:
         from megapuzzle.bld_pipeline import PipelineRelay
@@ -229,7 +230,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
             logger.scalar(f"eval_nmse/{k}", v, 0)
     last_log, window = start, {s.key: [] for s in trainable}
     for step in range(start, total):
-        if stop_after is not None and step >= stop_after:
+        if faults.reached("bld", step):
             bar.close()
             logger.close()
             return {"stopped_at": step, "resumed_from": start if resume else None, "timings": tim}

@@ -11,25 +11,10 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Order is the pipeline's order.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare-data": ("megapuzzle.data.prepare", "tokenize text/jsonl (or the embedded corpus) into a Megatron indexed dataset"),
-    "train-parent": ("megapuzzle.train_parent", "train the embedded parent (a small Llama) on the Python stdlib source"),
-    "import-hf": ("megapuzzle.checkpoints.import_hf", "HF Llama directory -> megapuzzle checkpoint"),
-    "export-hf": ("megapuzzle.checkpoints.export_hf", "megapuzzle checkpoint -> HF DeciLM (nemotron-nas) directory"),
-    "bld": ("megapuzzle.bld", "child initialisation + blockwise local distillation into the block library"),
-    "score": ("megapuzzle.score", "replace-1-block scoring of every library block (KL, LM loss, top-k)"),
-    "measure": ("megapuzzle.cost", "measured per-variant runtime + memory costs (and GPU roofline estimates)"),
-    "mip": ("megapuzzle.mip.stage", "pick one variant per layer under throughput / latency / memory budgets"),
-    "realize": ("megapuzzle.realize", "stitch a MIP solution's blocks into a child checkpoint"),
-    "gkd": ("megapuzzle.gkd", "global knowledge distillation of the child from the parent"),
-    "evaluate": ("megapuzzle.evaluate", "parent vs child: quality, measured throughput, report.md + pareto.png"),
-    "baseline": ("megapuzzle.baselines", "uniform / depth / random / greedy compression at a throughput target, GKD'd + evaluated"),
-    "bench": ("megapuzzle.bench_search_quality", "benchmarks: search-quality (Puzzle vs the baselines at equal throughput)"),
-    "run": ("megapuzzle.pipeline", "the whole pipeline from one config, resumable (manifest.json)"),
-    "verify-export": ("megapuzzle.serving.verify", "read an export in vLLM / transformers and check it token for token against our model"),
-    "info": ("megapuzzle.info", "print an architecture (checkpoint, arch.json or HF config.json) layer by layer"),
-}
+from megapuzzle.stages import commands
+
+# command -> (module, one-line help): the stage registry's commands, then the other tools
+COMMANDS: dict[str, tuple[str, str]] = commands()
 
 
 def build_parser() -> argparse.ArgumentParser:

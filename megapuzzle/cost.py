@@ -33,11 +33,13 @@ import argparse
 import datetime
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace
+from megapuzzle.train import faults
+from megapuzzle.config.measure import MeasureConfig  # noqa: F401 (the stage's config)
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace, empty_layer
 from megapuzzle.cost_table import (  # noqa: F401  (re-exported: the accessors live there, torch-free)
     FORMAT,
     cost_table,
@@ -56,125 +58,12 @@ from megapuzzle.cost_state import MeasurePartial, search_space_variants  # noqa:
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """The `measure:` config section."""
-
-    batch_sizes: tuple[int, ...] = (1, 4)
-    """Batch sizes of the grid (sequences per forward)."""
-    seq_lens: tuple[int, ...] = (128, 512)
-    """Sequence lengths of the grid: prefill length, and cached tokens for a decode step."""
-    decode: bool = True
-    """Also measure decode steps (one new token per sequence against a KV cache of seq tokens)."""
-    stack_layers: int = 4
-    """Layers in the stack a variant is timed in (>= 2: the empty-layer cost needs two depths)."""
-    warmup: int = 2
-    """Untimed calls per model and grid point before timing."""
-    repeats: int = 7
-    """Timed samples per model and grid point and pass; medians and IQRs are over all of them."""
-    passes: int = 1
-    """Measure every entry this many times, spread over the run, and pool the samples: on a
-    machine whose load drifts over minutes, every entry (and the parent check) then sees the
-    same mix of conditions."""
-    min_sample_s: float = 0.02
-    """A sample repeats its call until it lasts this long (short decode steps are timer noise)."""
-    threads: int = 0
-    """torch intra-op threads to pin; 0 = every core this process may use."""
-    clock: str = "wall"
-    """wall (perf_counter; what throughput means) or cpu (this process's CPU seconds, CPU only).
-    On a CPU box shared with other jobs, `threads: 1` + `clock: cpu` is the stable choice: the
-    time other jobs take from us is not counted (with more threads, OpenMP spin-waits are)."""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."""
-    fp8: bool = False
-    """FP8 GEMMs through TransformerEngine (GPU with sm >= 89 only; fails at once elsewhere)."""
-    fp8_recipe: str = "delayed"
-    """FP8 scaling: delayed (amax history) or current (per-tensor, Megatron's 'tensorwise')."""
-    check_parent: bool = True
-    """Time the whole parent at every grid point and store predicted vs measured."""
-    seed: int = 0
-    """Seed of the random weights and tokens (timing does not depend on them)."""
-    engine: str = "megatron"
-    """Where the variants are timed: megatron (Megatron-core's static inference, in this process)
-    or vllm (the serving engine, in its own environment: megapuzzle.serving.vllm_costs). The MIP
-    optimizes for whichever engine measured costs.json (its `engine` field)."""
-    decode_tokens: int = 8
-    """vllm: decode steps per decode sample ((generate 1 + n tokens - generate 1) / n)."""
-    vllm_kv_cache_mb: int = 256
-    """vllm: KV-cache budget per engine (vLLM's kv_cache_memory_bytes); the measured KV bytes per
-    token are read off the blocks vLLM carves out of it."""
-    vllm_enforce_eager: bool = True
-    """vllm: eager mode (no torch.compile / CUDA graphs). True keeps CPU start-up short; on a GPU
-    set false to time with CUDA graphs, as vLLM serves by default."""
-    roofline_gpus: tuple[str, ...] = ("h100", "h200", "a100", "b200")
-    """GPUs to add analytic roofline tables for (megapuzzle.roofline.GPUS)."""
-    roofline_precision: str = "auto"
-    """bf16, fp8, or auto (fp8 when `fp8` is on, else bf16). GPUs without FP8 fall back to bf16."""
-    roofline_compute_efficiency: float = 0.6
-    """Fraction of peak FLOP/s the roofline assumes GEMMs reach."""
-    roofline_bandwidth_efficiency: float = 0.8
-    """Fraction of peak HBM bandwidth the roofline assumes."""
-
-    def __post_init__(self):
-        for name in ("batch_sizes", "seq_lens"):
-            vals = getattr(self, name)
-            if isinstance(vals, int):
-                vals = (vals,)
-            if not vals or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in vals):
-                raise ValueError(f"{name} must be a non-empty list of positive ints, got {vals!r}")
-            object.__setattr__(self, name, tuple(sorted(set(vals))))
-        if self.stack_layers < 2:
-            raise ValueError(f"stack_layers must be >= 2 (empty-layer cost needs two depths), got {self.stack_layers}")
-        if self.warmup < 0 or self.repeats < 1 or self.passes < 1:
-            raise ValueError(f"warmup must be >= 0, repeats and passes >= 1, got {self.warmup}, {self.repeats}, "
-                             f"{self.passes}")
-        if self.min_sample_s < 0 or self.threads < 0:
-            raise ValueError("min_sample_s and threads must be >= 0")
-        if self.engine not in ("megatron", "vllm"):
-            raise ValueError(f"engine must be megatron or vllm, got {self.engine!r}")
-        if self.engine == "vllm" and self.clock != "wall":
-            raise ValueError("engine vllm times wall clock (vLLM runs in its own processes); set clock: wall")
-        if self.decode_tokens < 1 or self.vllm_kv_cache_mb < 1:
-            raise ValueError("decode_tokens and vllm_kv_cache_mb must be >= 1")
-        if self.clock not in ("wall", "cpu"):
-            raise ValueError(f"clock must be wall or cpu, got {self.clock!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.fp8 and self.dtype not in ("auto", "bfloat16"):
-            raise ValueError(f"fp8 runs with bfloat16 parameters; set dtype to auto or bfloat16, not {self.dtype}")
-        if self.fp8_recipe not in ("delayed", "current"):
-            raise ValueError(f"fp8_recipe must be delayed or current, got {self.fp8_recipe!r}")
-        if self.roofline_precision not in ("auto", "bf16", "fp8"):
-            raise ValueError(f"roofline_precision must be auto, bf16 or fp8, got {self.roofline_precision!r}")
-        for name in ("roofline_compute_efficiency", "roofline_bandwidth_efficiency"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
-        from megapuzzle.roofline import gpu_key
-
-        gpus = (self.roofline_gpus,) if isinstance(self.roofline_gpus, str) else self.roofline_gpus
-        object.__setattr__(self, "roofline_gpus", tuple(dict.fromkeys(gpu_key(g) for g in gpus)))
-
-    @property
-    def phases(self) -> tuple[str, ...]:
-        return ("prefill", "decode") if self.decode else ("prefill",)
-
-    def measured_settings(self) -> dict[str, Any]:
-        """The fields that change measured numbers. Not the roofline ones, and not `passes`: more
-        passes add to the ones already measured."""
-        keys = ("batch_sizes", "seq_lens", "decode", "stack_layers", "warmup", "repeats", "min_sample_s",
-                "clock", "fp8", "fp8_recipe", "seed")
-        if self.engine != "megatron":  # the Megatron signature stays as it was: old runs stay valid
-            keys += ("engine", "decode_tokens", "vllm_kv_cache_mb", "vllm_enforce_eager")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in keys)}
 
 
 # ----------------------------------------------------------------------------- variants
 
-_EMPTY = LayerArch(AttentionVariant("no_op"), FFNVariant("no_op"))
+_EMPTY = empty_layer()
 
 
 def stack_arch(parent: Architecture, subblock: str, variant, layers: int) -> Architecture:
@@ -184,11 +73,11 @@ def stack_arch(parent: Architecture, subblock: str, variant, layers: int) -> Arc
 
 
 def _subblock_params(parent: Architecture, subblock: str, v) -> int:
-    return parent.attention_params(v) if subblock == "attention" else parent.ffn_params(v)
+    return parent.subblock_params(v)
 
 
 def _kv_elems_per_token(parent: Architecture, subblock: str, v) -> int:
-    return 2 * v.num_kv_heads * parent.kv_channels if subblock == "attention" and v.kind == "gqa" else 0
+    return v.kind_spec.kv_elems_per_token(parent, v)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -271,15 +160,13 @@ class _Measurer:
 
 
 def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, space: SearchSpace | None = None,
-                  state_path: str | Path | None = None, on_entry: Callable[[str, dict], None] | None = None,
+                  state_path: str | Path | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure every variant of `space` for `parent` on this machine; returns the costs.json dict.
 
     Entries (baseline, each non-no-op variant, the whole parent) are measured once per pass;
     samples of all passes are pooled. `state_path`: the resumable partial file ((entry, pass)
-    results measured with the same settings are reused). `on_entry(name, result)` runs after
-    each freshly measured result is saved (a test hook; raising there stops the run and
-    leaves a resumable partial file).
+    results measured with the same settings are reused).
     """
     cfg = cfg or MeasureConfig()
     log = log or (lambda msg: print(f"[measure] {msg}", file=sys.stderr, flush=True))
@@ -306,8 +193,8 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
     partial = MeasurePartial(Path(state_path) if state_path is not None else None, settings, log)
 
     # no-op variants are an empty layer: zero by definition (their overhead is `empty_layer`)
-    todo = ["baseline"] + [f"attention.{v.name}" for v in attention if v.kind != "no_op"]
-    todo += [f"ffn.{v.name}" for v in ffn if v.kind != "no_op"] + (["check.parent"] if cfg.check_parent else [])
+    todo = ["baseline"] + [f"attention.{v.name}" for v in attention if not v.identity]
+    todo += [f"ffn.{v.name}" for v in ffn if not v.identity] + (["check.parent"] if cfg.check_parent else [])
     jobs = [(p, name) for p in range(cfg.passes) for name in todo]
     left = sum(not partial.done(name, p) for p, name in jobs)
     measurer, t_start, n_done = None, time.perf_counter(), 0
@@ -333,8 +220,8 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
         elapsed = time.perf_counter() - t_start
         log(f"pass {p + 1}/{cfg.passes} {name}: {time.perf_counter() - t0:.1f} s ({n_done}/{left}, "
             f"~{elapsed / n_done * (left - n_done):.0f} s left)")
-        if on_entry is not None:
-            on_entry(name, {"pass": p, **result})
+        if faults.reached("measure", n_done, (name, p)):  # tests: a kill after this entry
+            raise faults.Killed(f"measure: killed after {n_done} entries")
 
     return assemble_costs(parent, cfg, partial, attention, ffn, settings, threads=threads,
                           dtype_name=rt.dtype_name(dtype), precision=rt.precision_name(dtype, cfg.fp8))
@@ -352,9 +239,9 @@ def assemble_costs(parent: Architecture, cfg: MeasureConfig, partial: MeasurePar
     for subblock, vs in (("attention", attention), ("ffn", ffn)):
         for v in vs:
             name, params = f"{subblock}.{v.name}", _subblock_params(parent, subblock, v)
-            runtime = ({ph: {"median": zeros, "iqr": zeros} for ph in cfg.phases} if v.kind == "no_op"
+            runtime = ({ph: {"median": zeros, "iqr": zeros} for ph in cfg.phases} if v.identity
                        else partial.pooled(name, cfg.passes)["runtime"])
-            variants[name] = {"subblock": subblock, "name": v.name, "measured": v.kind != "no_op",
+            variants[name] = {"subblock": subblock, "name": v.name, "measured": not v.identity,
                               "param_count": params, "param_bytes": params * elem,
                               "kv_bytes_per_token": _kv_elems_per_token(parent, subblock, v) * elem,
                               "runtime": runtime}
@@ -435,14 +322,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.config import RunDir, load_config, section
 
     run = RunDir(args.run_dir)
     cfg_dict = load_config(args.config) if args.config else {}
     mcfg = section(cfg_dict, "measure", MeasureConfig)
     space = SearchSpace.from_dict(cfg_dict.get("search_space"))
-    parent = load_arch(run.require_parent())
+    parent = load_arch(require_parent(run))
     state = run.state / "measure_partial.json"
     if args.force and state.exists():
         state.unlink()

@@ -34,6 +34,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from megapuzzle.runtime.dtypes import dtype_name, precision_name, resolve_dtype  # noqa: F401 (re-exported)
 from megapuzzle.arch import Architecture
 from megapuzzle.errors import UserError
 
@@ -66,21 +67,6 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """"auto" = bf16 on a GPU, fp32 on CPU (CPU bf16 GEMMs are emulated on most x86 parts)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def precision_name(dtype: torch.dtype, fp8: bool) -> str:
-    return "fp8" if fp8 else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def preflight(fp8: bool, fp8_recipe: str = "delayed") -> None:

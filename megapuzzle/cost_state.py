@@ -20,6 +20,11 @@ def search_space_variants(parent: Architecture, space: SearchSpace | None = None
     for i in range(parent.num_layers):
         attn.update(dict.fromkeys(space.attention_variants(parent, i)))
         ffn.update(dict.fromkeys(space.ffn_variants(parent, i)))
+    L = parent.num_layers
+    for n in range(2, space.fusion_max_run + 1):  # FFN Fusion: a run's FFNs as one of the summed width
+        for i in range(L - n + 1):
+            if all(parent.layers[k].ffn.parent_like for k in range(i, i + n)):
+                ffn.setdefault(FFNVariant("mlp", sum(parent.layers[k].ffn.intermediate_size for k in range(i, i + n))))
     return list(attn), list(ffn)
 
 

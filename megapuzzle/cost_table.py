@@ -29,6 +29,7 @@ import os
 from typing import Any
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant
+from megapuzzle.blocks.registry import subblocks_of_name
 from megapuzzle.errors import UserError
 
 FORMAT = "megapuzzle-costs/1"
@@ -80,10 +81,9 @@ def variant_key(variant: str | AttentionVariant | FFNVariant, subblock: str | No
         return name
     if subblock in ("attention", "ffn"):
         return f"{subblock}.{name}"
-    if name.startswith("gqa_"):
-        return f"attention.{name}"
-    if name.startswith("mlp_"):
-        return f"ffn.{name}"
+    owners = subblocks_of_name(name)  # the kinds that parse it (megapuzzle.blocks)
+    if len(owners) == 1:
+        return f"{owners[0]}.{name}"
     raise ValueError(f"variant name {name!r} is ambiguous; write attention.{name} or ffn.{name}")
 
 

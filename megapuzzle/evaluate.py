@@ -17,6 +17,11 @@ another checkpoint). For parent and child, side by side:
 
 The scenario defaults to the MIP's (mip/solutions.json: its best batch size, prefill_len,
 gen_len), so the measured speedup checks the MIP's promise like for like.
+
+`--tp N` (under torchrun, N processes): parent and child are built tensor-parallel, each rank
+reading only its slices, so no rank holds a whole model; the quality metrics are the same as at
+TP=1 (the logits are gathered over the vocabulary before the fp32 log-softmax) and the speed is
+timed at TP=N (eval.json `tensor_parallel`). Rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -25,69 +30,17 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megapuzzle.config.evaluate import EvaluateConfig  # noqa: F401 (the stage's config)
 from megapuzzle.arch import Architecture
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """The `evaluate:` config section."""
-
-    batch_size: int | None = None
-    """Sequences generated together when timing (None: the MIP's chosen batch size, else 1)."""
-    prefill_len: int | None = None
-    """Prompt tokens per sequence when timing (None: the MIP's, else 128)."""
-    gen_len: int | None = None
-    """Generated tokens per sequence when timing (None: the MIP's, else 64)."""
-    repeats: int = 1
-    """Timed generations per model and round."""
-    warmup: int = 1
-    """Untimed generations before each timing."""
-    rounds: int = 8
-    """Parent/child timing rounds in ABBA order. The measured speedup is the median over the
-    rounds x repeats generations of parent time / child time, each pair taken seconds apart, so
-    machine drift (a shared host's clock speed moved the parent's time by 40% within a minute
-    here) cancels as in the cost measurement's paired differences."""
-    threads: int | None = None
-    """torch threads while timing (None: what costs.json was measured with)."""
-    dtype: str | None = None
-    """Timing dtype: auto, float32 or bfloat16 (None: costs.json's)."""
-    quality_batch_size: int = 8
-    """Held-out sequences per quality batch."""
-    seq_len: int = 256
-    """Held-out tokens per sequence."""
-    eval_batches: int = 8
-    """Held-out batches for the quality metrics (0 = the whole split)."""
-    quality_dtype: str = "float32"
-    """Weights of the quality models: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU);
-    log-probs and KL are computed in fp32 either way."""
-    vllm: bool | None = None
-    """Also time parent and child in vLLM (its own environment; `rounds` ABBA rounds, random
-    weights). None: when costs.json was measured in vLLM, so the MIP's engine is always timed."""
-
-    def __post_init__(self):
-        for f in ("batch_size", "prefill_len", "gen_len", "threads"):
-            v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise UserError(f"evaluate.{f} must be a positive integer or omitted, got {v!r}")
-        for f in ("repeats", "rounds", "quality_batch_size", "seq_len"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                raise UserError(f"evaluate.{f} must be an integer >= 1, got {v!r}")
-        if self.warmup < 0 or self.eval_batches < 0:
-            raise UserError("evaluate.warmup and evaluate.eval_batches must be >= 0")
-        if self.dtype not in (None, "auto", "float32", "bfloat16"):
-            raise UserError(f"evaluate.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
-        if self.quality_dtype not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"evaluate.quality_dtype {self.quality_dtype!r} unknown; use auto, float32 or bfloat16")
+from megapuzzle.metrics import kl_per_token, nll_per_token, top1_matches
 
 
 # ----------------------------------------------------------------------------- quality
@@ -112,13 +65,12 @@ def quality_metrics(parent, models: dict[str, Any], batches) -> dict[str, dict[s
     for batch in batches:
         inp, tgt = batch[:, :-1], batch[:, 1:]
         lp = torch.log_softmax(forward_logits(parent, inp).float(), dim=-1)
-        p_top = lp.argmax(-1)
+        p_top = lp.argmax(-1)  # token ids: top1_matches compares against them
         for name, m in models.items():
             lq = lp if m is parent else torch.log_softmax(forward_logits(m, inp).float(), dim=-1)
-            top = lq.argmax(-1)
             sums[name] += torch.stack([
-                -lq.gather(-1, tgt.unsqueeze(-1)).sum(), (top == tgt).sum(),
-                (lp.exp() * (lp - lq)).sum(), (top == p_top).sum()]).double()
+                nll_per_token(lq, tgt).sum(), top1_matches(lq, tgt).sum(),
+                kl_per_token(lp, lq).sum(), top1_matches(lq, p_top).sum()]).double()
         tokens += tgt.numel()
     if not tokens:
         raise UserError("no held-out batch to evaluate on; lower evaluate.seq_len or add held-out data")
@@ -204,9 +156,11 @@ def _chosen_solution(sols: dict | None, child: Architecture, meta: dict) -> tupl
 
 # ----------------------------------------------------------------------------- the stage
 
-def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None, log=print) -> dict:
-    """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content."""
-    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint
+def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None, log=print,
+                 tp: int = 1) -> dict:
+    """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content.
+    `tp` > 1: every model tensor-parallel over the TP group (torchrun); rank 0 writes."""
+    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, require_parent
     from megapuzzle.cost_runtime import ensure_runtime, resolve_dtype
     from megapuzzle.cost_table import load_costs, predict_generation_time, throughput_settings
     from megapuzzle.data.datasets import PackedSequenceDataset
@@ -218,11 +172,30 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     if not is_checkpoint(child_dir):
         raise UserError(f"{child_dir} holds no child checkpoint; run `megapuzzle realize` (and `megapuzzle gkd`) first")
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
-    ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
+    writer = True
+    if tp > 1:  # each rank builds its TP shard of every model (quality and timing)
+        from megapuzzle.runtime import init_distributed
+
+        if cfg.vllm:
+            raise UserError("evaluate.vllm times whole models in vLLM; run it at --tp 1")
+        info = init_distributed(tp=tp)
+        writer = info.rank == 0
+        if not writer:
+            log = lambda *a, **k: None  # noqa: E731
+    else:
+        ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
     # lazy readers: each model reads its tensors one at a time, cast to its dtype
-    parent_arch, parent_t, _ = load_checkpoint(run.require_parent(), dtype=torch.float32)
+    parent_arch, parent_t, _ = load_checkpoint(require_parent(run), dtype=torch.float32)
     child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
     qdt = resolve_dtype(cfg.quality_dtype)
+    if tp > 1:
+        from megapuzzle.arch import ArchitectureError
+
+        for who, a in (("parent", parent_arch), ("child", child_arch)):
+            try:
+                a.validate_tensor_parallel(tp)
+            except ArchitectureError as e:
+                raise UserError(f"evaluate --tp {tp}: the {who} cannot be split: {e}") from None
     if (child_arch.vocab_size, child_arch.hidden_size) != (parent_arch.vocab_size, parent_arch.hidden_size):
         raise UserError(f"{child_dir} does not share the parent's vocabulary / hidden size; it is no child of it")
 
@@ -252,7 +225,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     engine = (costs or {}).get("engine", "megatron")
     by_engine = {"megatron": measured}
     vllm_speed = None
-    if cfg.vllm or (cfg.vllm is None and engine == "vllm"):
+    if cfg.vllm or (cfg.vllm is None and engine == "vllm" and tp == 1):
         from megapuzzle.serving.vllm_costs import measure_speedup_vllm
 
         vllm_speed = measure_speedup_vllm({"parent": parent_arch, "child": child_arch}, sc, rounds=cfg.rounds,
@@ -265,7 +238,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     sols = _solutions(run)
     k, sol = _chosen_solution(sols, child_arch, child_meta)
     out: dict[str, Any] = {"config": section_dict(cfg), "scenario": sc, "timing": settings, "bytes_per_param": bpp,
-                           "parent_dir": str(run.parent), "child_dir": str(child_dir)}
+                           "tensor_parallel": tp, "parent_dir": str(run.parent), "child_dir": str(child_dir)}
     for name, arch in (("parent", parent_arch), ("child", child_arch)):
         out[name] = {**quality[name], **memory(arch, sc, bpp), **speed[name]}
         if costs:
@@ -284,7 +257,8 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     # the prediction is checked against the engine the costs (and so the MIP) came from
     out["speedup"] = {"measured": measured, "predicted": predicted, "engine": engine, "measured_by_engine": by_engine,
                       "ratio_of_median_tokens_per_s": out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"],
-                      "prediction_error_pct": 100 * (predicted / by_engine[engine] - 1) if predicted else None,
+                      "prediction_error_pct": (100 * (predicted / by_engine[engine] - 1)
+                                               if predicted and engine in by_engine else None),
                       "mip_predicted": sol.get("predicted_speedup") if sol else None,
                       "mip_batch_size": sol.get("batch_size") if sol else None, "mip_solution": k}
     pa = out["parent"]["accuracy"]
@@ -294,10 +268,12 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     out["gkd"] = {k2: v for k2, v in json.loads(gkd_res.read_text()).items() if k2 in ("steps", "tokens", "initial",
                                                                                           "final")} \
         if gkd_res.is_file() and child_dir == gkd_ckpt else None
-    out["pareto_png"] = str(run.root / "pareto.png") if plot_pareto(sols, sol, out, run.root / "pareto.png") else None
+    png = run.root / "pareto.png"
+    out["pareto_png"] = str(png) if (plot_pareto(sols, sol, out, png) if writer else png.is_file()) else None
     out["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(run.root / "eval.json", out)
-    atomic_write_text(run.report, report_markdown(out, parent_arch, child_arch, sols))
+    if writer:
+        atomic_write_json(run.root / "eval.json", out)
+        atomic_write_text(run.report, report_markdown(out, parent_arch, child_arch, sols))
     ret = out["quality_retention_pct"]  # None when the parent's accuracy is 0 (an untrained parent)
     log(f"[evaluate] child: {'n/a' if ret is None else f'{ret:.1f}'}% of the parent's accuracy, KL "
         f"{out['child']['kl_to_parent']:.4f}; speedup measured {measured:.2f}x"
@@ -356,7 +332,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def report_markdown(ev: dict, parent: Architecture, child: Architecture, sols: dict | None) -> str:
-    from megapuzzle.info import architecture_table
+    from megapuzzle.arch_table import architecture_table
 
     p, c, s, sc = ev["parent"], ev["child"], ev["speedup"], ev["scenario"]
     f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
@@ -428,10 +404,17 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML with an evaluate: section (defaults otherwise)")
     p.add_argument("--run-dir", required=True, help="run directory (parent/, child/ or gkd/checkpoint, data/)")
     p.add_argument("--child", help="evaluate this checkpoint instead of RUN/gkd/checkpoint or RUN/child")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size (torchrun --nproc-per-node N): no rank holds a whole model")
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    import os
+
     cfg = section(load_config(args.config) if args.config else {}, "evaluate", EvaluateConfig)
-    run_evaluate(args.run_dir, cfg, child=args.child)
-    print(RunDir(args.run_dir).report.read_text())
+    if args.tp < 1:
+        raise UserError(f"--tp must be >= 1, got {args.tp}")
+    run_evaluate(args.run_dir, cfg, child=args.child, tp=args.tp)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(RunDir(args.run_dir).report.read_text())
     return 0

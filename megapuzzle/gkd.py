@@ -15,30 +15,8 @@ norm's input), from forward hooks. KL and CE run on the vocab-parallel logit sha
 all-gather of [tokens, vocab]), like Megatron's vocab_parallel_cross_entropy; T^2 keeps the
 gradient scale independent of the temperature.
 
-Megatron-LM-like training: global batch over DP ranks (and micro-batches), batch = pure function
-of the step, warmup + cosine LR, AdamW (0.9, 0.95), global grad-norm clip over TP shards and PP
-stages, console line + tensorboard (RUN/tb/gkd), resumable state every `checkpoint_every` steps
-(a killed run resumes to bitwise the weights of an uninterrupted one). Pipeline parallelism
-(gkd.pipeline_parallel; world = TP x PP x DP) runs the parent forward-only and the child's
-forward + backward through Megatron-core's pipeline schedules, each stage comparing its own
-layers (megapuzzle/gkd_pipeline.py); logged losses sum the stages.
-
-What runs where (gkd.optimizer; the trainers are in megapuzzle/gkd_trainers.py):
-
-- "megatron" (the default on CUDA): Megatron-core DistributedDataParallel + the distributed
-  optimizer (fp32 grad buffers, fp32 main params sharded over DP, Megatron's grad clip), as
-  Megatron-LM trains; state in Megatron dist-checkpoints (RUN/gkd/train_state/dist, pickled
-  metadata). Also runs on CPU over gloo (megapuzzle.runtime.cpu_compat).
-- "local" (the default on CPU): torch AdamW on every rank, DP all-reduce and TP / PP-aware clip
-  by hand; state in safetensors per rank (train_state/rankNNN, no pickles). Selectable on CUDA.
-
-Both give the same losses and weights (within 1e-6 at DP = 2) and resume bitwise, as tested on
-CPU (tests/test_gkd_megatron.py); on a GPU only the end-to-end GPU tier runs GKD (megatron).
-dtype auto = bf16 on CUDA, fp32 on CPU; bfloat16 also runs on CPU (emulated GEMMs: slow), the
-Megatron trainer with fp32 main params, the local one updating the bf16 params directly.
-`fp8: true` (TransformerEngine) fails at start where it cannot run. Writes RUN/gkd/checkpoint
-(tokenizer from RUN/child) and RUN/gkd/result.json (held-out KL / LM loss / cosine before and
-after, the loss curve, the trainer).
+How it trains (batches, schedule, PP, the two trainers, precision, what it writes):
+docs/design.md, "GKD".
 """
 
 from __future__ import annotations
@@ -47,143 +25,24 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megapuzzle.train import faults
 from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, first_dtype
 from megapuzzle.config import RunDir, load_config, section, section_dict
-from megapuzzle.train.distill import distill_terms
+from megapuzzle.config.gkd import DEFAULT_STEPS, GKDConfig  # noqa: F401 (the stage's config)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 from megapuzzle.gkd_trainers import TRAINERS, legacy_trainer, make_trainer, resolve_trainer, resume_point
+from megapuzzle.metrics import heldout_metrics
+from megapuzzle.train.distill import distill_terms
 
-DEFAULT_STEPS = 200
 TERMS = ("loss", "cosine", "kl", "lm")
-
-
-@dataclass(frozen=True)
-class GKDConfig:
-    """The `gkd:` config section."""
-
-    steps: int | None = None
-    """Optimizer steps (default 200 when neither steps nor tokens is set)."""
-    tokens: int | None = None
-    """Training tokens instead of steps: steps = ceil(tokens / (batch_size * seq_len)) (paper: 45B)."""
-    batch_size: int = 8
-    """Global batch in sequences (split over data-parallel ranks)."""
-    micro_batch_size: int | None = None
-    """Sequences per forward/backward on a rank (gradient accumulation); None = the rank's whole share."""
-    seq_len: int = 256
-    """Tokens per sequence."""
-    lr: float = 3e-4
-    """Peak AdamW learning rate."""
-    min_lr: float = 3e-5
-    """Cosine floor."""
-    warmup_steps: int | None = None
-    """Linear warmup steps; overrides warmup_fraction."""
-    warmup_fraction: float = 0.05
-    """Linear warmup as a fraction of the steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on matrices (never on norms); healing runs are short."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0 = off)."""
-    cosine_weight: float = 1.0
-    """Weight of the summed per-layer (1 - cosine) hidden-state term."""
-    kl_weight: float = 1.0
-    """Weight of KL(parent || child) on the logits."""
-    lm_weight: float = 0.0
-    """Weight of the child's own next-token loss (off by default: it hurt in the paper)."""
-    temperature: float = 1.0
-    """Softmax temperature of the KL term (the term is scaled by T^2)."""
-    checkpoint_every: int = 50
-    """Save the resumable train state every N steps."""
-    log_every: int = 10
-    """Console line + tensorboard scalars every N steps (averaged over the interval)."""
-    eval_batches: int = 8
-    """Held-out batches (RUN/data/heldout) for the before / after metrics."""
-    seed: int = 1234
-    """Seeds the training-data order."""
-    tensor_parallel: int = 1
-    """TP size (world = TP x PP x DP processes)."""
-    pipeline_parallel: int = 1
-    """PP size: Megatron's pipeline split of both models' layers (layer i of child and parent on
-    one stage); needs at least one layer per stage."""
-    threads: int | None = None
-    """torch CPU threads (None: torch's choice)."""
-    dtype: str = "auto"
-    """Parameter dtype: auto (bf16 on a GPU, fp32 on CPU), float32 or bfloat16 (also on CPU; the
-    megatron trainer then keeps fp32 main params, the local one updates the bf16 params)."""
-    fp8: bool = False
-    """FP8 GEMMs for the child via TransformerEngine (GPU only; fails at start elsewhere)."""
-    fp8_recipe: str = "delayed"
-    """With fp8: "delayed" (delayed scaling) or "current" (per-tensor current scaling)."""
-    optimizer: str = "auto"
-    """Trainer: "megatron" = Megatron-core DistributedDataParallel + distributed optimizer (fp32 main
-    params and grads, Megatron's clip; state in Megatron dist-checkpoints, whose metadata is
-    pickled); "local" = torch AdamW on every rank with a DP all-reduce (state in safetensors, no
-    pickles); either on CUDA or CPU. "auto" = megatron on CUDA, local on CPU."""
-    overlap_grad_reduce: bool = True
-    """Megatron trainer: start each grad bucket's DP reduce-scatter as soon as its grads are ready,
-    overlapping the rest of the backward (Megatron-LM's --overlap-grad-reduce); the sums are the
-    same, so it is not part of the training signature."""
-
-    def __post_init__(self):
-        if not isinstance(self.overlap_grad_reduce, bool):
-            raise UserError(f"gkd.overlap_grad_reduce must be true or false, got {self.overlap_grad_reduce!r}")
-        if self.fp8_recipe not in ("delayed", "current"):
-            raise UserError(f"gkd.fp8_recipe must be delayed or current, got {self.fp8_recipe!r}")
-        for f in ("lr", "min_lr", "warmup_fraction", "weight_decay", "grad_clip", "cosine_weight", "kl_weight",
-                  "lm_weight", "temperature"):
-            try:  # PyYAML reads `3e-4` (no dot) as a string
-                object.__setattr__(self, f, float(getattr(self, f)))
-            except (TypeError, ValueError):
-                raise UserError(f"gkd.{f} must be a number, got {getattr(self, f)!r}") from None
-        for f in ("steps", "tokens", "micro_batch_size", "warmup_steps", "threads", "batch_size", "seq_len",
-                  "checkpoint_every", "log_every", "eval_batches", "tensor_parallel", "pipeline_parallel"):
-            v, optional = getattr(self, f), f in ("steps", "tokens", "micro_batch_size", "warmup_steps", "threads")
-            if not (v is None and optional) and (not isinstance(v, int) or v < (0 if f == "warmup_steps" else 1)):
-                raise UserError(f"gkd.{f} must be an integer >= {int(f != 'warmup_steps')}"
-                                + (" or omitted" if optional else "") + f", got {v!r}")
-        if self.steps is not None and self.tokens is not None:
-            raise UserError("gkd.steps and gkd.tokens are alternatives; set one of them")
-        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
-            raise UserError(f"gkd.lr must be > 0 and 0 <= gkd.min_lr <= lr (got lr={self.lr}, min_lr={self.min_lr})")
-        if not 0 <= self.warmup_fraction < 1:
-            raise UserError(f"gkd.warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
-        if min(self.weight_decay, self.grad_clip, self.cosine_weight, self.kl_weight, self.lm_weight) < 0:
-            raise UserError("gkd.weight_decay, grad_clip and the loss weights must be >= 0")
-        if self.cosine_weight + self.kl_weight + self.lm_weight == 0:
-            raise UserError("gkd: every loss weight is 0; set cosine_weight, kl_weight or lm_weight > 0")
-        if self.temperature <= 0:
-            raise UserError(f"gkd.temperature must be > 0, got {self.temperature}")
-        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
-            raise UserError(f"gkd.batch_size {self.batch_size} is not a multiple of micro_batch_size "
-                            f"{self.micro_batch_size}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"gkd.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
-        if self.optimizer not in TRAINERS:
-            raise UserError(f"gkd.optimizer {self.optimizer!r} unknown; use auto, megatron or local")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
-
-    @property
-    def total_steps(self) -> int:
-        if self.tokens is not None:
-            return math.ceil(self.tokens / self.tokens_per_step)
-        return self.steps or DEFAULT_STEPS
-
-    @property
-    def warmup(self) -> int:
-        w = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_fraction * self.total_steps)
-        return min(w, self.total_steps - 1)
 
 
 def _combine(terms: dict[str, torch.Tensor], w: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -216,16 +75,7 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
     if info.dp_size > 1:
         dist.all_reduce(acc, group=ps.get_data_parallel_group())
     child.train(was)
-    return heldout_metrics(acc, cfg)
-
-
-def heldout_metrics(acc: torch.Tensor, cfg: GKDConfig) -> dict[str, float]:
-    """Per-token means from the summed [cosine, kl, lm, parent lm, tokens] (reduced over ranks)."""
-    n = max(acc[4].item(), 1.0)
-    out = {"cosine": acc[0].item() / n, "kl": acc[1].item() / n, "lm_loss": acc[2].item() / n,
-           "parent_lm_loss": acc[3].item() / n, "tokens": int(acc[4].item())}
-    out["loss"] = cfg.cosine_weight * out["cosine"] + cfg.kl_weight * out["kl"] + cfg.lm_weight * out["lm_loss"]
-    return out
+    return heldout_metrics(acc, cosine_weight=cfg.cosine_weight, kl_weight=cfg.kl_weight, lm_weight=cfg.lm_weight)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -246,20 +96,19 @@ def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = True,
-            stop_after: int | None = None) -> dict:
+def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = True) -> dict:
     """Distil RUN/parent into RUN/child; returns result.json's content ({} on ranks > 0).
-    `stop_after`: tests' kill switch: returns {"stopped_at": step} after that many steps of
-    this run without saving, like a kill between checkpoints."""
+    Under `faults.kill_after("gkd", n)` (tests) it returns {"stopped_at": n} without saving,
+    like a kill between checkpoints."""
     from tqdm import tqdm
 
-    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, tokenizer_path
-    from megapuzzle.cost_runtime import resolve_dtype
+    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, tokenizer_path, require_parent
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import load_canonical_into_model, write_checkpoint_from_model
     from megapuzzle.runtime.distributed import init_distributed
+    from megapuzzle.runtime.dtypes import resolve_dtype
     from megapuzzle.train.schedule import LRSchedule
     from megapuzzle.train.train_logger import TrainLogger
 
@@ -274,7 +123,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
         except ModelConfigError as e:
             raise UserError(f"gkd.fp8: {e}") from None
     run = RunDir(run_dir)
-    parent_dir = run.require_parent()
+    parent_dir = require_parent(run)
     if not is_checkpoint(run.child):
         raise UserError(f"{run.child} holds no child checkpoint; run `megapuzzle realize --run-dir {run.root}` first")
     train = PackedSequenceDataset.from_prefix(run.require_data("train"))
@@ -364,7 +213,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
     window = torch.zeros(nt + 1 + child_arch.num_layers, dtype=torch.float64, device=dev)
     last_log, n_micro = start, local_batch // micro
     for step in range(start, total):
-        if stop_after is not None and step >= stop_after:
+        if faults.reached("gkd", step):
             bar.close()
             logger.close()
             return {"stopped_at": step}

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megapuzzle.metrics import heldout_metrics
 from megapuzzle.model.gpt import unwrap_model
 from megapuzzle.train.distill import VocabParallelKD
 
@@ -174,9 +175,7 @@ def evaluate_heldout_pp(child, parent, heldout, cfg, info) -> dict[str, float]:
     if info.dp_size > 1:
         dist.all_reduce(acc, group=_ps().get_data_parallel_group())
     child.train(was)
-    from megapuzzle.gkd import heldout_metrics
-
-    return heldout_metrics(acc, cfg)
+    return heldout_metrics(acc, cosine_weight=cfg.cosine_weight, kl_weight=cfg.kl_weight, lm_weight=cfg.lm_weight)
 
 
 def allreduce_tied_embedding_grads(model) -> None:

@@ -13,6 +13,14 @@
 
 Both: AdamW (0.9, 0.95, eps 1e-8), decoupled weight decay on matrices only (1-d params and
 biases get none), clip coefficient grad_clip / (norm + 1e-6) when below 1.
+
+Why two, and not one: they differ in more than a format. The megatron trainer is the one that
+scales: its distributed optimizer shards the fp32 main params and Adam moments over DP (12 bytes
+per parameter / DP, against 12 on every rank for the local one), which decides whether a 70B
+child's GKD fits a node; and its state is what Megatron-LM / NeMo users resume. Its dist-checkpoint
+metadata is pickled, and we never unpickle what we did not write in this run directory, so the
+local trainer (safetensors only) is the default wherever that saving does not matter (CPU, small
+children). Both give the same losses (tests/test_gkd_megatron.py).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch.distributed as dist
 from megapuzzle.fileio import atomic_write_json, atomic_write_text
 from megapuzzle.train.distill import all_reduce_if, tp_group_rank_size
 
-TRAINERS = ("auto", "megatron", "local")
+from megapuzzle.config.gkd import TRAINERS  # noqa: E402,F401 (re-exported)
 
 
 def resolve_trainer(name: str) -> str:

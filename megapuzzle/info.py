@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from megapuzzle.arch import Architecture, load_architecture
+from megapuzzle.arch_table import architecture_table
 from megapuzzle.errors import UserError
 
 
@@ -18,13 +19,6 @@ def resolve_architecture(path: str | Path) -> Architecture:
         if cand.is_file():
             return load_architecture(str(cand))
     raise UserError(f"{p}: no arch.json or config.json there; give a checkpoint, HF dir or json file")
-
-
-def architecture_table(arch: Architecture) -> str:
-    rows = ["| layer | attention | ffn | params |", "|---:|---|---|---:|"]
-    for i, l in enumerate(arch.layers):
-        rows.append(f"| {i} | {l.attention.name} | {l.ffn.name} | {arch.layer_params(i):,} |")
-    return "\n".join(rows)
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:

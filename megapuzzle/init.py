@@ -26,33 +26,24 @@ import torch
 import torch.nn.functional as F
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant
+from megapuzzle.checkpoints.canonical import layer_prefix, local_layer_tensors, with_layer_prefix  # noqa: F401
+from megapuzzle.blocks import registry
+from megapuzzle.blocks.base import InitError
+# each kind's initialisation math lives in its own file (megapuzzle/blocks); re-exported here
+from megapuzzle.blocks.gqa import pool_kv_heads
+from megapuzzle.blocks.linear_attention import expand_v, linear_attention
+from megapuzzle.blocks.linear_ffn import linear_ffn
+from megapuzzle.blocks.mlp import prune_ffn, top_channels
 
-ATTN_NAMES = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-              "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.linear_attn.weight")
-FFN_NAMES = ("post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-             "mlp.down_proj.weight", "mlp.linear_mlp.weight")
+__all__ = ["InitError", "pool_kv_heads", "expand_v", "linear_attention", "linear_ffn", "prune_ffn", "top_channels",
+           "init_attention", "init_ffn"]
 
-
-class InitError(ValueError):
-    """A variant cannot be initialised from this parent subblock; one line says why."""
+# every layer-local tensor name any attention / FFN kind holds (megapuzzle.blocks)
+ATTN_NAMES = registry.local_names("attention")
+FFN_NAMES = registry.local_names("ffn")
 
 
 # ----------------------------------------------------------------------------- names
-
-def layer_prefix(layer: int) -> str:
-    return f"model.layers.{layer}."
-
-
-def local_layer_tensors(tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """The canonical tensors of one layer under layer-local names."""
-    p = layer_prefix(layer)
-    return {k[len(p):]: tensors[k] for k in tensors if k.startswith(p)}  # keys first: a lazy reader reads only these
-
-
-def with_layer_prefix(local: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    p = layer_prefix(layer)
-    return {p + k: v for k, v in local.items()}
-
 
 def attention_part(local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The attention subblock's tensors (incl. its norm) of a layer-local dict."""
@@ -110,64 +101,7 @@ def ffn_channel_contributions(local: Mapping[str, torch.Tensor], post_attn_resid
     return s.scores()
 
 
-def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores, sorted ascending (original order kept). Ties go to the
-    lower index (a stable sort), so the choice is deterministic."""
-    if not 0 < k <= scores.numel():
-        raise InitError(f"cannot keep {k} of {scores.numel()} FFN channels")
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
-
-
-def prune_ffn(local: Mapping[str, torch.Tensor], channels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The FFN subblock keeping only `channels` (rows of gate/up, columns of down); norm kept."""
-    return {
-        "post_attention_layernorm.weight": local["post_attention_layernorm.weight"].clone(),
-        "mlp.gate_proj.weight": local["mlp.gate_proj.weight"][channels].clone(),
-        "mlp.up_proj.weight": local["mlp.up_proj.weight"][channels].clone(),
-        "mlp.down_proj.weight": local["mlp.down_proj.weight"][:, channels].clone(),
-    }
-
-
-def linear_ffn(local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """W = W_down . W_up (gate ignored), post_attention_layernorm kept."""
-    w = local["mlp.down_proj.weight"].double() @ local["mlp.up_proj.weight"].double()
-    return {"post_attention_layernorm.weight": local["post_attention_layernorm.weight"].clone(),
-            "mlp.linear_mlp.weight": w.to(local["mlp.down_proj.weight"].dtype)}
-
-
 # ----------------------------------------------------------------------------- attention
-
-def pool_kv_heads(local: Mapping[str, torch.Tensor], old_kv: int, new_kv: int, head_dim: int
-                  ) -> dict[str, torch.Tensor]:
-    """Mean-pool K and V over each group of old_kv // new_kv consecutive KV heads."""
-    if new_kv > old_kv or old_kv % new_kv:
-        raise InitError(f"cannot pool {old_kv} KV heads into {new_kv}; the new count must divide the old")
-    r = old_kv // new_kv
-    out = {k: local[k].clone() for k in ("input_layernorm.weight", "self_attn.q_proj.weight",
-                                         "self_attn.o_proj.weight")}
-    for name in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-        w = local[name]
-        h = w.shape[1]
-        out[name] = w.double().reshape(new_kv, r, head_dim, h).mean(dim=1).reshape(new_kv * head_dim, h).to(w.dtype)
-    return {k: out[k] for k in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                "self_attn.v_proj.weight", "self_attn.o_proj.weight")}
-
-
-def expand_v(w_v: torch.Tensor, num_heads: int, num_kv: int, head_dim: int) -> torch.Tensor:
-    """[kv*d, h] -> [heads*d, h]: query head j gets the V rows of KV head j // (heads / kv)."""
-    h = w_v.shape[1]
-    return w_v.reshape(num_kv, head_dim, h).repeat_interleave(num_heads // num_kv, dim=0).reshape(-1, h)
-
-
-def linear_attention(local: Mapping[str, torch.Tensor], num_heads: int, num_kv: int, head_dim: int
-                     ) -> dict[str, torch.Tensor]:
-    """W = W_o . W_v_expanded ([h, h]), input_layernorm kept."""
-    wv = expand_v(local["self_attn.v_proj.weight"].double(), num_heads, num_kv, head_dim)
-    w = local["self_attn.o_proj.weight"].double() @ wv
-    return {"input_layernorm.weight": local["input_layernorm.weight"].clone(),
-            "self_attn.linear_attn.weight": w.to(local["self_attn.o_proj.weight"].dtype)}
-
 
 # ----------------------------------------------------------------------------- dispatch
 
@@ -176,13 +110,7 @@ def init_attention(arch: Architecture, parent: AttentionVariant, variant: Attent
     """(layer-local attention tensors, init method name) for `variant` from the parent subblock."""
     if variant == parent:
         return {k: v.clone() for k, v in attention_part(local).items()}, "parent"
-    if variant.kind == "no_op":
-        return {}, "no_op"
-    if parent.kind == "gqa" and variant.kind == "gqa":
-        return pool_kv_heads(local, parent.num_kv_heads, variant.num_kv_heads, arch.kv_channels), "kv_mean_pool"
-    if parent.kind == "gqa" and variant.kind == "linear":
-        return linear_attention(local, arch.num_attention_heads, parent.num_kv_heads, arch.kv_channels), "wo_wv"
-    raise InitError(f"no initialisation from {parent.name} attention to {variant.name}")
+    return variant.kind_spec.init_from(arch, parent, variant, local)  # the kind's rule (megapuzzle.blocks)
 
 
 def init_ffn(parent: FFNVariant, variant: FFNVariant, local: Mapping[str, torch.Tensor],
@@ -190,14 +118,4 @@ def init_ffn(parent: FFNVariant, variant: FFNVariant, local: Mapping[str, torch.
     """(layer-local FFN tensors, init method name) for `variant`; `scores` (C_i) for pruning."""
     if variant == parent:
         return {k: v.clone() for k, v in ffn_part(local).items()}, "parent"
-    if variant.kind == "no_op":
-        return {}, "no_op"
-    if parent.kind == "mlp" and variant.kind == "mlp":
-        if variant.intermediate_size > parent.intermediate_size:
-            raise InitError(f"cannot grow the FFN from {parent.intermediate_size} to {variant.intermediate_size}")
-        if scores is None:
-            raise InitError(f"{variant.name} needs channel contributions (calibration) to prune the parent FFN")
-        return prune_ffn(local, top_channels(scores, variant.intermediate_size)), "channel_contribution"
-    if parent.kind == "mlp" and variant.kind == "linear":
-        return linear_ffn(local), "wdown_wup"
-    raise InitError(f"no initialisation from {parent.name} FFN to {variant.name}")
+    return variant.kind_spec.init_from(None, parent, variant, local, scores)  # the kind's rule (megapuzzle.blocks)

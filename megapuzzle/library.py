@@ -31,11 +31,10 @@ from typing import Any
 
 import torch
 
-from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
-from megapuzzle.checkpoints.canonical import expected_canonical_shapes
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, empty_layer
+from megapuzzle.checkpoints.canonical import expected_canonical_shapes, layer_prefix, with_layer_prefix
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, read_safetensors, save_safetensors_atomic, sha256_file
-from megapuzzle.init import layer_prefix, with_layer_prefix
 
 INDEX_FILE = "index.json"
 BLOCKS_DIR = "blocks"
@@ -81,8 +80,9 @@ def parse_key(key: str) -> tuple[int, str, str | None, str | None]:
 def block_shapes(arch: Architecture, layer: int, kind: str, attention: str | None, ffn: str | None
                  ) -> dict[str, tuple[int, ...]]:
     """Layer-local tensor shapes a block must hold (from the checkpoint format's own definition)."""
-    one = arch.with_layers([LayerArch(AttentionVariant.from_name(attention) if attention else AttentionVariant("no_op"),
-                                      FFNVariant.from_name(ffn) if ffn else FFNVariant("no_op"))])
+    empty = empty_layer()
+    one = arch.with_layers([LayerArch(AttentionVariant.from_name(attention) if attention else empty.attention,
+                                      FFNVariant.from_name(ffn) if ffn else empty.ffn)])
     p = layer_prefix(0)
     return {k[len(p):]: s for k, s in expected_canonical_shapes(one).items() if k.startswith(p)}
 
@@ -186,9 +186,9 @@ class BlockLibrary:
         if self.has(ck, verify=False):
             return with_layer_prefix(self.load_block(ck), layer)
         local: dict[str, torch.Tensor] = {}
-        if la.attention.kind != "no_op":
+        if not la.attention.identity:
             local.update(self.load_block(attention_key(layer, la.attention)))
-        if la.ffn.kind != "no_op":
+        if not la.ffn.identity:
             local.update(self.load_block(ffn_key(layer, la.ffn)))
         return with_layer_prefix(local, layer)
 

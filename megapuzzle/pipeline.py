@@ -26,76 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megapuzzle.config import RunDir, load_config, section
+from megapuzzle.config.pipeline import DataSection, ExportSection, ParentSection  # noqa: F401
 from megapuzzle.errors import UserError
+from megapuzzle.stages import STAGES as REGISTRY
 from megapuzzle.fileio import atomic_write_json, replace_dir
-
-
-@dataclasses.dataclass(frozen=True)
-class ParentSection:
-    """The `parent:` section: exactly one source."""
-
-    train: str | None = None
-    """Train the embedded parent with this train-parent flavour (default, debug)."""
-    steps: int | None = None
-    """Override the flavour's optimizer steps."""
-    hf_dir: str | None = None
-    """Import this HuggingFace Llama directory."""
-    checkpoint: str | None = None
-    """Copy this megapuzzle checkpoint."""
-    threads: int | None = None
-    """torch CPU threads for train-parent."""
-    corpus: str | None = None
-    """With train: the corpus, "stdlib" (default) or a directory of text files (train-parent --corpus)."""
-
-    def __post_init__(self):
-        given = [k for k in ("train", "hf_dir", "checkpoint") if getattr(self, k)]
-        if len(given) != 1:
-            raise UserError(f"parent: give exactly one of train / hf_dir / checkpoint (got {given or 'none'})")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    """The `data:` section (ignored when the parent is trained here: its own data is used)."""
-
-    train: str | None = None
-    """Megatron indexed-dataset prefix of training tokens (parent's tokenizer)."""
-    heldout: str | None = None
-    """Indexed-dataset prefix of held-out tokens."""
-    stdlib: bool = False
-    """Tokenize the embedded stdlib corpus with the parent's tokenizer instead."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportSection:
-    """The `export:` section: the HF DeciLM directory (RUN/export) and, optionally, an FP8 one."""
-
-    dtype: str = "auto"
-    """Weight dtype of RUN/export: auto (the checkpoint's own: lossless), bf16, fp16 or fp32."""
-    target: str | None = None
-    """vllm or tensorrt-llm: fail the stage, naming the layers, if that engine cannot load the child."""
-    quantize: str | None = None
-    """fp8: also write RUN/export_fp8 (ModelOpt FP8, calibrated on RUN/data/heldout); needs
-    nvidia-modelopt (the [modelopt] extra)."""
-    calib_batches: int = 8
-    """FP8 calibration batches (x calib_batch_size x calib_seq_len tokens)."""
-    calib_batch_size: int = 4
-    """Sequences per calibration batch."""
-    calib_seq_len: int = 256
-    """Tokens per calibration sequence."""
-    max_shard_size: str = "2GB"
-    """Split safetensors files above this size."""
-
-    def __post_init__(self):
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise UserError(f"export.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.target not in (None, "vllm", "tensorrt-llm"):
-            raise UserError(f"export.target must be vllm, tensorrt-llm or omitted, got {self.target!r}")
-        if self.quantize not in (None, "fp8"):
-            raise UserError(f"export.quantize must be fp8 or omitted, got {self.quantize!r}")
-        for f in ("calib_batches", "calib_batch_size", "calib_seq_len"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                raise UserError(f"export.{f} must be an integer >= 1, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -160,22 +94,40 @@ def _stage_bld(run: RunDir, cfg: dict, log) -> dict:
     from megapuzzle.bld import run_bld
 
     res = run_bld(run.root, cfg, log=log)
-    return {"trained": len(res.get("trained", []))}
+    out = {"trained": len(res.get("trained", []))}
+    max_run = _fusion_max_run(cfg)
+    if max_run > 1:
+        from megapuzzle.bld import BLDConfig
+        from megapuzzle.fusion_blocks import run_bld as run_fusion_bld
+
+        out["run_blocks"] = len(run_fusion_bld(run.root, section(cfg, "bld", BLDConfig), max_run, log=log)["blocks"])
+    return out
+
+
+def _fusion_max_run(cfg: dict) -> int:
+    from megapuzzle.arch import SearchSpace
+
+    return SearchSpace.from_dict(cfg.get("search_space")).fusion_max_run
 
 
 def _stage_score(run: RunDir, cfg: dict, log) -> dict:
     from megapuzzle.score import ScoreConfig, run_score
 
     res = run_score(run.root, section(cfg, "score", ScoreConfig), log=log)
-    return {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
+    out = {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
+    if _fusion_max_run(cfg) > 1:  # search_space is bld's: a change there re-runs bld, then this stage
+        from megapuzzle.fusion_blocks import score_runs
+
+        out["run_blocks"] = len(score_runs(run.root, section(cfg, "score", ScoreConfig), log=log)["blocks"])
+    return out
 
 
 def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost import MeasureConfig, format_check, measure_costs
 
-    costs = measure_costs(load_arch(run.require_parent()), section(cfg, "measure", MeasureConfig),
+    costs = measure_costs(load_arch(require_parent(run)), section(cfg, "measure", MeasureConfig),
                           space=SearchSpace.from_dict(cfg.get("search_space")),
                           state_path=run.state / "measure_partial.json", log=log)
     atomic_write_json(run.costs, costs)
@@ -185,14 +137,15 @@ def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
 
 
 def _stage_mip(run: RunDir, cfg: dict, log) -> dict:
-    from megapuzzle.mip.stage import MIPConfig, run_mip
+    from megapuzzle.mip_stage import MIPConfig, run_mip
 
-    out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log)
+    # search_space is not in this stage's config hash: changing it re-runs bld, hence this stage
+    out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log, fusion_max_run=_fusion_max_run(cfg))
     return {"predicted_speedup": out["solutions"][0]["predicted_speedup"], "objective": out["solutions"][0]["objective"]}
 
 
 def _stage_realize(run: RunDir, cfg: dict, log) -> dict:
-    from megapuzzle.info import architecture_table
+    from megapuzzle.arch_table import architecture_table
     from megapuzzle.checkpoints.canonical import load_arch
     from megapuzzle.realize import realize
 
@@ -236,19 +189,14 @@ def _stage_export(run: RunDir, cfg: dict, log) -> dict:
     return out
 
 
-# (name, config sections it reads, function). Order is the pipeline's order.
+# how `megapuzzle run` runs each stage of the registry (megapuzzle.stages), in its order
+_RUNNERS: dict[str, Callable[[RunDir, dict, Any], dict]] = {
+    "parent": _stage_parent, "data": _stage_data, "bld": _stage_bld, "score": _stage_score,
+    "measure": _stage_measure, "mip": _stage_mip, "realize": _stage_realize, "gkd": _stage_gkd,
+    "evaluate": _stage_evaluate, "export": _stage_export,
+}
 STAGES: list[tuple[str, tuple[str, ...], Callable[[RunDir, dict, Any], dict]]] = [
-    ("parent", ("parent",), _stage_parent),
-    ("data", ("parent", "data"), _stage_data),
-    ("bld", ("search_space", "bld"), _stage_bld),
-    ("score", ("score",), _stage_score),
-    ("measure", ("search_space", "measure"), _stage_measure),
-    ("mip", ("mip",), _stage_mip),
-    ("realize", ("realize",), _stage_realize),
-    ("gkd", ("gkd",), _stage_gkd),
-    ("evaluate", ("evaluate",), _stage_evaluate),
-    ("export", ("export",), _stage_export),
-]
+    (s.name, s.sections, _RUNNERS[s.name]) for s in REGISTRY]
 STAGE_NAMES = [s[0] for s in STAGES]
 
 
@@ -288,19 +236,12 @@ def validate_config(cfg: dict) -> None:
     """Every section parsed (unknown keys, bad values) and FP8 checked against this machine
     BEFORE the first stage runs: a bad config fails at start in one line, never half-way."""
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld import BLDConfig
-    from megapuzzle.cost import MeasureConfig
-    from megapuzzle.evaluate import EvaluateConfig
-    from megapuzzle.gkd import GKDConfig
-    from megapuzzle.mip.stage import MIPConfig
-    from megapuzzle.score import ScoreConfig
+    from megapuzzle.stages import schema
 
     if not section(cfg, "parent", ParentSection).train:
         section(cfg, "data", DataSection)
     SearchSpace.from_dict(cfg.get("search_space"))
-    parsed = {name: section(cfg, name, C) for name, C in (
-        ("bld", BLDConfig), ("score", ScoreConfig), ("measure", MeasureConfig), ("mip", MIPConfig),
-        ("gkd", GKDConfig), ("evaluate", EvaluateConfig), ("export", ExportSection))}
+    parsed = {s.name: section(cfg, s.sections[-1], schema(s)) for s in REGISTRY if s.schema}
     fp8 = [name for name in ("bld", "measure", "gkd") if getattr(parsed[name], "fp8", False)]
     if fp8:
         from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te

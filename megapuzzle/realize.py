@@ -34,21 +34,30 @@ def solution_layers(run: RunDir, k: int) -> tuple[list[LayerArch], dict]:
 def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = None, force: bool = True,
             layers: list[LayerArch] | None = None, log=print, max_shard_bytes: int | None = None) -> Path:
     """Write the child checkpoint (RUN/child by default); `layers` overrides the MIP solution."""
-    from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path, write_checkpoint
+    from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path, write_checkpoint, require_parent
     from megapuzzle.checkpoints.shards import DEFAULT_MAX_SHARD_BYTES
     from megapuzzle.library import BlockLibrary
 
     run = RunDir(run_dir)
-    parent_arch, parent_tensors, _ = load_checkpoint(run.require_parent())
+    parent_arch, parent_tensors, _ = load_checkpoint(require_parent(run))
     meta: dict = {"source": "realize"}
     if layers is None:
         layers, sol = solution_layers(run, solution)
         meta.update(solution=solution, objective=sol["objective"], predicted_speedup=sol.get("predicted_speedup"))
+        if sol.get("runs"):
+            meta["runs"] = sol["runs"]
     lib = BlockLibrary(run.library)
     arch = lib.child_arch(parent_arch, layers)
     dest = Path(out) if out is not None else run.child
-    # streamed: one layer's blocks (and the parent's embedding / head, read lazily) at a time
-    write_checkpoint(dest, arch, lib.iter_assembled(parent_arch, parent_tensors, layers), meta=meta,
+    runs = [tuple(r) for r in (meta.get("runs") or [])]
+    if runs:  # fused-run blocks (FFN Fusion) come from RUN/library_runs
+        from megapuzzle.fusion_blocks import iter_child_with_runs
+
+        items = iter_child_with_runs(lib, run.root, parent_arch, parent_tensors, layers, runs)
+    else:
+        # streamed: one layer's blocks (and the parent's embedding / head, read lazily) at a time
+        items = lib.iter_assembled(parent_arch, parent_tensors, layers)
+    write_checkpoint(dest, arch, items, meta=meta,
                      tokenizer_dir=tokenizer_path(run.parent), force=force,
                      max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     log(f"[realize] child with {arch.num_params() / 1e6:.2f}M params ({arch.num_params() / parent_arch.num_params():.1%} "
@@ -68,7 +77,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from megapuzzle.checkpoints.shards import parse_size
 
     realize(args.run_dir, args.solution, out=args.out, max_shard_bytes=parse_size(args.max_shard_size))
-    from megapuzzle.info import architecture_table
+    from megapuzzle.arch_table import architecture_table
     from megapuzzle.checkpoints.canonical import load_arch
 
     print(architecture_table(load_arch(args.out or RunDir(args.run_dir).child)))

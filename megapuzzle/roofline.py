@@ -111,15 +111,8 @@ def effective_precision(gpu: GPUSpec, precision: str) -> str:
 # ----------------------------------------------------------------------------- work counts
 
 def matmul_params(arch: Architecture, subblock: str, v: AttentionVariant | FFNVariant) -> int:
-    """Weights of the subblock's GEMMs (no norm)."""
-    h, d, nq = arch.hidden_size, arch.kv_channels, arch.num_attention_heads
-    if v.kind == "no_op":
-        return 0
-    if v.kind == "linear":
-        return h * h
-    if subblock == "attention":
-        return 2 * h * nq * d + 2 * h * v.num_kv_heads * d  # q, o + k, v
-    return 3 * h * v.intermediate_size  # gate, up, down
+    """Weights of the subblock's GEMMs (no norm); the kind counts them (megapuzzle.blocks)."""
+    return v.kind_spec.matmul_params(arch, v)
 
 
 def subblock_work(arch: Architecture, subblock: str, v: AttentionVariant | FFNVariant, phase: str,
@@ -128,22 +121,18 @@ def subblock_work(arch: Architecture, subblock: str, v: AttentionVariant | FFNVa
     decode step with `seq` tokens cached. See the module docstring for what is counted."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    if v.kind == "no_op":
+    if v.identity:
         return 0.0, 0.0
-    h, d, nq = arch.hidden_size, arch.kv_channels, arch.num_attention_heads
+    h = arch.hidden_size
     wb, kvb = _WEIGHT_BYTES[precision], _KV_BYTES[precision]
     mp = matmul_params(arch, subblock, v)
     tokens = batch * seq if phase == "prefill" else batch
     flops = 2.0 * tokens * mp
     nbytes = float(mp * wb + h * _HEAD_BYTES + 2 * tokens * h * _ACT_BYTES)  # weights, norm, in + out
-    if subblock == "attention" and v.kind == "gqa":
-        kv_row = 2 * v.num_kv_heads * d * kvb  # K and V of one token
-        if phase == "prefill":
-            flops += 4.0 * batch * nq * d * seq * (seq + 1) / 2  # causal QK^T + AV
-            nbytes += batch * seq * kv_row  # cache written
-        else:
-            flops += 4.0 * batch * nq * d * (seq + 1)  # the new query against s cached keys + its own
-            nbytes += batch * (seq + 1) * kv_row  # s cached tokens read, the new one written
+    extra_flops, extra_bytes = v.kind_spec.extra_work(arch, v, phase, batch, seq, kvb)  # e.g. attention + KV cache
+    if extra_flops or extra_bytes:
+        flops += extra_flops
+        nbytes += extra_bytes
     return flops, nbytes
 
 
@@ -197,8 +186,8 @@ def roofline_table(parent: Architecture, attention: Iterable[AttentionVariant], 
                                       compute_efficiency, bandwidth_efficiency) for s in ss] for b in bs]
                 runtime[ph] = {"median": med, "iqr": zeros}
             mp = matmul_params(parent, subblock, v)
-            norm = 0 if v.kind == "no_op" else parent.hidden_size
-            kv = 2 * v.num_kv_heads * parent.kv_channels if subblock == "attention" and v.kind == "gqa" else 0
+            norm = 0 if v.identity else parent.hidden_size
+            kv = v.kind_spec.kv_elems_per_token(parent, v)
             table["variants"][f"{subblock}.{v.name}"] = {
                 "subblock": subblock, "name": v.name, "param_count": mp + norm,
                 "param_bytes": mp * wb + norm * _HEAD_BYTES, "kv_bytes_per_token": kv * kvb,

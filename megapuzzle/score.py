@@ -33,47 +33,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megapuzzle.train import faults
+from megapuzzle.config.score import ScoreConfig  # noqa: F401 (the stage's config)
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
+from megapuzzle.metrics import kl_per_token, nll_per_token, top1_matches, topk_overlap
 
 FORMAT = "megapuzzle-scores/1"
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """The `score:` config section."""
-
-    batch_size: int = 8
-    """Held-out sequences per batch."""
-    seq_len: int = 256
-    """Tokens per sequence."""
-    num_batches: int = 4
-    """Held-out batches (tokens scored = num_batches x batch_size x seq_len)."""
-    top_k: int = 5
-    """k of the top-k overlap metric."""
-    candidates_per_pass: int = 8
-    """Candidates of one layer stacked into one pass through the shared layers."""
-    threads: int | None = None
-    """torch CPU threads (None: torch's choice)."""
-    dtype: str = "float32"
-    """Parent and candidate weights: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU). The
-    log-probs and KL are computed in fp32 either way."""
-    cache_gb: float = 16.0
-    """Parent activations kept per rank, GiB: per held-out batch, the residual stream entering
-    every layer (layers x tokens x hidden, in `dtype`) and the parent's fp32 log-probs (tokens x
-    vocab). Batches beyond it are scored in groups, each group's parent pass computed once; the
-    scores are the same (see `cache_plan`)."""
-
-    def __post_init__(self):
-        for f in ("batch_size", "seq_len", "num_batches", "top_k", "candidates_per_pass"):
-            if getattr(self, f) < 1:
-                raise UserError(f"score.{f} must be >= 1, got {getattr(self, f)}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"score.dtype {self.dtype!r} unknown; use auto, float32 or bfloat16")
-        if not isinstance(self.cache_gb, (int, float)) or self.cache_gb <= 0:
-            raise UserError(f"score.cache_gb must be a positive number of GiB, got {self.cache_gb!r}")
 
 
 @dataclass
@@ -154,11 +122,8 @@ def block_layer_module(parent, ref: BlockRef, library, parent_tensors, tp: int,
 
 def _metrics(parent_lp: torch.Tensor, child_lp: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, float]:
     """Sums over tokens (divided by the token count at the end)."""
-    kl = (parent_lp.exp() * (parent_lp - child_lp)).sum(-1)
-    nll = -child_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    top1 = (child_lp.argmax(-1) == parent_lp.argmax(-1)).float()
-    pk, ck = parent_lp.topk(k, dim=-1).indices, child_lp.topk(k, dim=-1).indices
-    overlap = (pk.unsqueeze(-1) == ck.unsqueeze(-2)).any(-1).float().mean(-1)
+    kl, nll = kl_per_token(parent_lp, child_lp), nll_per_token(child_lp, targets)
+    top1, overlap = top1_matches(child_lp, parent_lp), topk_overlap(parent_lp, child_lp, k)
     return {"kl": kl.sum().item(), "lm_loss": nll.sum().item(), "top1": top1.sum().item(),
             "topk": overlap.sum().item()}
 
@@ -273,18 +238,18 @@ def parent_metrics(model, batches, k: int) -> dict[str, float]:
         inp, tgt = tokens[:, :-1], tokens[:, 1:]
         h, rot = runner.embed(inp)
         lp = runner.run_from(h, 0, rot)
-        tot["lm_loss"] += -lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
-        tot["accuracy"] += (lp.argmax(-1) == tgt).float().sum().item()
+        tot["lm_loss"] += nll_per_token(lp, tgt).sum().item()
+        tot["accuracy"] += top1_matches(lp, tgt).sum().item()
         n += tgt.numel()
     return {k: v / n for k, v in tot.items()}
 
 
 def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, progress: bool = True,
-              naive: bool = False, stop_after: int | None = None, shard: tuple[int, int] = (0, 1)
+              naive: bool = False, shard: tuple[int, int] = (0, 1)
               ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, load_checkpoint
+    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, load_checkpoint, require_parent
     from megapuzzle.library import BlockLibrary
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
@@ -295,10 +260,10 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
         torch.set_num_threads(cfg.threads)
     run = RunDir(run_dir)
     info = init_distributed(tp=tp)
-    from megapuzzle.cost_runtime import resolve_dtype
+    from megapuzzle.runtime.dtypes import resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype)
-    parent, tensors, _ = load_checkpoint(run.require_parent(), dtype=dtype)  # lazy: a layer's tensors at a time
+    parent, tensors, _ = load_checkpoint(require_parent(run), dtype=dtype)  # lazy: a layer's tensors at a time
     library = BlockLibrary(run.library)
     refs = library_blocks(parent, library)
     if not refs:
@@ -345,7 +310,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, 
         if info.tp_rank == 0:
             atomic_write_json(state, {"settings": settings, "blocks": done})
         counter["n"] += 1
-        if stop_after is not None and counter["n"] >= stop_after:
+        if faults.reached("score", counter["n"]):
             raise _Stop
 
     bar = tqdm(total=len(mine), initial=sum(r.key in done for r in mine), desc="score", unit="block",

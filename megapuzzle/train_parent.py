@@ -22,83 +22,14 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megapuzzle.arch import Architecture
+from megapuzzle.train import faults
+from megapuzzle.config.parent import ParentConfig  # noqa: F401 (the stage's config)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
-
-
-@dataclass(frozen=True)
-class ParentConfig:
-    """Sizes and budget of the embedded parent."""
-
-    vocab_size: int = 4096
-    """Sentencepiece BPE vocabulary (a multiple of 128 so TP can split it)."""
-    hidden_size: int = 256
-    """Residual width (8M parameters in all: trains in minutes on 2 CPU cores)."""
-    num_layers: int = 6
-    """Decoder layers."""
-    num_attention_heads: int = 8
-    """Query heads (head dim 32)."""
-    num_kv_heads: int = 4
-    """GQA KV heads; leaves 2 and 1 as reduced-KV variants for Puzzle."""
-    intermediate_size: int = 1024
-    """SwiGLU width (ffn_mult 6.0): variants 768, 512, 256 at the 256 granularity, all
-    writable as ffn_mult, so every child stays loadable by TensorRT-LLM and vLLM."""
-    seq_len: int = 256
-    """Training sequence length."""
-    batch_size: int = 8
-    """Global batch in sequences."""
-    steps: int = 240
-    """Optimizer steps (tokens = steps x batch x seq_len)."""
-    lr: float = 3e-3
-    """Peak learning rate."""
-    min_lr: float = 3e-4
-    """Cosine floor."""
-    warmup_steps: int = 20
-    """Linear warmup steps."""
-    weight_decay: float = 0.1
-    """AdamW weight decay (not on norms)."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip."""
-    seed: int = 1234
-    """Seeds data order, init and tokenizer sampling."""
-    checkpoint_every: int = 40
-    """Save resumable state every N steps."""
-    log_every: int = 10
-    """Console line every N steps."""
-    eval_batches: int = 24
-    """Held-out batches (of batch_size x seq_len) for the final loss; 0 = the whole split."""
-    max_files: int = 0
-    """Use only the first N corpus files (0 = all); the debug flavour's shortcut."""
-    tie_word_embeddings: bool = False
-    """Share input and output embeddings (Llama-3 8B+ do not)."""
-    rope_theta: float = 10000.0
-    """RoPE base."""
-    corpus: str = "stdlib"
-    """"stdlib" (the running Python's own source, the default) or a directory of text files
-    (.txt/.md/.rst/.py, recursively, e.g. Debian python3-doc's /usr/share/doc/python3-doc/html/_sources);
-    a directory's files go to held-out by their relative path (~2%, megapuzzle.data.corpus)."""
-
-    def __post_init__(self):
-        if self.vocab_size % 128:
-            raise UserError(f"vocab_size {self.vocab_size} is not a multiple of 128; pick e.g. "
-                            f"{128 * math.ceil(self.vocab_size / 128)}")
-        for f in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every"):
-            if getattr(self, f) < 1:
-                raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
-
-    def architecture(self, bos: int | None = None, eos: int | None = None) -> Architecture:
-        return Architecture.homogeneous(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
-            num_attention_heads=self.num_attention_heads, num_kv_heads=self.num_kv_heads,
-            intermediate_size=self.intermediate_size, max_position_embeddings=max(2048, self.seq_len),
-            rope_theta=self.rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=self.tie_word_embeddings,
-            bos_token_id=bos, eos_token_id=eos)
 
 
 FLAVOURS = {
@@ -189,7 +120,7 @@ def evaluate_lm_loss(model, data, cfg: ParentConfig) -> tuple[float, int]:
 
 
 def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, threads: int | None = None,
-                 log=print, stop_after: int | None = None) -> dict:
+                 log=print) -> dict:
     """Run (or resume) the whole recipe; returns result.json's content."""
     from megapuzzle.checkpoints.canonical import save_checkpoint
     from megapuzzle.checkpoints.hf_io import write_llama_dir
@@ -245,8 +176,8 @@ def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, th
     loss_val = float("nan")
     last_log = start
     for step in range(start, cfg.steps):
-        if stop_after is not None and step >= stop_after:
-            return {"stopped_at": step}  # tests: behave like a kill (no save) after `stop_after` steps
+        if faults.reached("train-parent", step):
+            return {"stopped_at": step}  # tests: behave like a kill (no save)
         batch = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
         set_lr(opt, sched(step))
         tokens, labels = batch[:, :-1], batch[:, 1:]

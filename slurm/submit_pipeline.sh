@@ -18,6 +18,7 @@
 #
 # Settings: every MP_* variable of slurm/common.sh, plus
 #   MP_BLD_SHARDS (2), MP_SCORE_SHARDS (2)  array sizes (layer shards / library shards)
+#   MP_BLD_NODES (1)  nodes per BLD task (a teacher larger than one node: TP x PP over several nodes)
 #   MP_STAGES  the stages to submit (default: all, in the order above), e.g. MP_STAGES="mip realize gkd
 #              evaluate export" to redo the end of a run whose earlier stages are done
 #   MP_TIME_<STAGE>  time limit of that stage's jobs (default MP_TIME)
@@ -37,6 +38,7 @@ CONFIG=$(realpath "$1")   # jobs may start in another directory: absolute paths 
 RUN=$(realpath -m "$2")
 [ -f "$CONFIG" ] || { echo "submit_pipeline: config $1 does not exist" >&2; exit 2; }
 BLD_SHARDS=${MP_BLD_SHARDS:-2}
+BLD_NODES=${MP_BLD_NODES:-1}
 SCORE_SHARDS=${MP_SCORE_SHARDS:-2}
 STAGES=${MP_STAGES:-parent bld score measure mip realize gkd evaluate export}
 LOGS=$RUN/slurm/logs
@@ -71,8 +73,8 @@ ONE=$(( G > 0 ? 1 : 0 ))   # single-process stages take one GPU
 for stage in $STAGES; do
   case $stage in
     parent)   submit parent parent.sbatch 1 "$ONE" ;;
-    bld)      submit bld bld.sbatch 1 "$G" --array="0-$((BLD_SHARDS - 1))" -- "$BLD_SHARDS"
-              submit bld-verify bld.sbatch 1 "$G" --job-name=mp-bld-verify ;;
+    bld)      submit bld bld.sbatch "$BLD_NODES" "$G" --array="0-$((BLD_SHARDS - 1))" -- "$BLD_SHARDS"
+              submit bld-verify bld.sbatch "$BLD_NODES" "$G" --job-name=mp-bld-verify ;;
     score)    submit score score.sbatch 1 "$G" --array="0-$((SCORE_SHARDS - 1))" -- "$SCORE_SHARDS"
               submit score-merge score.sbatch 1 "$ONE" --job-name=mp-score-merge ;;
     measure)  submit measure measure.sbatch 1 "$ONE" ;;

@@ -13,6 +13,7 @@ import torch
 
 from _dist import run_distributed
 from conftest import make_run
+from megapuzzle.train.faults import kill_after
 from megapuzzle.arch import AttentionVariant as A, FFNVariant as Fv, LayerArch
 from megapuzzle.bld import BLDConfig, run_bld
 from megapuzzle.checkpoints.canonical import load_checkpoint
@@ -179,7 +180,8 @@ def test_teacher_captures_the_parent_streams_exactly(full):
 def test_kill_and_resume_is_bitwise_equal(full, base, tmp_path):
     run0, _ = full
     run = fresh(base, tmp_path)
-    res = run_bld(run, CFG, stop_after=5, **QUIET)  # like a kill after step 5 (checkpoint at 3)
+    with kill_after("bld", 5):
+        res = run_bld(run, CFG, **QUIET)  # like a kill after step 5 (checkpoint at 3)
     assert res["stopped_at"] == 5
     (latest,) = (run / "state" / "bld").glob("*/rank000/latest")
     assert latest.read_text().strip() == "step_00000003"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import test_bld
 from _dist import run_distributed
+from megapuzzle.train.faults import kill_after
 from megapuzzle.bld import BLDConfig, run_bld
 from megapuzzle.config import load_config
 from megapuzzle.library import BlockLibrary
@@ -142,7 +143,8 @@ def test_bf16_signature_differs_and_fp32_signature_is_unchanged():
 def test_bf16_kill_and_resume_is_bitwise_equal(fp32_and_bf16, base, tmp_path):
     _, r16 = fp32_and_bf16
     run = fresh(base, tmp_path)
-    assert run_bld(run, BF16, stop_after=5, **QUIET)["stopped_at"] == 5  # checkpoint at step 3
+    with kill_after("bld", 5):
+        assert run_bld(run, BF16, **QUIET)["stopped_at"] == 5  # checkpoint at step 3
     (state,) = (run / "state" / "bld").glob("*/rank000")
     step = state / (state / "latest").read_text().strip()
     params, optim = load_file(str(step / "params.safetensors")), load_file(str(step / "optim.safetensors"))

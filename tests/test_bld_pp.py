@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from _dist import assert_adamw_parity, run_distributed
+from megapuzzle.train.faults import kill_after
 from megapuzzle.bld import BLDConfig, add_cli_args, run_bld, run_cli
 from megapuzzle.errors import UserError
 from megapuzzle.library import BlockLibrary
@@ -25,7 +26,10 @@ PP2 = {"pipeline_parallel": 2}
 
 def _worker(info, run: str, c: dict, stop_after: int | None = None):
     torch.set_num_threads(1)
-    return run_bld(run, c, log=lambda *a: None, progress=False, stop_after=stop_after)
+    if stop_after is None:
+        return run_bld(run, c, log=lambda *a: None, progress=False)
+    with kill_after("bld", stop_after):
+        return run_bld(run, c, log=lambda *a: None, progress=False)
 
 
 def _diff(a: dict, b: dict, keys=None) -> tuple[float, float]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from megapuzzle.train.faults import Killed, kill_after, recording
 from megapuzzle.arch import Architecture, AttentionVariant as A, FFNVariant as Fv, LayerArch, SearchSpace
 from megapuzzle.cost import (MeasureConfig, add_cli_args, fixed_runtime, format_check, format_costs, load_costs,
                              measure_costs, predict_generation_time, predict_runtime, run_cli,
@@ -176,21 +177,13 @@ def test_resume_skips_measured_entries(tmp_path):
     parent, space = tiny(), SearchSpace.from_dict(SPACE)
     state = tmp_path / "state" / "measure_partial.json"
     cfg = fast_cfg(repeats=1, decode=False, check_parent=False, roofline_gpus=())
-    first: list[str] = []
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_3(name, entry):
-        first.append(name)
-        if len(first) == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        measure_costs(parent, cfg, space=space, state_path=state, on_entry=stop_after_3)
+    with recording("measure") as log1, kill_after("measure", 3), pytest.raises(Killed):
+        measure_costs(parent, cfg, space=space, state_path=state)
+    first = [n for n, _ in log1]
     assert json.loads(state.read_text())["entries"].keys() == set(first)
-    second: list[str] = []
-    costs = measure_costs(parent, cfg, space=space, state_path=state, on_entry=lambda n, e: second.append(n))
+    with recording("measure") as log2:
+        costs = measure_costs(parent, cfg, space=space, state_path=state)
+    second = [n for n, _ in log2]
     # no-op variants are zero by definition: nothing to measure
     everything = {"baseline"} | {f"attention.{n}" for n in ("gqa_kv2", "gqa_kv1", "linear")} | {
         f"ffn.{n}" for n in ("mlp_128", "mlp_64", "linear")}
@@ -199,16 +192,16 @@ def test_resume_skips_measured_entries(tmp_path):
     assert set(costs["variants"]) == everything - {"baseline"} | {"attention.no_op", "ffn.no_op"}
     assert "check" not in costs
     # same settings again: nothing is measured; other settings: everything is
-    third: list[str] = []
-    measure_costs(parent, cfg, space=space, state_path=state, on_entry=lambda n, e: third.append(n))
+    with recording("measure") as third:
+        measure_costs(parent, cfg, space=space, state_path=state)
     assert third == []
-    more = measure_costs(parent, replace(cfg, passes=2), space=space, state_path=state,
-                         on_entry=lambda n, e: third.append((n, e["pass"])))
+    with recording("measure") as third:
+        more = measure_costs(parent, replace(cfg, passes=2), space=space, state_path=state)
     assert sorted(third) == sorted((n, 1) for n in everything)  # a second pass adds to the first
     assert more["passes"] == 2
-    third.clear()
-    measure_costs(parent, replace(cfg, repeats=2), space=space, state_path=state,
-                  on_entry=lambda n, e: third.append(n))
+    with recording("measure") as log3:
+        measure_costs(parent, replace(cfg, repeats=2), space=space, state_path=state)
+    third = [n for n, _ in log3]
     assert set(third) == everything  # other settings: measured afresh
 
 

@@ -32,7 +32,7 @@ MODEL_FIELDS = {"lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens
 @pytest.fixture(scope="module")
 def run(debug_parent, tmp_path_factory):
     from megapuzzle.gkd import GKDConfig, run_gkd
-    from megapuzzle.mip.stage import MIPConfig, run_mip
+    from megapuzzle.mip_stage import MIPConfig, run_mip
     from megapuzzle.realize import realize
 
     r = make_searched_run(debug_parent, tmp_path_factory.mktemp("evaluate") / "run", CFG)
@@ -131,3 +131,30 @@ def test_evaluate_needs_a_child_and_validates_its_config(run, tmp_path):
         section({"evaluate": {"batch": 2}}, "evaluate", EvaluateConfig)
     with pytest.raises(UserError, match="dtype"):
         EvaluateConfig(dtype="fp16")
+
+
+def _evaluate_tp(info, run_dir: str, child: str, cfg: dict) -> dict:
+    res = run_evaluate(run_dir, section(cfg, "evaluate", EvaluateConfig), child=child, tp=info.tp_size, **QUIET)
+    return {w: {k: res[w][k] for k in ("lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens")}
+            for w in ("parent", "child")}
+
+
+def test_evaluate_tp2_quality_equals_tp1(run, tmp_path):
+    """`evaluate --tp 2`: each rank builds half of every model; the quality metrics equal TP=1's."""
+    from _dist import run_distributed
+    from megapuzzle.checkpoints.canonical import load_checkpoint, write_checkpoint
+
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd)
+    # a child TP=2 can split (the run's own may hold kv-1 layers): the parent's weights, perturbed
+    arch, t, _ = load_checkpoint(rd / "parent", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    write_checkpoint(rd / "child_tp", arch, ((n, t[n] + 0.02 * torch.randn(t[n].shape, generator=g)) for n in t))
+    (one,) = run_distributed(_evaluate_tp, world=1, args=(str(rd), str(rd / "child_tp"), CFG), timeout=600)
+    two = run_distributed(_evaluate_tp, world=2, tp=2, args=(str(rd), str(rd / "child_tp"), CFG), timeout=600)
+    assert one["child"]["kl_to_parent"] > 1e-4  # a real comparison, not the parent against itself
+    for r in two:
+        for who in ("parent", "child"):
+            for k, v in one[who].items():
+                assert r[who][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (who, k)
+    assert json.loads((rd / "eval.json").read_text())["tensor_parallel"] == 2

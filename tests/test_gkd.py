@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from _dist import assert_adamw_parity, run_distributed
 from conftest import make_run
+from megapuzzle.train.faults import kill_after
 from megapuzzle.arch import AttentionVariant as A, FFNVariant as Fv, LayerArch
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
@@ -100,7 +101,8 @@ def test_loss_goes_down_and_the_stage_writes_its_outputs(base, tmp_path):
 
 def test_state_of_another_config_is_not_resumed(base, tmp_path):
     run = fresh(base, tmp_path)
-    assert run_gkd(run, GKDConfig(steps=4, **BASE), stop_after=3, **QUIET) == {"stopped_at": 3}
+    with kill_after("gkd", 3):
+        assert run_gkd(run, GKDConfig(steps=4, **BASE), **QUIET) == {"stopped_at": 3}
     res = run_gkd(run, GKDConfig(steps=4, **{**BASE, "lr": 5e-4}), **QUIET)
     assert res["resumed_from_step"] == 0 and res["steps"] == 4
 
@@ -118,7 +120,8 @@ def test_kill_and_resume_gives_bitwise_the_same_weights(base, tmp_path):
     b = fresh(base, tmp_path / "b")
     cfg = GKDConfig(steps=6, **{**BASE, "log_every": 2})
     ra = run_gkd(a, cfg, **QUIET)
-    assert run_gkd(b, cfg, stop_after=3, **QUIET) == {"stopped_at": 3}  # killed after step 3, saved at 2
+    with kill_after("gkd", 3):
+        assert run_gkd(b, cfg, **QUIET) == {"stopped_at": 3}  # killed after step 3, saved at 2
     assert not (b / "gkd" / "result.json").exists()
     rb = run_gkd(b, cfg, **QUIET)
     assert rb["resumed_from_step"] == 2 and ra["resumed_from_step"] == 0
@@ -203,7 +206,8 @@ def test_pipeline_parallel_gives_the_single_process_losses_and_weights(base, tmp
 def _gkd_resume_worker(info, run_a: str, run_b: str, cfg: GKDConfig):
     torch.set_num_threads(1)
     ra = run_gkd(run_a, cfg, **QUIET)
-    stopped = run_gkd(run_b, cfg, stop_after=3, **QUIET)  # killed after step 3, saved at 2
+    with kill_after("gkd", 3):
+        stopped = run_gkd(run_b, cfg, **QUIET)  # killed after step 3, saved at 2
     state = Path(run_b) / "gkd" / "train_state"
     saved = sorted(str(d.relative_to(state)) for d in state.glob("rank*/step_*"))
     if (Path(run_b) / "gkd" / "result.json").exists():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from _dist import assert_adamw_parity, run_distributed
+from megapuzzle.train.faults import kill_after
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
 from megapuzzle.gkd import GKDConfig, run_gkd
@@ -25,7 +26,14 @@ MEGATRON = dict(optimizer="megatron")
 def _runs_worker(info, runs: list[tuple[str, GKDConfig, int | None]]):
     """run_gkd on each (run dir, config, stop_after) in turn, in the same processes."""
     torch.set_num_threads(1)
-    return [run_gkd(run, cfg, stop_after=stop, **QUIET) for run, cfg, stop in runs]
+    return [_run_gkd(run, cfg, stop) for run, cfg, stop in runs]
+
+
+def _run_gkd(run, cfg, stop):
+    if stop is None:
+        return run_gkd(run, cfg, **QUIET)
+    with kill_after("gkd", stop):
+        return run_gkd(run, cfg, **QUIET)
 
 
 def _overlap_probe_worker(info, runs: list[tuple[str, GKDConfig, int | None]]):

@@ -328,11 +328,12 @@ def test_non_llama_model_type_refused(tmp_path):
         read_hf_llama(tmp_path / "m")
 
 
-def test_windowed_decilm_blocks_refused(hetero_dir, tmp_path):
+def test_sink_decilm_blocks_refused(hetero_dir, tmp_path):
+    # (window_length is read: the `swa` kind, tests/test_swa.py)
     _, _, out = hetero_dir
     cfg = json.loads((out / "config.json").read_text())
-    cfg["block_configs"][1]["attention"]["window_length"] = 8
-    with pytest.raises(UserError, match=r"block_configs\[1\]\.attention\.window_length"):
+    cfg["block_configs"][1]["attention"]["num_sink_tokens"] = 8
+    with pytest.raises(UserError, match=r"block_configs\[1\]\.attention\.num_sink_tokens"):
         d = tmp_path / "w"
         d.mkdir()
         (d / "config.json").write_text(json.dumps(cfg))
@@ -340,5 +341,5 @@ def test_windowed_decilm_blocks_refused(hetero_dir, tmp_path):
     from transformers import PretrainedConfig
     cls = type(AutoConfig.from_pretrained(str(out), trust_remote_code=True))
     assert issubclass(cls, PretrainedConfig)
-    with pytest.raises(ValueError, match="window_length"):
+    with pytest.raises(ValueError, match="num_sink_tokens"):
         cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "model_type")})

@@ -100,7 +100,8 @@ def test_every_section_is_validated_before_the_first_stage(tmp_path):
     start: no run directory, no stage run (never half-way, after hours of BLD)."""
     cfg = yaml.safe_load(DEBUG.read_text())
     for section, key, value, match in (("evaluate", "repeats", 0, "evaluate.repeats must be an integer >= 1"),
-                                       ("export", "quantize", "int4", "export.quantize must be fp8 or omitted"),
+                                       ("export", "quantize", "int4",
+                                        "export.quantize 'int4' unknown; use fp8, or omit it"),
                                        ("gkd", "fp8", True, "gkd.fp8: fp8=True needs")):
         bad = yaml.safe_load(DEBUG.read_text())
         bad[section][key] = value
@@ -128,3 +129,20 @@ def test_export_stage_writes_an_fp8_checkpoint(full_run, tmp_path):
     assert check_fp8_dir(run / "export_fp8", layers)["torch.float8_e4m3fn"] > 0
     assert json.loads((run / "manifest.json").read_text())["stages"]["export"]["result"]["fp8"]["quantized_linears"] > 0
     run_pipeline(DEBUG, run, **QUIET)  # back to the module's config for the other tests
+
+
+def test_cli_pipeline_and_slurm_read_one_stage_registry():
+    import re
+
+    from megapuzzle.cli import COMMANDS
+    from megapuzzle.pipeline import STAGES
+    from megapuzzle.stages import STAGES as REGISTRY, schema
+
+    assert [s[0] for s in STAGES] == [s.name for s in REGISTRY]
+    assert all(COMMANDS[s.command][0] == s.module for s in REGISTRY)
+    root = Path(__file__).resolve().parents[1]
+    chain = (root / "slurm" / "submit_pipeline.sh").read_text()
+    default = re.search(r"STAGES=\$\{MP_STAGES:-([^}]*)\}", chain).group(1).split()
+    assert default == [s.name for s in REGISTRY if s.sbatch]
+    assert all((root / "slurm" / s.sbatch).is_file() for s in REGISTRY if s.sbatch)
+    assert all(schema(s).SECTION == s.sections[-1] for s in REGISTRY if s.schema)

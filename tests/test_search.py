@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import SEARCH_CFG, make_searched_run
+from megapuzzle.train.faults import kill_after
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
-from megapuzzle.mip.stage import MIPConfig, library_candidates, run_mip, ScenarioCosts, load_scores
+from megapuzzle.mip_stage import MIPConfig, library_candidates, run_mip, ScenarioCosts, load_scores
 from megapuzzle.score import ScoreConfig, run_score
 
 CFG = SEARCH_CFG
@@ -134,7 +135,8 @@ def test_scoring_resumes_after_a_kill(run, tmp_path):
     for d in ("parent", "data", "library"):
         shutil.copytree(run / d, r / d)
     cfg = section(CFG, "score", ScoreConfig)
-    assert run_score(r, cfg, progress=False, stop_after=5, **QUIET) == {"stopped_after": 5}
+    with kill_after("score", 5):
+        assert run_score(r, cfg, progress=False, **QUIET) == {"stopped_after": 5}
     assert not (r / "scores.json").exists()
     res = run_score(r, cfg, progress=False, **QUIET)
     assert res["blocks"] == json.loads((run / "scores.json").read_text())["blocks"]

@@ -70,7 +70,7 @@ def test_measure_config_knows_the_engines():
     assert MeasureConfig().engine == "megatron"
     assert "engine" not in MeasureConfig().measured_settings()  # Megatron runs keep their old signature
     assert MeasureConfig(engine="vllm").measured_settings()["engine"] == "vllm"
-    with pytest.raises(ValueError, match="engine must be megatron or vllm"):
+    with pytest.raises(UserError, match="measure.engine 'trtllm' unknown; use megatron or vllm"):
         MeasureConfig(engine="trtllm")
-    with pytest.raises(ValueError, match="engine vllm times wall clock"):
+    with pytest.raises(UserError, match="engine vllm times wall clock"):
         MeasureConfig(engine="vllm", clock="cpu")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megapuzzle.train.faults import kill_after
 from megapuzzle.train_parent import FLAVOURS, train_parent
 
 CFG = dataclasses.replace(FLAVOURS["debug"], steps=20, checkpoint_every=8, log_every=4)
@@ -42,7 +43,8 @@ def test_kill_and_resume_gives_the_same_weights(trained, tmp_path):
     out, _ = trained
     run = tmp_path / "resumed"
     # stop after 13 steps without saving (like a kill between checkpoints at 8 and 16) ...
-    assert train_parent(run, CFG, log=lambda *a: None, stop_after=13) == {"stopped_at": 13}
+    with kill_after("train-parent", 13):
+        assert train_parent(run, CFG, log=lambda *a: None) == {"stopped_at": 13}
     assert (run / "train_state/rank000/latest").read_text().strip() == "step_00000008"
     # ... and resume: steps 8..20 replay with the same data and RNG
     res = train_parent(run, CFG, log=lambda *a: None)

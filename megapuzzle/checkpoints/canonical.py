@@ -44,31 +44,13 @@ TOKENIZER_DIR = "tokenizer"
 
 def expected_canonical_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     """Every canonical tensor of `arch` with its full shape, in file order (embeddings, layers, head)."""
-    h, d, nq = arch.hidden_size, arch.kv_channels, arch.num_attention_heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h)}
+    before, after = arch.family_spec.outer_shapes(arch)  # embeddings; final norm + LM head (the family's)
+    shapes: dict[str, tuple[int, ...]] = dict(before)
     for i, layer in enumerate(arch.layers):
         p = f"model.layers.{i}."
-        a, f = layer.attention, layer.ffn
-        if a.kind != "no_op":  # no-op subblocks have no norm either
-            shapes[p + "input_layernorm.weight"] = (h,)
-        if a.kind == "gqa":
-            shapes[p + "self_attn.q_proj.weight"] = (nq * d, h)
-            shapes[p + "self_attn.k_proj.weight"] = (a.num_kv_heads * d, h)
-            shapes[p + "self_attn.v_proj.weight"] = (a.num_kv_heads * d, h)
-            shapes[p + "self_attn.o_proj.weight"] = (h, nq * d)
-        elif a.kind == "linear":
-            shapes[p + "self_attn.linear_attn.weight"] = (h, h)
-        if f.kind != "no_op":
-            shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if f.kind == "mlp":
-            shapes[p + "mlp.gate_proj.weight"] = (f.intermediate_size, h)
-            shapes[p + "mlp.up_proj.weight"] = (f.intermediate_size, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, f.intermediate_size)
-        elif f.kind == "linear":
-            shapes[p + "mlp.linear_mlp.weight"] = (h, h)
-    shapes["model.norm.weight"] = (h,)
-    if not arch.tie_word_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab_size, h)
+        for v in (layer.attention, layer.ffn):  # each kind's own tensors, its norm first (megapuzzle.blocks)
+            shapes.update((p + k, s) for k, s in v.kind_spec.canonical_shapes(arch, v).items())
+    shapes.update(after)
     return shapes
 
 
@@ -110,9 +92,35 @@ def validate_tensors(arch: Architecture, tensors: Mapping[str, torch.Tensor], so
                         f"only Llama/DeciLM weights without biases are supported")
 
 
+# ----------------------------------------------------------------------------- per-layer names
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def local_layer_tensors(tensors: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """The canonical tensors of one layer under layer-local names."""
+    p = layer_prefix(layer)
+    return {k[len(p):]: tensors[k] for k in tensors if k.startswith(p)}  # keys first: a lazy reader reads only these
+
+
+def with_layer_prefix(local: Mapping[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    p = layer_prefix(layer)
+    return {p + k: v for k, v in local.items()}
+
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     p = Path(path)
     return (p / ARCH_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / INDEX_FILE).is_file())
+
+
+def require_parent(run) -> Path:
+    """RUN/parent (run: a config.RunDir), or a one-line error saying how to make it."""
+    if not is_checkpoint(run.parent):
+        raise UserError(f"{run.parent} holds no parent checkpoint; run `megapuzzle import-hf --out "
+                        f"{run.parent}` (or `megapuzzle run CONFIG`) first")
+    return run.parent
 
 
 def write_checkpoint(out_dir: str | os.PathLike, arch: Architecture, items: Iterable[tuple[str, torch.Tensor]], *,

@@ -26,6 +26,8 @@ import torch
 
 from megapuzzle.arch import Architecture
 from megapuzzle.errors import UserError
+from megapuzzle.families import DEFAULT as DEFAULT_FAMILY
+from megapuzzle.families import get_family
 from megapuzzle.checkpoints.canonical import expected_canonical_shapes, validate_tensors  # noqa: F401 (re-exported)
 from megapuzzle.checkpoints.shards import SafetensorsReader, ShardWriter, safetensors_files
 from megapuzzle.fileio import atomic_write_bytes, atomic_write_json, replace_dir
@@ -36,9 +38,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Model types whose checkpoints are exactly the Llama computation (RMSNorm, SwiGLU, RoPE, no biases).
-# Others (granite's multipliers, qwen2's biases, ...) would load "fine" and compute the wrong thing.
-LLAMA_LIKE_TYPES = ("llama", "nemotron-nas", "deci")
+# Model types whose checkpoints are exactly the Llama computation: the family's (megapuzzle.families).
+LLAMA_LIKE_TYPES = get_family(DEFAULT_FAMILY).hf_model_types
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
 # Tensors some checkpoints carry that are not weights (recomputed at load by every runtime).
@@ -95,19 +96,14 @@ def _load_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_llama_like(cfg: dict, hf_dir: Path) -> None:
-    model_type = cfg.get("model_type", "llama")
-    if model_type not in LLAMA_LIKE_TYPES:
-        raise UserError(f"{hf_dir}/config.json has model_type {model_type!r}; megapuzzle reads Llama "
-                        f"(or DeciLM / nemotron-nas) checkpoints only")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{hf_dir}/config.json has hidden_act {cfg['hidden_act']!r}; only silu (SwiGLU) is supported")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise UserError(f"{hf_dir}/config.json uses attention/MLP biases, which megapuzzle does not support")
+    problem = get_family(DEFAULT_FAMILY).hf_config_problem(cfg)
+    if problem:
+        raise UserError(f"{hf_dir}/config.json {problem}")
     for i, block in enumerate(cfg.get("block_configs") or []):
         for part in ("attention", "ffn"):
-            for key in ("window_length", "num_sink_tokens", "unshifted_sink", "sparsify"):
+            for key in ("num_sink_tokens", "unshifted_sink", "sparsify"):  # window_length: kind swa
                 if isinstance(block, dict) and isinstance(block.get(part), dict) and block[part].get(key):
-                    raise UserError(f"{hf_dir}/config.json block_configs[{i}].{part}.{key} is set; sliding-window, "
+                    raise UserError(f"{hf_dir}/config.json block_configs[{i}].{part}.{key} is set; "
                                     f"sink and sparsified blocks are not supported")
 
 
@@ -254,7 +250,7 @@ def llama_config(arch: Architecture, torch_dtype: str = "bfloat16") -> dict:
     """A plain LlamaForCausalLM config.json for a homogeneous architecture."""
     first = arch.layers[0]
     for i, layer in enumerate(arch.layers):
-        if layer != first or first.attention.kind != "gqa" or first.ffn.kind != "mlp":
+        if layer != first or not first.attention.parent_like or not first.ffn.parent_like:
             raise UserError(f"layer {i} is {layer.name} but a Llama config needs every layer equal and "
                             f"GQA + MLP; export heterogeneous models with write_decilm_dir")
     return {

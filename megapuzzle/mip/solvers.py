@@ -231,6 +231,11 @@ class HighsBackend:
         h.run()
         st, info = h.getModelStatus(), h.getInfo()
         MS = hs.HighsModelStatus
+        if start is not None and st == MS.kOptimal and not self._consistent(h, info):
+            # highspy 1.16.0 returns a MIP start as "optimal" with objective and bound 0 (1.15
+            # did not): never trust a proof whose objective is not the solution's. Re-solve
+            # from scratch; the start only ever saved time.
+            return self._mip(self._reload(h), time_limit, None)
         if st in (MS.kInfeasible, MS.kUnboundedOrInfeasible):
             return "infeasible", None, math.inf, math.inf
         has_x = info.primal_solution_status == 2  # kSolutionStatusFeasible
@@ -241,6 +246,22 @@ class HighsBackend:
         if st == MS.kTimeLimit:
             return "no_solution", None, info.mip_dual_bound, math.inf
         raise MIPError(f"highs: solve ended with status {h.modelStatusToString(st)}")
+
+    @staticmethod
+    def _consistent(h, info) -> bool:
+        """HiGHS's reported objective and dual bound agree with its solution's own objective."""
+        lp = h.getLp()
+        x = np.asarray(h.getSolution().col_value)
+        value = float(np.dot(np.asarray(lp.col_cost_), x)) + lp.offset_
+        tol = 1e-9 * max(1.0, abs(value)) + 1e-12
+        return abs(info.objective_function_value - value) <= tol and info.mip_dual_bound <= value + tol
+
+    def _reload(self, h):
+        """A fresh Highs holding the same model and options as `h`, and no solution."""
+        fresh = self._hs.Highs()
+        fresh.passOptions(h.getOptions())
+        fresh.passModel(h.getModel())
+        return fresh
 
     def run(self, time_limit: float | None, start: np.ndarray | None) -> RawResult:
         t = time.perf_counter()

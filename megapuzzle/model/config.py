@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..arch import Architecture, ArchitectureError
 
@@ -146,6 +145,27 @@ def llama3_inv_freq(arch: Architecture) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+_OVERRIDE_CLASS = None
+
+
+def _layer_override_config_class():
+    """HeterogeneousTransformerConfig whose get_config_for_layer also applies the layer's
+    `megapuzzle_layer_overrides` (TransformerConfig fields, e.g. window_size)."""
+    global _OVERRIDE_CLASS
+    if _OVERRIDE_CLASS is None:
+        from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
+
+        class LayerOverrideTransformerConfig(HeterogeneousTransformerConfig):
+            def get_config_for_layer(self, layer_number: int):
+                cfg = super().get_config_for_layer(layer_number)
+                for k, v in getattr(self, "megapuzzle_layer_overrides", [{}] * layer_number)[layer_number - 1].items():
+                    setattr(cfg, k, v)
+                return cfg
+
+        _OVERRIDE_CLASS = LayerOverrideTransformerConfig
+    return _OVERRIDE_CLASS
+
+
 def make_transformer_config(arch: Architecture, tp: int, pp: int, opts: ModelOptions | None = None):
     """The HeterogeneousTransformerConfig for `arch` at TP=`tp`, PP=`pp` (Llama semantics)."""
     from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
@@ -158,9 +178,10 @@ def make_transformer_config(arch: Architecture, tp: int, pp: int, opts: ModelOpt
     first, last = pipeline_split(arch.num_layers, pp)
     # The global num_query_groups / ffn_hidden_size only matter for layers without their own
     # value (linear / no-op ones never read them); use a real layer's so validation passes.
-    kv = next((l.attention.num_kv_heads for l in arch.layers if l.attention.kind == "gqa"),
+    blocks = arch.block_configs(megatron=True)
+    kv = next((b["attention"]["num_query_groups"] for b in blocks if b["attention"]["num_query_groups"]),
               arch.num_attention_heads)
-    ffn = next((l.ffn.intermediate_size for l in arch.layers if l.ffn.kind == "mlp"), 4 * arch.hidden_size)
+    ffn = next((b["ffn"]["ffn_hidden_size"] for b in blocks if b["ffn"]["ffn_hidden_size"]), 4 * arch.hidden_size)
     cuda = torch.cuda.is_available()
     kw: dict[str, Any] = dict(
         num_layers=arch.num_layers,
@@ -179,16 +200,8 @@ def make_transformer_config(arch: Architecture, tp: int, pp: int, opts: ModelOpt
         pipeline_dtype=opts.params_dtype,
         bf16=opts.params_dtype == torch.bfloat16,
         fp16=opts.params_dtype == torch.float16,
-        # Llama: RMSNorm, SwiGLU, no biases, RoPE (rotate-half, as HF), no dropout.
-        normalization="RMSNorm",
-        layernorm_epsilon=arch.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        rotary_interleaved=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        # the family's computation (Llama: RMSNorm, SwiGLU, no biases, rotate-half RoPE, no dropout)
+        **arch.family_spec.transformer_config_kwargs(arch),
         attention_softmax_in_fp32=True,
         # Fused kernels need CUDA/Apex/TE; the unfused paths are exact and run everywhere.
         bias_activation_fusion=False,
@@ -208,8 +221,15 @@ def make_transformer_config(arch: Architecture, tp: int, pp: int, opts: ModelOpt
     if opts.fp8:
         kw.update(fp8=opts.fp8_format)
     kw.update(opts.extra)
+    # what the heterogeneous json cannot carry (a sliding window): each kind's per-layer overrides
+    overrides = [{**l.attention.kind_spec.megatron_layer_overrides(arch, l.attention),
+                  **l.ffn.kind_spec.megatron_layer_overrides(arch, l.ffn)} for l in arch.layers]
+    cls = _layer_override_config_class() if any(overrides) else HeterogeneousTransformerConfig
     try:
-        return HeterogeneousTransformerConfig(**kw)
+        config = cls(**kw)
+        if any(overrides):
+            config.megapuzzle_layer_overrides = overrides
+        return config
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, ArchitectureError):
             raise

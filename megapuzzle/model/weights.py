@@ -18,20 +18,16 @@ transformers' LlamaForCausalLM.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..arch import Architecture, AttentionVariant, FFNVariant
+from ..blocks.base import WeightEntry, WeightsError, first_present
 from ..checkpoints.canonical import expected_canonical_shapes, shape_of
 from ..checkpoints.shards import SafetensorsReader, layer_group
 from .config import stage_layer_ranges
 from .gpt import unwrap_model
-
-
-class WeightsError(ValueError):
-    """Canonical tensors do not fit the architecture / model; the message says which and how."""
 
 
 # ----------------------------------------------------------------------------- canonical layout
@@ -100,70 +96,32 @@ def split_qkv(w: torch.Tensor, num_heads: int, num_kv: int) -> tuple[torch.Tenso
 
 # ----------------------------------------------------------------------------- param plan
 
-@dataclass(frozen=True)
-class _Entry:
-    """One Megatron parameter and the canonical tensor(s) it is made of."""
-
-    param: str
-    """Megatron parameter name (in unwrap_model(model).named_parameters())."""
-    names: tuple[str, ...]
-    """Canonical names it is built from."""
-    kind: str
-    """rep (replicated), dim0 / dim1 (TP split along that dim), qkv, fc1."""
-    num_kv: int = 0
-    """KV heads (qkv only)."""
-
-
-def _first_present(params: Mapping[str, torch.nn.Parameter], *candidates: str) -> str:
-    for c in candidates:
-        if c in params:
-            return c
-    raise WeightsError(f"model has none of the parameters {list(candidates)}; was it built by build_gpt_model?")
+# One Megatron parameter and its canonical tensor(s); the subblock kinds (megapuzzle.blocks) make them.
+_Entry = WeightEntry
+_first_present = first_present
 
 
 def layer_param_plan(params, j: int, i: int, a: AttentionVariant, f: FFNVariant) -> list[_Entry]:
+    """The Megatron parameters of layer `i` (local index `j` in this PP stage), from each
+    subblock kind's weight mapping (megapuzzle.blocks)."""
     mp, cp = f"decoder.layers.{j}.", f"model.layers.{i}."
-    out = []
-    if a.kind == "gqa":
-        # Local spec: separate input_layernorm; TE spec: norm fused into linear_qkv.
-        out.append(_Entry(_first_present(params, mp + "input_layernorm.weight",
-                                         mp + "self_attention.linear_qkv.layer_norm_weight"),
-                          (cp + "input_layernorm.weight",), "rep"))
-        out.append(_Entry(mp + "self_attention.linear_qkv.weight",
-                          tuple(cp + f"self_attn.{x}_proj.weight" for x in "qkv"), "qkv", a.num_kv_heads))
-        out.append(_Entry(mp + "self_attention.linear_proj.weight", (cp + "self_attn.o_proj.weight",), "dim1"))
-    elif a.kind == "linear":
-        out.append(_Entry(_first_present(params, mp + "input_layernorm.weight",
-                                         mp + "self_attention.layer_norm_weight"),
-                          (cp + "input_layernorm.weight",), "rep"))
-        out.append(_Entry(mp + "self_attention.weight", (cp + "self_attn.linear_attn.weight",), "dim0"))
-    if f.kind == "mlp":
-        out.append(_Entry(_first_present(params, mp + "pre_mlp_layernorm.weight",
-                                         mp + "mlp.linear_fc1.layer_norm_weight"),
-                          (cp + "post_attention_layernorm.weight",), "rep"))
-        out.append(_Entry(mp + "mlp.linear_fc1.weight", (cp + "mlp.gate_proj.weight", cp + "mlp.up_proj.weight"),
-                          "fc1"))
-        out.append(_Entry(mp + "mlp.linear_fc2.weight", (cp + "mlp.down_proj.weight",), "dim1"))
-    elif f.kind == "linear":
-        out.append(_Entry(_first_present(params, mp + "pre_mlp_layernorm.weight", mp + "mlp.layer_norm_weight"),
-                          (cp + "post_attention_layernorm.weight",), "rep"))
-        out.append(_Entry(mp + "mlp.weight", (cp + "mlp.linear_mlp.weight",), "dim0"))
-    return out
+    return a.kind_spec.weight_entries(params, mp, cp, a) + f.kind_spec.weight_entries(params, mp, cp, f)
 
 
 def _plan(model, arch: Architecture) -> tuple[list[_Entry], dict[str, torch.nn.Parameter]]:
     m = unwrap_model(model)
     params = dict(m.named_parameters())
     entries: list[_Entry] = []
+    fam = arch.family_spec
     if m.pre_process:
-        entries.append(_Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "dim0"))
+        entries.append(_Entry("embedding.word_embeddings.weight", (fam.embed_name,), "dim0"))
     for j, layer in enumerate(m.decoder.layers):
         i = layer.layer_number - 1  # Megatron's layer_number is global and 1-based
         entries += layer_param_plan(params, j, i, arch.layers[i].attention, arch.layers[i].ffn)
     if m.post_process:
-        entries.append(_Entry("decoder.final_layernorm.weight", ("model.norm.weight",), "rep"))
+        entries.append(_Entry("decoder.final_layernorm.weight", (fam.final_norm_name,), "rep"))
         if m.output_layer.weight is not None:  # None when tied on a single stage
-            src = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
+            src = fam.embed_name if arch.tie_word_embeddings else fam.lm_head_name
             entries.append(_Entry("output_layer.weight", (src,), "dim0"))
     for e in entries:
         if e.param not in params:
@@ -308,7 +266,7 @@ def _gather_entries(entries: list[_Entry], params, arch: Architecture, t: int) -
 
 
 def _owner_stage(name: str, arch: Architecture, pp: int) -> int:
-    if name == "model.embed_tokens.weight":
+    if name == arch.family_spec.embed_name:
         return 0
     if name.startswith("model.layers."):
         i = int(name.split(".")[2])

@@ -1,48 +1,9 @@
 """The one place where Megatron-core's CUDA-only spots are bridged so it runs on CPU over gloo.
 
-Megatron-core 0.16 assumes a GPU in a handful of places that the CPU path still reaches:
-
-1. **RNG tracker.** `tensor_parallel.model_parallel_cuda_manual_seed` and the tracker that
-   `get_cuda_rng_tracker()` returns read and write the *CUDA* generator state
-   (`torch.cuda.get_rng_state`, `default_generators[idx].set_state`). On a CPU build these
-   raise "Torch not compiled with CUDA enabled", and `DotProductAttention.forward` enters
-   `get_cuda_rng_tracker().fork()` on every call. We swap in a tracker with the same API and
-   semantics (named, separately seeded generator states; fork() switches to one and back)
-   that keeps its states on the CPU generator, which is the generator CPU dropout draws from.
-2. **`torch.cuda.current_device()`** as a `device=` argument: the global memory buffer
-   (used by the unfused attention and the TP gathers), RoPE's `inv_freq.to(...)`, the TP
-   all-gather outputs in `tensor_parallel.mappings`, the pipeline receive buffers.
-3. **`device="cuda"` literals**: `transformer.utils.get_default_causal_mask` (the causal mask
-   of the unfused softmax), `total_num_tokens` in every pipeline schedule.
-4. **`torch.cuda.synchronize()`** after batched p2p ops in the pipeline schedules.
-5. **`weight.data.cuda()`** in `LanguageModule.setup_embeddings_and_output_layer`, reached
-   with tied embeddings under PP > 1 (the first/last-stage copies are all-reduced).
-6. **`tensor.type()` string checks** in Megatron's mixed-precision optimizers: the float16 and
-   distributed optimizers sort parameters by `param.type() in ['torch.cuda.BFloat16Tensor', ...]`
-   and grad clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`. A CPU tensor's type()
-   is 'torch.BFloat16Tensor', so on CPU every parameter would be rejected. For the duration of
-   those three calls only, `Tensor.type()` (no arguments) names a CPU tensor as its CUDA
-   counterpart; the dtype checks themselves are kept.
-
-How: for 2-4 we do not patch torch. Each affected Megatron module looks `torch` up in its own
-globals at call time, so we give exactly those modules (`_TORCH_VIEW_MODULES`) a *view* of
-torch in which `torch.cuda.current_device()` is the CPU device, `torch.cuda.synchronize()` is a
-no-op, the CUDA RNG calls act on the CPU generator, and tensor factories map `device="cuda"`
-to the CPU. Everything else is the real torch, looked up live. Code outside those modules
-(ours, the tests, other libraries) keeps seeing the untouched torch, and the list is the
-complete, greppable inventory of what is bridged. 1, 5 and 6 are narrow patches of one Megatron
-class / method each.
-
 Applied only when `torch.cuda.is_available()` is False (a GPU machine runs Megatron as is),
 idempotent, and safe to call before or after `parallel_state.initialize_model_parallel`.
 
-With these, Megatron's DistributedDataParallel (grad buffers, bucketed reduce-scatter /
-all-reduce over gloo, overlap_grad_reduce), its float16 / fp32 / distributed optimizers (fp32
-main params and grads, Megatron's grad clipping) and dist-checkpoint saves run on CPU exactly as
-they are called on GPU, which is how BLD's and GKD's GPU training path is tested in CI.
-
-Not bridged (not needed by megapuzzle's CPU paths): sequence parallelism (needs TE / Apex
-norms), CUDA graphs, inference dynamic batching, the optimizer CPU-offload helpers.
+What is bridged, how, and what is not: docs/design.md, "Megatron on CPU".
 """
 
 from __future__ import annotations

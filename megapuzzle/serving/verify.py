@@ -19,7 +19,6 @@ scratch at every step (no KV cache); the engine's uses its KV cache. What must h
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch

@@ -33,12 +33,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace
+from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace, empty_layer
 from megapuzzle.errors import UserError
 
 RUNTIME_NAME = "vLLM LLM.generate (dummy weights, prefix caching off)"
 _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_EMPTY = LayerArch(AttentionVariant("no_op"), FFNVariant("no_op"))
+_EMPTY = empty_layer()
 
 
 def refuse_unservable(parent: Architecture, attention, ffn, what: str = "measure.engine vllm") -> None:
@@ -94,7 +94,7 @@ def write_config_dir(arch: Architecture, out: Path, dtype: str) -> Path:
 
 
 def _kv_elems_per_token(parent: Architecture, subblock: str, v) -> int:
-    return 2 * v.num_kv_heads * parent.kv_channels if subblock == "attention" and v.kind == "gqa" else 0
+    return v.kind_spec.kv_elems_per_token(parent, v)
 
 
 class VLLMMeasurer:
@@ -164,8 +164,8 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
                 "parent": parent.to_dict()}
     state = Path(state_path) if state_path is not None else None
     partial = MeasurePartial(state, settings, log)
-    todo = ["empty"] + [f"attention.{v.name}" for v in attention if v.kind != "no_op"]
-    todo += [f"ffn.{v.name}" for v in ffn if v.kind != "no_op"] + (["check.parent"] if cfg.check_parent else [])
+    todo = ["empty"] + [f"attention.{v.name}" for v in attention if not v.identity]
+    todo += [f"ffn.{v.name}" for v in ffn if not v.identity] + (["check.parent"] if cfg.check_parent else [])
     jobs = [(p, name) for p in range(cfg.passes) for name in todo]
     left = sum(not partial.done(n, p) for p, n in jobs)
     workdir = (state.parent if state else Path.cwd()) / "vllm_models"
@@ -208,7 +208,7 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
         for v in vs:
             name = f"{subblock}.{v.name}"
             want_kv = _kv_elems_per_token(parent, subblock, v) * elem
-            if v.kind == "no_op":
+            if v.identity:
                 runtime, got_kv = {ph: {"median": zeros, "iqr": zeros} for ph in cfg.phases}, 0
             else:
                 runtime = {ph: summary([[[x - empty[ph][i][j] for x in c] for j, c in enumerate(r)]
@@ -218,7 +218,7 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
                     raise UserError(f"vLLM allocates {got_kv:.0f} KV bytes per token for {name}, the architecture "
                                     f"says {want_kv}; the export and vLLM disagree on this layer's KV heads")
             params = parent.attention_params(v) if subblock == "attention" else parent.ffn_params(v)
-            variants[name] = {"subblock": subblock, "name": v.name, "measured": v.kind != "no_op",
+            variants[name] = {"subblock": subblock, "name": v.name, "measured": not v.identity,
                               "param_count": params, "param_bytes": params * elem, "kv_bytes_per_token": want_kv,
                               "kv_bytes_per_token_vllm": got_kv, "runtime": runtime}
     own = f"attention.{parent.layers[0].attention.name}"

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 FFN_MULT_ROUNDING = 256  # the rounding TRT-LLM, vLLM, Megatron-core and DeciLM apply to ffn_mult
 # Fields of NVIDIA's DeciLM block configs that change the computation in ways this file does not implement.
-UNSUPPORTED_BLOCK_KEYS = ("window_length", "num_sink_tokens", "unshifted_sink", "sparsify")
+UNSUPPORTED_BLOCK_KEYS = ("num_sink_tokens", "unshifted_sink", "sparsify")
 
 
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
@@ -63,8 +63,12 @@ def normalize_block_config(entry, index: int, num_attention_heads: int) -> Block
     unsupported = [f"{name}.{key}" for name, part in (("attention", attn), ("ffn", ffn))
                    for key in UNSUPPORTED_BLOCK_KEYS if part.get(key)]
     if unsupported:  # computing them as plain attention / MLP would silently give a different model
-        raise ValueError(f"block_configs[{index}] sets {unsupported[0]}; sliding-window, sink and sparsified "
+        raise ValueError(f"block_configs[{index}] sets {unsupported[0]}; sink and sparsified "
                          f"blocks are not supported by this modeling file")
+    w = attn.get("window_length")
+    if w is not None and (not isinstance(w, int) or w < 1 or attn["no_op"] or attn["replace_with_linear"]):
+        raise ValueError(f"block_configs[{index}].attention.window_length must be a positive int on a GQA "
+                         f"layer, got {w!r}")
     if not (attn["no_op"] or attn["replace_with_linear"]):
         if attn.get("num_query_groups") is None:
             g = attn.get("n_heads_in_group")
@@ -209,6 +213,12 @@ class DeciLMConfig(PretrainedConfig):
         if a.get("num_query_groups") is not None:  # Megatron-core's explicit spelling
             return int(a["num_query_groups"])
         return self.num_attention_heads // int(a["n_heads_in_group"])
+
+    def layer_window(self, i: int) -> int | None:
+        """Sliding-window length of layer i's attention (each query sees this many most recent
+        tokens, itself included), None for full attention."""
+        w = self.block_configs[i]["attention"].get("window_length")
+        return int(w) if w else None
 
     def layer_intermediate_size(self, i: int) -> int | None:
         f = self.block_configs[i]["ffn"]

@@ -122,10 +122,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class DeciLMAttention(nn.Module):
     """Grouped-query attention with this layer's own number of KV heads."""
 
-    def __init__(self, config: DeciLMConfig, num_kv_heads: int, cache_slot: int):
+    def __init__(self, config: DeciLMConfig, num_kv_heads: int, cache_slot: int, window: int | None = None):
         super().__init__()
         h, d, nq = config.hidden_size, config.head_dim, config.num_attention_heads
         self.head_dim, self.num_heads, self.num_kv_heads = d, nq, num_kv_heads
+        self.window = window  # sliding window (block_configs' window_length), None: full attention
         self.cache_slot = cache_slot
         self.scaling = d ** -0.5
         self.q_proj = nn.Linear(h, nq * d, bias=False)
@@ -142,6 +143,8 @@ class DeciLMAttention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, self.cache_slot)
+        if self.window is not None:
+            mask, is_causal = window_mask(mask, t, k.shape[2], self.window, q.dtype, q.device), False
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:  # each KV head serves `rep` consecutive query heads (HF's repeat_kv order)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -188,7 +191,8 @@ class DeciLMDecoderLayer(nn.Module):
         self.attn_kind, self.ffn_kind = config.layer_kind(layer_idx)
         if self.attn_kind != "no_op":
             self.input_layernorm = DeciLMRMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.self_attn = (DeciLMAttention(config, config.layer_num_kv_heads(layer_idx), cache_slot)
+            self.self_attn = (DeciLMAttention(config, config.layer_num_kv_heads(layer_idx), cache_slot,
+                                              config.layer_window(layer_idx))
                               if self.attn_kind == "gqa" else DeciLMLinearAttention(config))
         if self.ffn_kind != "no_op":
             self.post_attention_layernorm = DeciLMRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -201,6 +205,17 @@ class DeciLMDecoderLayer(nn.Module):
         if self.ffn_kind != "no_op":
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x
+
+
+def window_mask(mask, q_len: int, kv_len: int, window: int, dtype, device):
+    """`mask` (additive [b, 1, q, kv] or None: plain causal) further limited to a sliding window:
+    the query at position p sees keys p - window + 1 .. p."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    if mask is None:
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)[None, None]
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min if mask.dtype.is_floating_point else False)
 
 
 def build_attention_mask(attention_mask, batch: int, q_len: int, past: int, dtype, device):

@@ -30,67 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from megapuzzle.config.mip import MIPConfig, METRICS  # noqa: F401 (the stage's config)
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 
-METRICS = ("kl", "lm_loss", "top1")
-
-
-@dataclass(frozen=True)
-class MIPConfig:
-    """The `mip:` config section."""
-
-    throughput_x: float | None = 2.0
-    """Target throughput as a multiple of the parent's predicted throughput at the same batch size."""
-    throughput: float | None = None
-    """Absolute target in generated tokens/s, the same for every batch size (overrides throughput_x);
-    with several batch sizes, pair it with memory_gb, or the largest batch wins by size alone."""
-    latency_s: float | None = None
-    """Upper bound on one batch's generation time (prefill + decode), seconds."""
-    memory_gb: float | None = None
-    """Upper bound on parameter + KV-cache memory, GiB."""
-    max_params: float | None = None
-    """Upper bound on the parameter count (off by default, as in the paper)."""
-    batch_sizes: tuple[int, ...] = (1,)
-    """Batch sizes to solve for; the best objective is kept."""
-    prefill_len: int = 128
-    """Prompt tokens per sequence in the deployment scenario."""
-    gen_len: int = 64
-    """Generated tokens per sequence in the deployment scenario."""
-    metric: str = "kl"
-    """Block score: kl (KL from the parent), lm_loss (increase over the parent) or top1 (agreement lost)."""
-    num_solutions: int = 1
-    """Distinct candidates via diversity cuts."""
-    alpha: float = 0.8
-    """A later candidate shares at most floor(alpha * layers) layer choices with each earlier one."""
-    sweep_points: int = 0
-    """Points of the quality/throughput Pareto sweep (0 = none)."""
-    sweep_max_x: float = 4.0
-    """Sweep throughput targets from 1x to this multiple of the parent."""
-    solver: str = "auto"
-    """auto (Gurobi when it fits its licence, else HiGHS), highs or gurobi."""
-    cost_source: str = "measured"
-    """measured (this machine) or a roofline GPU from costs.json (h100, h200, a100, b200)."""
-    time_limit_s: float | None = None
-    """Per-solve time limit (None: solve to proven optimality)."""
-
-    def __post_init__(self):
-        if self.metric not in METRICS:
-            raise UserError(f"mip.metric {self.metric!r} unknown; use one of {', '.join(METRICS)}")
-        if self.solver not in ("auto", "highs", "gurobi"):
-            raise UserError(f"mip.solver {self.solver!r} unknown; use auto, highs or gurobi")
-        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
-            raise UserError(f"mip.batch_sizes must be positive integers, got {self.batch_sizes}")
-        if self.prefill_len < 1 or self.gen_len < 1:
-            raise UserError("mip.prefill_len and mip.gen_len must be >= 1")
-        if not 0 <= self.alpha <= 1:
-            raise UserError(f"mip.alpha must lie in [0, 1], got {self.alpha}")
-        for f in ("throughput_x", "throughput", "latency_s", "memory_gb", "max_params"):
-            v = getattr(self, f)
-            if v is not None and v <= 0:
-                raise UserError(f"mip.{f} must be positive (or omitted), got {v}")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -246,9 +191,9 @@ def unreachable_throughput(parent: Architecture, cands: Candidates, sc: Scenario
     best = max(fastest, key=lambda b: fastest[b] / parent_tps[b])
     x = fastest[best] / parent_tps[best]
     asked = f"mip.throughput {cfg.throughput:g} tokens/s" if cfg.throughput else f"mip.throughput_x {cfg.throughput_x:g}"
-    kinds = {(p.attention.kind, p.ffn.kind) for pairs in cands.layers for p in pairs}
     widen = [f"search_space.{k}: true" for k, present in (
-        ("attention_no_op", any(a == "no_op" for a, _ in kinds)), ("ffn_no_op", any(f == "no_op" for _, f in kinds)))
+        ("attention_no_op", any(p.attention.identity for pairs in cands.layers for p in pairs)),
+        ("ffn_no_op", any(p.ffn.identity for pairs in cands.layers for p in pairs)))
         if not present]
     how = (f"widen the search space ({', '.join(widen)}, then re-run bld and score)" if widen else
            "the embedding and LM head bound it once every layer is at its cheapest, so try larger mip.batch_sizes "
@@ -274,14 +219,14 @@ def solution_record(parent: Architecture, cands: Candidates, sol, sc: ScenarioCo
     }
 
 
-def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print) -> dict[str, Any]:
-    from megapuzzle.checkpoints.canonical import load_arch
+def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: int = 1) -> dict[str, Any]:
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost_table import load_costs
     from megapuzzle.library import BlockLibrary
     from megapuzzle.mip import InfeasibleBudgetError, MIPError, pareto_sweep, solve_diverse, solve_over_batches
 
     run = RunDir(run_dir)
-    parent = load_arch(run.require_parent())
+    parent = load_arch(require_parent(run))
     costs = load_costs(run.costs)
     scores = load_scores(run.scores)
     cands = library_candidates(parent, BlockLibrary(run.library), scores, cfg.metric)
@@ -296,6 +241,15 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print) -> dict[str, Any]:
         + ", ".join(f"{parent_tps[b]:.1f}" for b in batches) + f" tokens/s at batch {batches}; target "
         + (f"{cfg.throughput:.1f} tokens/s" if cfg.throughput else f"{cfg.throughput_x}x the parent" if cfg.throughput_x
            else "none") + f" (scenario prefill {cfg.prefill_len} + gen {cfg.gen_len}, costs: {cfg.cost_source})")
+    if fusion_max_run > 1:  # candidates covering runs of layers (FFN Fusion): the tiling MIP
+        from megapuzzle.mip_stage_runs import run_mip_with_runs
+
+        out = run_mip_with_runs(run, parent, cands, sc, cfg, batches, parent_tps, target, build_problem,
+                                fusion_max_run, log)
+        out["config"] = section_dict(cfg)
+        run.mip.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.mip / "solutions.json", out)
+        return out
     t0 = time.perf_counter()
     try:
         result = solve_over_batches(lambda b: build_problem(parent, cands, sc, cfg, b, target(b)), batches,

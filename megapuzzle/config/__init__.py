@@ -5,8 +5,10 @@
     search_space:  megapuzzle.arch.SearchSpace fields
     bld: score: measure: mip: gkd: evaluate: export:   one section per stage
 
-Each stage owns a frozen dataclass for its section (fields documented, validated in
-`__post_init__`); `section()` builds it and rejects unknown keys with a one-line error.
+Each section is a frozen dataclass in this package, one module per stage (config/bld.py, ...),
+torch-free: every field is documented and states its rule in its type (config/rules.py), rules
+that tie fields are named functions. `section()` builds it and rejects unknown keys with a
+one-line error.
 
 Run directory (`RunDir`): every stage reads and writes files here, so any stage can be re-run
 or resumed alone.
@@ -95,14 +97,6 @@ class RunDir:
     state = property(lambda self: self.root / "state")            # resumable per-stage scratch state
     manifest = property(lambda self: self.root / "manifest.json")
     report = property(lambda self: self.root / "report.md")
-
-    def require_parent(self) -> Path:
-        from megapuzzle.checkpoints.canonical import is_checkpoint
-
-        if not is_checkpoint(self.parent):
-            raise UserError(f"{self.parent} holds no parent checkpoint; run `megapuzzle import-hf --out "
-                            f"{self.parent}` (or `megapuzzle run CONFIG`) first")
-        return self.parent
 
     def require_data(self, split: str = "train") -> Path:
         prefix = self.train_data if split == "train" else self.heldout_data

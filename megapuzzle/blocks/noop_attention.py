@@ -1,0 +1,18 @@
+"""No-op attention (`no_op`): the subblock is skipped, no weights, not even the norm."""
+
+from __future__ import annotations
+
+from .base import ATTENTION, BlockKind
+
+
+class NoOpAttention(BlockKind):
+    subblock = ATTENTION
+    kind = "no_op"
+    identity = True
+    block_config_flag = "no_op"
+
+    def offered(self, space, parent, own):
+        return [self.variant()] if space.attention_no_op and own.kind != self.kind else []
+
+    def init_from(self, arch, parent_v, v, local, scores=None):
+        return {}, "no_op"
