@@ -256,7 +256,8 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
                   f"Random: rejection sampling (seed {seed}), the first draw within 5% above the target.")
         reach = [f"- {m}: " + (f"stopped at {stopped[m]['target']:g}x (max target met: "
                                f"{stopped[m]['max'] and format(stopped[m]['max'], 'g')}x): {stopped[m]['error']}"
-                               if m in stopped else "met every target swept") for m in methods]
+                               if m in stopped else f"met every target swept (up to {max(targets):g}x; its max is higher)")
+                 for m in methods]
         md = table_markdown(rows, parent, command, header).split("\n")
         i = md.index(header) + 2
         md = md[:i] + [equal_speed_markdown(rows, methods), "### How far each method reaches", "", *reach, "",
