@@ -333,3 +333,46 @@ class BlockKind:
 
     def subblock_label(self) -> str:
         return "attention" if self.subblock == ATTENTION else "FFN"
+
+
+class SizedKind(BlockKind):
+    """A kind named by one integer size, `<prefix><size>` (gqa_kv4, mlp_512): its size field."""
+
+    prefix: str = ""
+    """The name before the size."""
+
+    def name(self, v) -> str:
+        return f"{self.prefix}{getattr(v, self.size_field)}"
+
+    def parse_name(self, name: str):
+        if name.startswith(self.prefix):
+            return self.variant(int(name[len(self.prefix):]))
+        return None
+
+    def validate(self, v) -> None:
+        super().validate(v)
+        size = getattr(v, self.size_field)
+        if not isinstance(size, int) or size < 1:
+            raise ArchitectureError(f"{self.kind} {self.subblock} needs {self.size_field} >= 1, got {size!r}")
+
+
+class LinearReplacement(BlockKind):
+    """A subblock replaced by one hidden x hidden linear map after its norm (DeciLM's
+    `replace_with_linear`); the attention and FFN kinds differ in names, offer and init only."""
+
+    kind = "linear"
+    block_config_flag = "replace_with_linear"
+
+    def matmul_params(self, arch, v) -> int:
+        return arch.hidden_size * arch.hidden_size
+
+    def canonical_shapes(self, arch, v):
+        h = arch.hidden_size
+        return {self.tensor_names[0]: (h,), self.tensor_names[1]: (h, h)}
+
+    def tp_problem(self, arch, v, tp):
+        if arch.hidden_size % tp:
+            return (f"tensor parallel size {tp} does not divide hidden_size {arch.hidden_size} (linear subblock); "
+                    f"pick a TP size that divides it")
+        return None
+

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .base import ATTENTION, ArchitectureError, BlockKind, InitError, WeightEntry, decilm_attention, first_present
+from .base import ATTENTION, ArchitectureError, SizedKind, InitError, WeightEntry, decilm_attention, first_present
 
 if TYPE_CHECKING:
     import torch
 
 
-class GQAAttention(BlockKind):
+class GQAAttention(SizedKind):
     subblock = ATTENTION
     kind = "gqa"
     size_field = "num_kv_heads"
@@ -20,19 +20,6 @@ class GQAAttention(BlockKind):
     tensor_names = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
                     "self_attn.v_proj.weight", "self_attn.o_proj.weight")
     prefix = "gqa_kv"
-
-    def name(self, v) -> str:
-        return f"{self.prefix}{v.num_kv_heads}"
-
-    def parse_name(self, name: str):
-        if name.startswith(self.prefix):
-            return self.variant(int(name[len(self.prefix):]))
-        return None
-
-    def validate(self, v) -> None:
-        super().validate(v)
-        if not isinstance(v.num_kv_heads, int) or v.num_kv_heads < 1:
-            raise ArchitectureError(f"{self.kind} attention needs num_kv_heads >= 1, got {v.num_kv_heads!r}")
 
     def validate_in(self, arch, v, layer: int) -> None:
         if arch.num_attention_heads % v.num_kv_heads:

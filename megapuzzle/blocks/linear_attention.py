@@ -6,31 +6,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .base import ATTENTION, BlockKind, WeightEntry, first_present
+from .base import ATTENTION, LinearReplacement, WeightEntry, first_present
 from .gqa import GQAAttention
 
 if TYPE_CHECKING:
     import torch
 
 
-class LinearAttention(BlockKind):
+class LinearAttention(LinearReplacement):
     subblock = ATTENTION
-    kind = "linear"
-    block_config_flag = "replace_with_linear"
     tensor_names = ("input_layernorm.weight", "self_attn.linear_attn.weight")
-
-    def matmul_params(self, arch, v) -> int:
-        return arch.hidden_size * arch.hidden_size
-
-    def canonical_shapes(self, arch, v):
-        h = arch.hidden_size
-        return {self.tensor_names[0]: (h,), self.tensor_names[1]: (h, h)}
-
-    def tp_problem(self, arch, v, tp):
-        if arch.hidden_size % tp:
-            return (f"tensor parallel size {tp} does not divide hidden_size {arch.hidden_size} (linear subblock); "
-                    f"pick a TP size that divides it")
-        return None
 
     def engine_problems(self, arch, v):
         return ["linear attention: vLLM"]  # vLLM's nemotron_nas ignores replace_with_linear

@@ -5,31 +5,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .base import FFN, BlockKind, WeightEntry, first_present
+from .base import FFN, LinearReplacement, WeightEntry, first_present
 from .mlp import MLP
 
 if TYPE_CHECKING:
     import torch
 
 
-class LinearFFN(BlockKind):
+class LinearFFN(LinearReplacement):
     subblock = FFN
-    kind = "linear"
-    block_config_flag = "replace_with_linear"
     tensor_names = ("post_attention_layernorm.weight", "mlp.linear_mlp.weight")
-
-    def matmul_params(self, arch, v) -> int:
-        return arch.hidden_size * arch.hidden_size
-
-    def canonical_shapes(self, arch, v):
-        h = arch.hidden_size
-        return {self.tensor_names[0]: (h,), self.tensor_names[1]: (h, h)}
-
-    def tp_problem(self, arch, v, tp):
-        if arch.hidden_size % tp:
-            return (f"tensor parallel size {tp} does not divide hidden_size {arch.hidden_size} (linear subblock); "
-                    f"pick a TP size that divides it")
-        return None
 
     def engine_problems(self, arch, v):
         return ["linear FFN: vLLM"]  # vLLM's nemotron_nas ignores replace_with_linear

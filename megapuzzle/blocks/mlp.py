@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .base import (FFN, FFN_MULT_ROUNDING, ArchitectureError, BlockKind, InitError, WeightEntry, decilm_ffn,
+from .base import (FFN, FFN_MULT_ROUNDING, ArchitectureError, SizedKind, InitError, WeightEntry, decilm_ffn,
                    ffn_mult_to_intermediate_size, first_present, intermediate_size_to_ffn_mult, round_up)
 
 if TYPE_CHECKING:
     import torch
 
 
-class MLP(BlockKind):
+class MLP(SizedKind):
     subblock = FFN
     kind = "mlp"
     size_field = "intermediate_size"
@@ -21,19 +21,6 @@ class MLP(BlockKind):
     tensor_names = ("post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
                     "mlp.down_proj.weight")
     prefix = "mlp_"
-
-    def name(self, v) -> str:
-        return f"{self.prefix}{v.intermediate_size}"
-
-    def parse_name(self, name: str):
-        if name.startswith(self.prefix):
-            return self.variant(int(name[len(self.prefix):]))
-        return None
-
-    def validate(self, v) -> None:
-        super().validate(v)
-        if not isinstance(v.intermediate_size, int) or v.intermediate_size < 1:
-            raise ArchitectureError(f"{self.kind} ffn needs intermediate_size >= 1, got {v.intermediate_size!r}")
 
     # -- sizes
     def matmul_params(self, arch, v) -> int:
