@@ -7,7 +7,7 @@ For every block of RUN/library: the parent with only that block swapped in, on h
 tokens, against the parent's own next-token distribution: KL(parent || child) (the default
 score), LM loss, top-1 agreement and top-k overlap. Results in RUN/scores.json.
 
-Why it is fast (DESIGN "Scoring dominates naive pipelines"): the parent's residual stream at
+Why it is fast (docs/design.md, "Scoring dominates naive pipelines"): the parent's residual stream at
 every layer input and its log-probabilities are computed once per batch and kept; a block at
 layer l then runs only its own layer and the parent's layers l+1..L-1 plus the head, and all
 candidates of one layer go through those shared layers stacked into one batch.
