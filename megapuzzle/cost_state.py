@@ -25,6 +25,10 @@ def search_space_variants(parent: Architecture, space: SearchSpace | None = None
         for i in range(L - n + 1):
             if all(parent.layers[k].ffn.parent_like for k in range(i, i + n)):
                 ffn.setdefault(FFNVariant("mlp", sum(parent.layers[k].ffn.intermediate_size for k in range(i, i + n))))
+                narrower = set.intersection(*[{v for v in space.ffn_variants(parent, k) if v.parent_like}
+                                              for k in range(i, i + n)])  # run blocks started from those
+                for v in sorted(narrower, key=lambda v: -v.intermediate_size):
+                    ffn.setdefault(FFNVariant("mlp", n * v.intermediate_size))
     return list(attn), list(ffn)
 
 

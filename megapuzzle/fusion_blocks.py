@@ -46,23 +46,51 @@ def run_arch(parent: Architecture, i: int, j: int, layer: LayerArch) -> Architec
     return parent.with_layers(layers)
 
 
-def init_run_block(parent: Architecture, tensors: Mapping[str, torch.Tensor], i: int, j: int
+def init_run_block(parent: Architecture, tensors: Mapping[str, torch.Tensor], i: int, j: int,
+                   ffn_locals: list[Mapping[str, torch.Tensor]] | None = None
                    ) -> tuple[LayerArch, dict[str, torch.Tensor]]:
-    """(layer, layer-local canonical tensors) of run [i, j]: attention i copied, FFNs i..j folded."""
-    layer = run_block_layer(parent, i, j)
+    """(layer, layer-local canonical tensors) of run [i, j]: attention i copied, FFNs i..j folded.
+    `ffn_locals`: per MLP layer of the run, in order, the layer-local FFN tensors to fold instead
+    of the parent's (a narrower variant's library blocks); the width is then their sum."""
     p = f"model.layers.{i}."
     local = {n[len(p):]: tensors[n] for n in tensors.keys() if n.startswith(p) and
              (n.startswith(p + "self_attn.") or n == p + "input_layernorm.weight")}
-    parts = []
-    for k in range(i, j + 1):
-        if parent.layers[k].ffn.parent_like:
-            q = f"model.layers.{k}."
-            parts.append((tensors[q + "post_attention_layernorm.weight"], tensors[q + "mlp.gate_proj.weight"],
-                          tensors[q + "mlp.up_proj.weight"], tensors[q + "mlp.down_proj.weight"]))
+    if ffn_locals is None:
+        ffn_locals = [{n: tensors[f"model.layers.{k}.{n}"] for n in FFN_NAMES}
+                      for k in range(i, j + 1) if parent.layers[k].ffn.parent_like]
+        layer = run_block_layer(parent, i, j)
+    else:
+        widths = [int(f["mlp.gate_proj.weight"].shape[0]) for f in ffn_locals]
+        layer = LayerArch(parent.layers[i].attention, FFNVariant("mlp", sum(widths)))
+    parts = [(f["post_attention_layernorm.weight"], f["mlp.gate_proj.weight"], f["mlp.up_proj.weight"],
+              f["mlp.down_proj.weight"]) for f in ffn_locals]
     norm, gate, up, down = fold_ffns(parts)
     local.update({"post_attention_layernorm.weight": norm, "mlp.gate_proj.weight": gate,
                   "mlp.up_proj.weight": up, "mlp.down_proj.weight": down})
     return layer, local
+
+
+def narrower_starts(parent: Architecture, library, i: int, j: int) -> list[tuple[FFNVariant, list[dict], list[str]]]:
+    """Per narrower parent-like FFN variant the library holds at every layer of run [i, j] (all its
+    layers MLPs): (variant, its trained blocks' FFN tensors, layer by layer). A fused block of the
+    run can start from these (width = their sum) as well as from the parent's own FFNs. Third: the
+    library checksums of those blocks (a retrained block retrains the run blocks made from it)."""
+    from megapuzzle.library import ffn_key
+
+    entries = library.entries()
+    common = None
+    for k in range(i, j + 1):
+        own = parent.layers[k].ffn
+        names = {e["ffn"] for e in entries.values() if e["layer"] == k and e["kind"] == "ffn"}
+        vs = {FFNVariant.from_name(n) for n in names}
+        vs = {v for v in vs if v.parent_like and v.intermediate_size < own.intermediate_size}
+        common = vs if common is None else common & vs
+    out = []
+    for v in sorted(common or (), key=lambda v: -v.intermediate_size):
+        blocks = [library.load_block(ffn_key(k, v)) for k in range(i, j + 1)]
+        out.append((v, [{n: b[n] for n in FFN_NAMES} for b in blocks],
+                    [entries[ffn_key(k, v)].get("sha256", "") for k in range(i, j + 1)]))
+    return out
 
 
 def run_state_dict(parent: Architecture, tensors: Mapping[str, torch.Tensor], i: int, j: int, layer: LayerArch,
@@ -102,7 +130,8 @@ def _nmse(student, teacher, batches, i: int, j: int) -> float:
 
 def train_run_block(parent_dir, train_prefix, heldout_prefix, i: int, j: int, *, steps: int = 20,
                     batch_size: int = 4, seq_len: int = 64, lr: float = 1e-3, eval_batches: int = 2, seed: int = 1234,
-                    train_attention: bool = False, log=print) -> RunBlockResult:
+                    train_attention: bool = False, ffn_locals: list[Mapping[str, torch.Tensor]] | None = None,
+                    log=print) -> RunBlockResult:
     """BLD over a run: the fused block on the parent's input to layer i learns the parent's output of
     layer j (normalized MSE, AdamW, cosine LR). The parent stays frozen. Only the fused FFN trains
     (the parent's attention at i is frozen, so the block combines with any attention variant at i,
@@ -116,7 +145,7 @@ def train_run_block(parent_dir, train_prefix, heldout_prefix, i: int, j: int, *,
     t0 = time.perf_counter()
     ensure_runtime(None)
     parent, tensors, _ = load_checkpoint(parent_dir, dtype=torch.float32)
-    layer, local = init_run_block(parent, tensors, i, j)
+    layer, local = init_run_block(parent, tensors, i, j, ffn_locals)
     teacher = Teacher(_build(parent, tensors), layers={i, j}, mid_layers=set())
     student = StudentBlock(f"run{i}-{j}", "layer", i, parent, layer, teacher, tp=1)
     student.load_canonical(local)
@@ -209,6 +238,9 @@ def load_run_index(run_root) -> dict:
 
 def run_bld(run_root, bld_cfg, max_run: int, log=print) -> dict:
     """Train (and store) the fused FFN of every run window of 2..max_run layers: RUN/library_runs/.
+    Each window gets one block started from the fold of the parent's FFNs (the summed width) and
+    one per narrower FFN variant the library holds at all its layers, started from the fold of
+    those trained blocks (width = n x the variant's: FFN Fusion of an already-pruned run).
     Steps = bld.tokens_per_block / (batch_size * seq_len), bld's batch / seq_len / lr / seed.
     Blocks already stored under the same settings are kept (resumable, one block at a time)."""
     import hashlib
@@ -229,20 +261,27 @@ def run_bld(run_root, bld_cfg, max_run: int, log=print) -> dict:
         index = {"format": FORMAT, "signature": sig, "settings": settings, "blocks": {}}
     root = run.root / RUNS_DIR
     (root / "blocks").mkdir(parents=True, exist_ok=True)
+    from megapuzzle.library import BlockLibrary
+
+    library = BlockLibrary(run.library)
     for i, j in run_windows(parent, max_run):
-        layer = run_block_layer(parent, i, j)
-        key = run_key(i, j, layer.ffn)
-        if key in index["blocks"]:
-            continue
-        res = train_run_block(run.parent, run.require_data("train"), run.require_data("heldout"), i, j, steps=steps,
-                              batch_size=bld_cfg.batch_size, seq_len=bld_cfg.seq_len, lr=bld_cfg.lr,
-                              eval_batches=bld_cfg.eval_batches, seed=bld_cfg.seed, log=log)
-        f = root / "blocks" / f"{key}.safetensors"
-        save_safetensors_atomic({n: res.tensors[n].contiguous() for n in FFN_NAMES}, f)
-        index["blocks"][key] = {"first": i, "last": j, "ffn": layer.ffn.name, "file": f"blocks/{f.name}",
-                                "sha256": sha256_file(f), "nmse_init": res.nmse_init, "nmse_final": res.nmse_final,
-                                "seconds": res.seconds}
-        atomic_write_json(_index_path(run.root), index)
+        starts = [(None, None, None)] + narrower_starts(parent, library, i, j)
+        for start, ffn_locals, sources in starts:
+            width = (run_block_layer(parent, i, j).ffn if start is None else
+                     FFNVariant("mlp", start.intermediate_size * (j - i + 1)))
+            key = run_key(i, j, width)
+            if key in index["blocks"] and index["blocks"][key].get("sources") == sources:
+                continue
+            res = train_run_block(run.parent, run.require_data("train"), run.require_data("heldout"), i, j,
+                                  steps=steps, batch_size=bld_cfg.batch_size, seq_len=bld_cfg.seq_len, lr=bld_cfg.lr,
+                                  eval_batches=bld_cfg.eval_batches, seed=bld_cfg.seed, ffn_locals=ffn_locals, log=log)
+            f = root / "blocks" / f"{key}.safetensors"
+            save_safetensors_atomic({n: res.tensors[n].contiguous() for n in FFN_NAMES}, f)
+            index["blocks"][key] = {"first": i, "last": j, "ffn": res.layer.ffn.name, "file": f"blocks/{f.name}",
+                                    "start": "parent" if start is None else start.name, "sources": sources,
+                                    "sha256": sha256_file(f), "nmse_init": res.nmse_init,
+                                    "nmse_final": res.nmse_final, "seconds": res.seconds}
+            atomic_write_json(_index_path(run.root), index)
     atomic_write_json(_index_path(run.root), index)
     return index
 
@@ -278,8 +317,11 @@ def score_runs(run_root, score_cfg, log=print) -> dict:
         if "kl" in e:
             continue
         i, j = e["first"], e["last"]
-        layer, local = init_run_block(parent, tensors, i, j)
+        p = f"model.layers.{i}."  # the parent's attention at i + the stored fused FFN (of the entry's width)
+        local = {n[len(p):]: tensors[n] for n in tensors.keys() if n.startswith(p) and
+                 (n.startswith(p + "self_attn.") or n == p + "input_layernorm.weight")}
         local.update(run_block_ffn(run.root, key))
+        layer = LayerArch(parent.layers[i].attention, FFNVariant.from_name(e["ffn"]))
         q = score_run_block(run.parent, run.require_data("heldout"), i, j, layer, local,
                             batch_size=score_cfg.batch_size, seq_len=score_cfg.seq_len, num_batches=score_cfg.num_batches,
                             with_parent=True)

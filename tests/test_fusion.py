@@ -177,3 +177,33 @@ def test_fused_child_forward_equals_parallel_ffn_reference(dist1):
     # and it is a different model from the sequential parent (the fusion is an approximation)
     seq = _parallel_reference(arch, sd, tokens, [])
     assert ((seq - ref).abs().max() / ref.abs().max()).item() > 1e-3
+
+
+def test_a_run_block_can_start_from_narrower_library_ffns():
+    """init_run_block(ffn_locals=...) folds the given (pruned, trained) FFNs, not the parent's: its
+    width is their sum and its tensors are exactly fold_ffns of them."""
+    from megapuzzle.fusion import fold_ffns
+    from megapuzzle.fusion_blocks import FFN_NAMES, init_run_block
+
+    torch.manual_seed(0)
+    parent = Architecture.homogeneous(vocab_size=128, hidden_size=16, num_layers=3, num_attention_heads=2,
+                                      num_kv_heads=2, intermediate_size=64)
+    tensors = {}
+    for k in range(3):
+        p = f"model.layers.{k}."
+        tensors.update({p + "input_layernorm.weight": torch.rand(16) + 0.5,
+                        p + "self_attn.q_proj.weight": torch.randn(16, 16), p + "self_attn.k_proj.weight": torch.randn(16, 16),
+                        p + "self_attn.v_proj.weight": torch.randn(16, 16), p + "self_attn.o_proj.weight": torch.randn(16, 16),
+                        p + "post_attention_layernorm.weight": torch.rand(16) + 0.5,
+                        p + "mlp.gate_proj.weight": torch.randn(64, 16), p + "mlp.up_proj.weight": torch.randn(64, 16),
+                        p + "mlp.down_proj.weight": torch.randn(16, 64)})
+    narrow = [{"post_attention_layernorm.weight": torch.rand(16) + 0.5, "mlp.gate_proj.weight": torch.randn(32, 16),
+               "mlp.up_proj.weight": torch.randn(32, 16), "mlp.down_proj.weight": torch.randn(16, 32)} for _ in range(2)]
+    layer, local = init_run_block(parent, tensors, 1, 2, narrow)
+    assert layer.ffn.intermediate_size == 64 and layer.attention == parent.layers[1].attention
+    norm, gate, up, down = fold_ffns([tuple(f[n] for n in FFN_NAMES) for f in narrow])
+    for name, t in zip(FFN_NAMES, (norm, gate, up, down)):
+        assert torch.equal(local[name], t)
+    assert torch.equal(local["self_attn.q_proj.weight"], tensors["model.layers.1.self_attn.q_proj.weight"])
+    full, _ = init_run_block(parent, tensors, 1, 2)
+    assert full.ffn.intermediate_size == 128  # the parent's own: 64 + 64

@@ -32,9 +32,11 @@ def test_run_blocks_are_trained_scored_and_measured(fusion_run):
     from megapuzzle.fusion_blocks import load_run_index
 
     idx = load_run_index(fusion_run)["blocks"]
-    assert sorted(idx) == ["R000-001.mlp_512", "R001-002.mlp_512", "R002-003.mlp_512"]
-    for e in idx.values():
+    # per window: the fold of the parent's FFNs (256 + 256) and of the library's mlp_128 blocks (128 + 128)
+    assert sorted(idx) == [f"R00{i}-00{i + 1}.mlp_{w}" for i in range(3) for w in (256, 512)]
+    for key, e in idx.items():
         assert e["nmse_final"] < e["nmse_init"] and e["kl"] > 0 and 0 < e["top1"] <= 1
+        assert e["start"] == ("parent" if key.endswith("mlp_512") else "mlp_128")
     costs = json.loads((fusion_run / "costs.json").read_text())
     assert "ffn.mlp_512" in costs["variants"]  # the fused width is measured like any variant
 
