@@ -37,7 +37,7 @@ def _one(work: Path, name: str, parent: Path, train: Path, heldout: Path, cfg: d
     run = work / name
     _link_run(run, parent, train, heldout)
     t = time.perf_counter()
-    res = run_bld(run, cfg, log=lambda *a: None, progress=False)
+    res = run_bld(run, cfg, progress=False)
     res["wall_s"] = time.perf_counter() - t
     res["library"] = BlockLibrary(run / "library").entries()
     return res
@@ -75,7 +75,7 @@ def main() -> int:
             from megapuzzle.train_parent import FLAVOURS, train_parent
 
             out = work / "debug_parent"
-            train_parent(out, dataclasses.replace(FLAVOURS["debug"], steps=30), log=lambda *a: None)
+            train_parent(out, dataclasses.replace(FLAVOURS["debug"], steps=30))
             parent, train, heldout = out / "checkpoint", out / "data" / "train", out / "data" / "heldout"
         arch = load_arch(parent)
         inter = next((l.ffn.intermediate_size for l in arch.layers if l.ffn.kind == "mlp"), 1024)

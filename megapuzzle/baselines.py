@@ -47,6 +47,7 @@ same way; `megapuzzle bench search-quality` (megapuzzle.bench_search_quality) us
 
 from __future__ import annotations
 
+import logging
 import argparse
 import dataclasses
 import hashlib
@@ -64,6 +65,8 @@ from megapuzzle.baselines_uniform import InterpolatedCosts, interpolate_linear, 
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__).info
 
 METHODS = ("uniform", "depth", "random", "greedy")
 ALL_METHODS = ("puzzle",) + METHODS
@@ -392,8 +395,7 @@ def _fingerprint(base: RunDir) -> dict[str, str]:
 
 
 def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: float, *, seed: int = 0,
-                       random_tries: int = 20000, random_band: float = 0.05, uniform_steps: int | None = 16,
-                       log=print) -> dict:
+                       random_tries: int = 20000, random_band: float = 0.05, uniform_steps: int | None = 16) -> dict:
     """Pick the architecture, write mip/solutions.json + baseline.json + child/; returns the record."""
     from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint, tokenizer_path
     from megapuzzle.realize import realize
@@ -402,8 +404,8 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
     if method == "puzzle":
         from megapuzzle.mip_stage import run_mip
 
-        out = run_mip(child.root, mcfg, log=log)
-        realize(child.root, 0, log=log)
+        out = run_mip(child.root, mcfg)
+        realize(child.root, 0)
         atomic_write_json(child.root / "baseline.json", {"method": "puzzle", "throughput_x": x})
         return out["solutions"][0]
     t0 = time.perf_counter()
@@ -446,7 +448,7 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
                         meta={"source": f"baseline {method}", "solution": 0, "objective": rec["objective"],
                               "predicted_speedup": rec["predicted_speedup"]}, tokenizer_dir=tokenizer_path(base.parent))
     else:
-        realize(child.root, 0, log=log)
+        realize(child.root, 0)
     log(f"[baseline] {method} @ {x}x: predicted {rec['predicted_speedup']:.3f}x at batch {b}, "
         f"{rec['params'] / 1e6:.2f}M params, objective {rec['objective'] if rec['objective'] is None else round(rec['objective'], 5)}"
         f" -> {child.child}")
@@ -460,7 +462,7 @@ def default_out(run_dir: str | Path, method: str, x: float) -> Path:
 
 def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | Path | None = None, *,
               seed: int = 0, until: str = "evaluate", random_tries: int = 20000, random_band: float = 0.05,
-              uniform_steps: int | None = 16, log=print) -> dict:
+              uniform_steps: int | None = 16) -> dict:
     """select (+ realize) -> gkd -> evaluate in OUT, skipping stages OUT's manifest.json marks done
     for the same key; returns {"method", "throughput_x", "dir", "record", "eval", "stages"}."""
     from megapuzzle.evaluate import EvaluateConfig, run_evaluate
@@ -509,13 +511,12 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
         atomic_write_json(mf_path, manifest)
 
     step("select", lambda: select_and_realize(base, child, cfg, method, x, seed=seed, random_tries=random_tries,
-                                              random_band=random_band, uniform_steps=uniform_steps, log=log))
+                                              random_band=random_band, uniform_steps=uniform_steps))
     if stages.index(until) >= 1:
-        step("gkd", lambda: {k: v for k, v in run_gkd(child.root, section(cfg, "gkd", GKDConfig), log=log,
+        step("gkd", lambda: {k: v for k, v in run_gkd(child.root, section(cfg, "gkd", GKDConfig),
                                                        progress=False).items() if k in ("steps", "tokens", "final")})
     if stages.index(until) >= 2:
-        step("evaluate", lambda: {"speedup": run_evaluate(child.root, section(cfg, "evaluate", EvaluateConfig),
-                                                          log=log)["speedup"]})
+        step("evaluate", lambda: {"speedup": run_evaluate(child.root, section(cfg, "evaluate", EvaluateConfig))["speedup"]})
     ev = child.root / "eval.json"
     return {"method": method, "throughput_x": float(x), "dir": str(child.root),
             "record": manifest["stages"]["select"]["result"],

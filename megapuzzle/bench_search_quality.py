@@ -29,6 +29,7 @@ Writes to --out:
 
 from __future__ import annotations
 
+import logging
 import argparse
 import copy
 import shlex
@@ -39,7 +40,10 @@ from typing import Any
 from megapuzzle.bench_frontier import best_ranges, envelope_steps, equal_speed_table, fmt_ranges, speed_grid
 from megapuzzle.config import load_config
 from megapuzzle.errors import UserError
+from megapuzzle.logs import prefixed
 from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
+
+log = logging.getLogger(__name__).info
 
 BENCHMARKS = ("search-quality",)
 # every method the bench can sweep: (plot colour, marker, what it is). A new method (e.g.
@@ -224,7 +228,7 @@ def sweep_config(cfg: dict, gkd_steps: int | None) -> dict:
 def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: str | Path, *,
                        work_dir: str | Path | None = None, methods=DEFAULT_METHODS, seed: int = 0,
                        gkd_steps: int | None = None, uniform_steps: int | None = 16,
-                       command: str | None = None, log=print) -> dict:
+                       command: str | None = None) -> dict:
     from megapuzzle.baselines import ALL_METHODS, run_child
     from megapuzzle.mip import InfeasibleBudgetError
 
@@ -282,11 +286,11 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
                 continue
             k += 1
             t0 = time.perf_counter()
-            child_log = lambda s, m=m, t=t: log(f"  [{m} {t:g}x] {s}")  # noqa: E731
-            kw = dict(seed=seed, uniform_steps=uniform_steps, log=child_log)
+            kw = dict(seed=seed, uniform_steps=uniform_steps)
             log(f"[bench] ({k}) {m} @ {t:g}x ...")
             try:
-                sel = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", until="select", **kw)
+                with prefixed(f"  [{m} {t:g}x] "):
+                    sel = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", until="select", **kw)
                 prev = [r for r in rows if r["method"] == m and not r.get("error") and not r.get("same_as")]
                 same = next((r for r in prev if r["layers"] == [f"{l['attention']}+{l['ffn']}"
                                                                 for l in sel["record"]["layers"]]), None)
@@ -296,7 +300,8 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
                     log(f"[bench] ({k}) {m} @ {t:g}x: the same architecture as at {same['target']:g}x; not retrained")
                     write()
                     continue
-                res = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", **kw)
+                with prefixed(f"  [{m} {t:g}x] "):
+                    res = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", **kw)
             except (UserError, InfeasibleBudgetError) as e:
                 reached = [r["target"] for r in rows if r["method"] == m and not r.get("error")]
                 stopped[m] = {"target": t, "max": max(reached) if reached else None, "error": str(e)}

@@ -15,6 +15,7 @@ docs/design.md, "BLD".
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import shutil
@@ -31,6 +32,8 @@ from megapuzzle.fileio import atomic_write_json
 from megapuzzle.bld_plan import (FP8_RECIPES, BLDConfig, BlockSpec, check_tensor_parallel, plan_blocks,  # noqa: F401
                                   split_work, tensor_sig)
 from megapuzzle.library import BlockLibrary
+
+log = logging.getLogger(__name__).info
 
 
 def _plan_for_ranks(state_root: Path, todo: list[BlockSpec], arch: Architecture, dp: int, sig: str,
@@ -58,7 +61,7 @@ def _plan_for_ranks(state_root: Path, todo: list[BlockSpec], arch: Architecture,
 
 # ----------------------------------------------------------------------------- entry points
 
-def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, progress: bool = True,
+def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, progress: bool = True,
             threads: int | None = None) -> dict:
     """Build (or complete) RUN/library. `cfg_dict`: the whole run config (sections
     `search_space` and `bld`). Under `faults.kill_after("bld", n)` (tests) a rank stops after
@@ -105,7 +108,7 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, pro
     decision: list[Any] = [None]
     if info.rank == 0:
         try:
-            decision = [_decide(lib, arch, parent_tensors, blocks, state_root, info.dp_size, sig, log, stages)]
+            decision = [_decide(lib, arch, parent_tensors, blocks, state_root, info.dp_size, sig, stages)]
         except (UserError, ValueError, OSError) as e:
             decision = [{"error": f"{type(e).__name__}: {e}"}]
             if info.world_size == 1:
@@ -129,14 +132,14 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, log=print, pro
     if mine or (role is not None and role.deepest >= 0):
         res = train_rank(rd, cfg, arch, parent_tensors, mine, lib, info,
                          state_dir=state_root / f"rank{info.rank:03d}", signature=sig,
-                         plan_keys=plan_keys, log=log, progress=progress, role=role)
+                         plan_keys=plan_keys, progress=progress, role=role)
         summary.update(res)
     summary["timings"]["total_s"] = time.perf_counter() - t0
     return summary
 
 
 def _decide(lib: BlockLibrary, arch: Architecture, parent_tensors: dict, blocks: list[BlockSpec], state_root: Path,
-            dp: int, sig: str, log, stages: list[range]) -> dict:
+            dp: int, sig: str, stages: list[range]) -> dict:
     """Write the parent's own blocks, find the blocks to train (missing, failing their
     checksum, or trained under other BLD settings / another parent) and split each pipeline
     stage's share over the data-parallel ranks (assign[pp_rank][dp_rank])."""

@@ -15,6 +15,7 @@ hidden state), whether it trains blocks or not.
 
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 import time
@@ -29,6 +30,8 @@ from megapuzzle.checkpoints.canonical import first_dtype
 from megapuzzle.config import RunDir
 from megapuzzle.fileio import save_safetensors_atomic
 from megapuzzle.library import BlockLibrary
+
+log = logging.getLogger(__name__).info
 
 
 def _saved_state(state_dir: Path) -> tuple[str, int, list[str]] | None:
@@ -120,7 +123,7 @@ def _resume_point(state_dir: Path, keys_sig: str, mine: list[BlockSpec], steps: 
 
 
 def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: dict, mine: list[BlockSpec],
-               lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str], log=print,
+               lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str],
                progress: bool = True, role=None) -> dict:
     """Train this rank's blocks in lockstep and write them to the library. `role` (PP > 1): this
     rank's megapuzzle.bld_pipeline.PipelineRole; every rank of a pipeline with work calls this,
@@ -267,7 +270,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     t = time.perf_counter()
     final = evaluate(teacher, students, heldout, cfg)
     tim["eval_s"] += time.perf_counter() - t
-    kept = _keep_best(trainable, final, init_nmse, state_dir, log if talk else None) if cfg.keep_best else {}
+    kept = _keep_best(trainable, final, init_nmse, state_dir) if cfg.keep_best else {}
     t = time.perf_counter()
     lib_dtype = first_dtype(parent_tensors)  # the library keeps the parent's dtype
     for s in students:
@@ -298,7 +301,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
 INIT_PARAMS = "init_params.safetensors"
 
 
-def _keep_best(trainable, final: dict, init_nmse: dict, state_dir: Path, log) -> dict[str, str]:
+def _keep_best(trainable, final: dict, init_nmse: dict, state_dir: Path) -> dict[str, str]:
     """Put back the init weights of every block whose held-out NMSE got worse in training.
     Every TP rank computes the same NMSEs (TP-reduced), so every rank decides alike."""
     from megapuzzle.fileio import read_safetensors
@@ -308,8 +311,7 @@ def _keep_best(trainable, final: dict, init_nmse: dict, state_dir: Path, log) ->
         return {}
     path = state_dir / INIT_PARAMS
     if not path.is_file():  # a state from before keep_best existed
-        if log:
-            log(f"[bld] {path} missing: keeping the trained weights of {len(worse)} block(s) that got worse")
+        log(f"[bld] {path} missing: keeping the trained weights of {len(worse)} block(s) that got worse")
         return {}
     init = read_safetensors(path, fix=f"delete {state_dir} to retrain these blocks from their init")
     with torch.no_grad():

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # --help / --version exit here; an unknown command errors (exit 2)
         return 2
     name = argv[0]
+    from megapuzzle import logs
+
+    logs.setup()  # stdlib logging: megapuzzle's lines on stdout, rank 0 only
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"megapuzzle {name}", description=COMMANDS[name][1])
     module.add_cli_args(sub)

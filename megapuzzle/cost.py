@@ -29,9 +29,9 @@ Readers: megapuzzle.cost_table (re-exported here).
 
 from __future__ import annotations
 
+import logging
 import argparse
 import datetime
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +57,12 @@ from megapuzzle.cost_table import (  # noqa: F401  (re-exported: the accessors l
 from megapuzzle.cost_state import MeasurePartial, search_space_variants  # noqa: F401  (re-exported)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
+
+_LOG = logging.getLogger(__name__)
+
+
+def log(msg: str) -> None:
+    _LOG.info(f"[measure] {msg}")
 
 _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -160,8 +166,7 @@ class _Measurer:
 
 
 def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, space: SearchSpace | None = None,
-                  state_path: str | Path | None = None,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  state_path: str | Path | None = None) -> dict[str, Any]:
     """Measure every variant of `space` for `parent` on this machine; returns the costs.json dict.
 
     Entries (baseline, each non-no-op variant, the whole parent) are measured once per pass;
@@ -169,11 +174,10 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
     results measured with the same settings are reused).
     """
     cfg = cfg or MeasureConfig()
-    log = log or (lambda msg: print(f"[measure] {msg}", file=sys.stderr, flush=True))
     if cfg.engine == "vllm":
         from megapuzzle.serving.vllm_costs import measure_costs_vllm
 
-        return measure_costs_vllm(parent, cfg, space=space, state_path=state_path, log=log)
+        return measure_costs_vllm(parent, cfg, space=space, state_path=state_path)
 
     import torch
 
@@ -190,7 +194,7 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
     settings = {**cfg.measured_settings(), "threads": threads, "dtype": rt.dtype_name(dtype),
                 "device": rt.device_name(), "versions": rt.versions(), "runtime": rt.RUNTIME_NAME,
                 "parent": parent.to_dict()}
-    partial = MeasurePartial(Path(state_path) if state_path is not None else None, settings, log)
+    partial = MeasurePartial(Path(state_path) if state_path is not None else None, settings)
 
     # no-op variants are an empty layer: zero by definition (their overhead is `empty_layer`)
     todo = ["baseline"] + [f"attention.{v.name}" for v in attention if not v.identity]

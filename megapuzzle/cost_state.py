@@ -3,12 +3,15 @@ variants a search space needs timed, and the resumable record of finished measur
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, SearchSpace
 from megapuzzle.fileio import atomic_write_json
+
+log = logging.getLogger(__name__).info
 
 
 def search_space_variants(parent: Architecture, space: SearchSpace | None = None
@@ -36,7 +39,7 @@ class MeasurePartial:
     """RUN/state/measure_partial.json: raw samples of finished (entry, pass) pairs, under the
     settings they were measured with; other settings start afresh."""
 
-    def __init__(self, path: Path | None, settings: dict[str, Any], log: Callable[[str], None]):
+    def __init__(self, path: Path | None, settings: dict[str, Any]):
         self.path, self.settings, self.entries = path, settings, {}
         if path is not None and path.is_file():
             try:

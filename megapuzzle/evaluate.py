@@ -26,6 +26,7 @@ timed at TP=N (eval.json `tensor_parallel`). Rank 0 writes the outputs.
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import statistics
@@ -41,6 +42,8 @@ from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
 from megapuzzle.metrics import kl_per_token, nll_per_token, top1_matches
+
+log = logging.getLogger(__name__).info
 
 
 # ----------------------------------------------------------------------------- quality
@@ -156,7 +159,7 @@ def _chosen_solution(sols: dict | None, child: Architecture, meta: dict) -> tupl
 
 # ----------------------------------------------------------------------------- the stage
 
-def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None, log=print,
+def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None,
                  tp: int = 1) -> dict:
     """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content.
     `tp` > 1: every model tensor-parallel over the TP group (torchrun); rank 0 writes."""
@@ -180,8 +183,6 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
             raise UserError("evaluate.vllm times whole models in vLLM; run it at --tp 1")
         info = init_distributed(tp=tp)
         writer = info.rank == 0
-        if not writer:
-            log = lambda *a, **k: None  # noqa: E731
     else:
         ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
     # lazy readers: each model reads its tensors one at a time, cast to its dtype

@@ -24,6 +24,7 @@ parent here). Speed is timed as `evaluate` times (costs.json's settings when the
 
 from __future__ import annotations
 
+import logging
 import argparse
 import dataclasses
 import os
@@ -34,6 +35,8 @@ from typing import Any
 from megapuzzle.config import RunDir, load_config, section
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__).info
 
 
 def resolve_source(src: str | Path, work: Path) -> tuple[Path, RunDir | None]:
@@ -71,7 +74,7 @@ def _link(target: Path, link: Path) -> None:
     os.symlink(target, link, target_is_directory=True)
 
 
-def prepare_fuse_data(out: RunDir, source_run: RunDir | None, data: str | None, child_dir: Path, log) -> None:
+def prepare_fuse_data(out: RunDir, source_run: RunDir | None, data: str | None, child_dir: Path) -> None:
     if data is not None:
         d = Path(data)
         if not (d / "train.idx").is_file() or not (d / "heldout.idx").is_file():
@@ -95,7 +98,7 @@ def prepare_fuse_data(out: RunDir, source_run: RunDir | None, data: str | None, 
 
 
 def write_fused(child_dir: Path, out_dir: Path, runs, *, leading_attention: bool = True, max_run: int | None = None,
-                max_shard_bytes: int | None = None, log=print) -> tuple[Any, Any, list]:
+                max_shard_bytes: int | None = None) -> tuple[Any, Any, list]:
     """Fuse `runs` (None: every run find_runs sees) of the checkpoint at child_dir into out_dir.
     Streamed: one layer (one run's FFNs) in memory at a time. Returns (arch, fused arch, runs)."""
     from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path, write_checkpoint
@@ -121,8 +124,7 @@ def write_fused(child_dir: Path, out_dir: Path, runs, *, leading_attention: bool
 
 
 def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bool = True, max_run: int | None = None,
-         data: str | None = None, gkd_cfg=None, heal: bool = True, eval_cfg=None, measure: bool = True,
-         log=print) -> dict:
+         data: str | None = None, gkd_cfg=None, heal: bool = True, eval_cfg=None, measure: bool = True) -> dict:
     import torch
 
     from megapuzzle.checkpoints.canonical import load_checkpoint
@@ -140,9 +142,8 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
         raise UserError(f"--out {run.root} holds the source child {child}; pick another --out")
     child_dir, source_run = resolve_source(child, run.root)  # a HF directory is imported into OUT/source
     _link(child_dir, run.parent)
-    prepare_fuse_data(run, source_run, data, child_dir, log)
-    arch, new, runs = write_fused(run.parent, run.child, runs, leading_attention=leading_attention, max_run=max_run,
-                                  log=log)
+    prepare_fuse_data(run, source_run, data, child_dir)
+    arch, new, runs = write_fused(run.parent, run.child, runs, leading_attention=leading_attention, max_run=max_run)
     gkd_cfg = gkd_cfg or GKDConfig(steps=50)
     eval_cfg = eval_cfg or EvaluateConfig()
     report: dict[str, Any] = {"source": str(child_dir), "runs": [list(r) for r in runs],
@@ -151,7 +152,7 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
                               "gkd_steps": gkd_cfg.total_steps if heal else 0}
     healed = None
     if heal:
-        res = run_gkd(run.root, gkd_cfg, log=log, progress=False)
+        res = run_gkd(run.root, gkd_cfg, progress=False)
         healed = run.gkd / "checkpoint"
         report["gkd"] = {k: res.get(k) for k in ("steps", "tokens", "initial", "final")}
 

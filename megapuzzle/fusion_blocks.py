@@ -14,6 +14,7 @@ storage, costs for the fused widths and the MIP stage wiring are the next steps 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ import torch
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.errors import UserError
 from megapuzzle.fusion import fold_ffns
+
+log = logging.getLogger(__name__).info
 
 
 def run_block_layer(parent: Architecture, i: int, j: int) -> LayerArch:
@@ -130,8 +133,7 @@ def _nmse(student, teacher, batches, i: int, j: int) -> float:
 
 def train_run_block(parent_dir, train_prefix, heldout_prefix, i: int, j: int, *, steps: int = 20,
                     batch_size: int = 4, seq_len: int = 64, lr: float = 1e-3, eval_batches: int = 2, seed: int = 1234,
-                    train_attention: bool = False, ffn_locals: list[Mapping[str, torch.Tensor]] | None = None,
-                    log=print) -> RunBlockResult:
+                    train_attention: bool = False, ffn_locals: list[Mapping[str, torch.Tensor]] | None = None) -> RunBlockResult:
     """BLD over a run: the fused block on the parent's input to layer i learns the parent's output of
     layer j (normalized MSE, AdamW, cosine LR). The parent stays frozen. Only the fused FFN trains
     (the parent's attention at i is frozen, so the block combines with any attention variant at i,
@@ -236,7 +238,7 @@ def load_run_index(run_root) -> dict:
     return d
 
 
-def run_bld(run_root, bld_cfg, max_run: int, log=print) -> dict:
+def run_bld(run_root, bld_cfg, max_run: int) -> dict:
     """Train (and store) the fused FFN of every run window of 2..max_run layers: RUN/library_runs/.
     Each window gets one block started from the fold of the parent's FFNs (the summed width) and
     one per narrower FFN variant the library holds at all its layers, started from the fold of
@@ -274,7 +276,7 @@ def run_bld(run_root, bld_cfg, max_run: int, log=print) -> dict:
                 continue
             res = train_run_block(run.parent, run.require_data("train"), run.require_data("heldout"), i, j,
                                   steps=steps, batch_size=bld_cfg.batch_size, seq_len=bld_cfg.seq_len, lr=bld_cfg.lr,
-                                  eval_batches=bld_cfg.eval_batches, seed=bld_cfg.seed, ffn_locals=ffn_locals, log=log)
+                                  eval_batches=bld_cfg.eval_batches, seed=bld_cfg.seed, ffn_locals=ffn_locals)
             f = root / "blocks" / f"{key}.safetensors"
             save_safetensors_atomic({n: res.tensors[n].contiguous() for n in FFN_NAMES}, f)
             index["blocks"][key] = {"first": i, "last": j, "ffn": res.layer.ffn.name, "file": f"blocks/{f.name}",
@@ -297,7 +299,7 @@ def run_block_ffn(run_root, key: str) -> dict[str, torch.Tensor]:
     return read_safetensors(f, fix="re-run bld")
 
 
-def score_runs(run_root, score_cfg, log=print) -> dict:
+def score_runs(run_root, score_cfg) -> dict:
     """Replace-the-run scores of every stored run block (with the parent's attention at i), on
     score's batch size / seq_len / batches: kl, lm_loss_delta (vs the parent, same batches), top1."""
     from megapuzzle.checkpoints.canonical import load_checkpoint, require_parent

@@ -21,6 +21,7 @@ docs/design.md, "GKD".
 
 from __future__ import annotations
 
+import logging
 import argparse
 import dataclasses
 import hashlib
@@ -41,6 +42,8 @@ from megapuzzle.fileio import atomic_write_json
 from megapuzzle.gkd_trainers import TRAINERS, legacy_trainer, make_trainer, resolve_trainer, resume_point
 from megapuzzle.metrics import heldout_metrics
 from megapuzzle.train.distill import distill_terms
+
+log = logging.getLogger(__name__).info
 
 TERMS = ("loss", "cosine", "kl", "lm")
 
@@ -96,7 +99,7 @@ def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = True) -> dict:
+def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> dict:
     """Distil RUN/parent into RUN/child; returns result.json's content ({} on ranks > 0).
     Under `faults.kill_after("gkd", n)` (tests) it returns {"stopped_at": n} without saving,
     like a kill between checkpoints."""
@@ -151,7 +154,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, log=print, progress: bool = 
             log(f"[gkd] {run.gkd} holds a distillation of another config / child; distilling again")
     shared = trainer_name == "megatron"  # one dist-checkpoint dir for all ranks, else one dir per rank
     state_dir = run.gkd / "train_state" / ("dist" if shared else f"rank{info.rank:03d}")
-    resume_point(state_dir, info, sig, log if main else (lambda *a: None), shared)
+    resume_point(state_dir, info, sig, shared)
 
     dtype = resolve_dtype(cfg.dtype)
     parent_arch, tensors, _ = load_checkpoint(parent_dir)

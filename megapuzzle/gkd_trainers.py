@@ -25,6 +25,7 @@ children). Both give the same losses (tests/test_gkd_megatron.py).
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import json
 import math
@@ -38,6 +39,8 @@ from megapuzzle.fileio import atomic_write_json, atomic_write_text
 from megapuzzle.train.distill import all_reduce_if, tp_group_rank_size
 
 from megapuzzle.config.gkd import TRAINERS  # noqa: E402,F401 (re-exported)
+
+log = logging.getLogger(__name__).info
 
 
 def resolve_trainer(name: str) -> str:
@@ -242,7 +245,7 @@ def make_trainer(name: str, model, cfg, info, state_dir: Path):
     return {"megatron": MegatronTrainer, "local": LocalTrainer}[name](model, cfg, info, state_dir)
 
 
-def resume_point(state_dir: Path, info, sig: str, log, shared: bool) -> None:
+def resume_point(state_dir: Path, info, sig: str, shared: bool) -> None:
     """Make every rank resume from the newest step ALL ranks saved completely (a kill during a
     save can leave the per-rank local states one checkpoint apart; each keeps two) by repointing
     `latest`; start over when the ranks share none or the state was written for other inputs

@@ -21,6 +21,7 @@ frontier (mip/pareto.json).
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import time
@@ -35,6 +36,8 @@ from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArc
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
+
+log = logging.getLogger(__name__).info
 
 
 
@@ -219,7 +222,7 @@ def solution_record(parent: Architecture, cands: Candidates, sol, sc: ScenarioCo
     }
 
 
-def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: int = 1) -> dict[str, Any]:
+def run_mip(run_dir: str | Path, cfg: MIPConfig, *, fusion_max_run: int = 1) -> dict[str, Any]:
     from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost_table import load_costs
     from megapuzzle.library import BlockLibrary
@@ -245,7 +248,7 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, log=print, *, fusion_max_run: i
         from megapuzzle.mip_stage_runs import run_mip_with_runs
 
         out = run_mip_with_runs(run, parent, cands, sc, cfg, batches, parent_tps, target, build_problem,
-                                fusion_max_run, log)
+                                fusion_max_run)
         out["config"] = section_dict(cfg)
         run.mip.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run.mip / "solutions.json", out)

@@ -15,11 +15,14 @@ higher throughput). One solution (no diversity cuts or sweep over runs yet).
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.errors import UserError
+
+log = logging.getLogger(__name__).info
 
 
 def run_candidates(parent: Architecture, cands, sc, b: int, index: dict, metric: str, max_run: int):
@@ -66,7 +69,7 @@ def expand(parent: Architecture, problem, sol) -> tuple[list[LayerArch], list[tu
 
 
 def run_mip_with_runs(run, parent: Architecture, cands, sc, cfg, batches, parent_tps, target, build_problem,
-                      max_run: int, log) -> dict[str, Any]:
+                      max_run: int) -> dict[str, Any]:
     from megapuzzle.fusion_blocks import load_run_index
 
     from megapuzzle.mip.problem import InfeasibleBudgetError, MIPError

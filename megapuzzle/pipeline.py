@@ -14,6 +14,7 @@ resumes from its own checkpoints.
 
 from __future__ import annotations
 
+import logging
 import argparse
 import dataclasses
 import hashlib
@@ -31,10 +32,12 @@ from megapuzzle.errors import UserError
 from megapuzzle.stages import STAGES as REGISTRY
 from megapuzzle.fileio import atomic_write_json, replace_dir
 
+log = logging.getLogger(__name__).info
+
 
 # ----------------------------------------------------------------------------- stages
 
-def _stage_parent(run: RunDir, cfg: dict, log) -> dict:
+def _stage_parent(run: RunDir, cfg: dict) -> dict:
     p = section(cfg, "parent", ParentSection)
     if p.train:
         from megapuzzle.train_parent import FLAVOURS, train_parent
@@ -45,7 +48,7 @@ def _stage_parent(run: RunDir, cfg: dict, log) -> dict:
         if p.corpus:
             pcfg = dataclasses.replace(pcfg, corpus=p.corpus)
         out = run.root / "parent_train"
-        res = train_parent(out, pcfg, threads=p.threads, log=log)
+        res = train_parent(out, pcfg, threads=p.threads)
         _replace_tree(out / "checkpoint", run.parent)
         run.data.mkdir(parents=True, exist_ok=True)
         for f in (out / "data").iterdir():
@@ -63,7 +66,7 @@ def _stage_parent(run: RunDir, cfg: dict, log) -> dict:
     return {}
 
 
-def _stage_data(run: RunDir, cfg: dict, log) -> dict:
+def _stage_data(run: RunDir, cfg: dict) -> dict:
     if section(cfg, "parent", ParentSection).train:
         run.require_data("train"), run.require_data("heldout")  # written by the parent stage
         return {"source": "train-parent"}
@@ -90,17 +93,17 @@ def _stage_data(run: RunDir, cfg: dict, log) -> dict:
     return {"source": "prefixes"}
 
 
-def _stage_bld(run: RunDir, cfg: dict, log) -> dict:
+def _stage_bld(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.bld import run_bld
 
-    res = run_bld(run.root, cfg, log=log)
+    res = run_bld(run.root, cfg)
     out = {"trained": len(res.get("trained", []))}
     max_run = _fusion_max_run(cfg)
     if max_run > 1:
         from megapuzzle.bld import BLDConfig
         from megapuzzle.fusion_blocks import run_bld as run_fusion_bld
 
-        out["run_blocks"] = len(run_fusion_bld(run.root, section(cfg, "bld", BLDConfig), max_run, log=log)["blocks"])
+        out["run_blocks"] = len(run_fusion_bld(run.root, section(cfg, "bld", BLDConfig), max_run)["blocks"])
     return out
 
 
@@ -110,63 +113,63 @@ def _fusion_max_run(cfg: dict) -> int:
     return SearchSpace.from_dict(cfg.get("search_space")).fusion_max_run
 
 
-def _stage_score(run: RunDir, cfg: dict, log) -> dict:
+def _stage_score(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.score import ScoreConfig, run_score
 
-    res = run_score(run.root, section(cfg, "score", ScoreConfig), log=log)
+    res = run_score(run.root, section(cfg, "score", ScoreConfig))
     out = {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
     if _fusion_max_run(cfg) > 1:  # search_space is bld's: a change there re-runs bld, then this stage
         from megapuzzle.fusion_blocks import score_runs
 
-        out["run_blocks"] = len(score_runs(run.root, section(cfg, "score", ScoreConfig), log=log)["blocks"])
+        out["run_blocks"] = len(score_runs(run.root, section(cfg, "score", ScoreConfig))["blocks"])
     return out
 
 
-def _stage_measure(run: RunDir, cfg: dict, log) -> dict:
+def _stage_measure(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.arch import SearchSpace
     from megapuzzle.checkpoints.canonical import load_arch, require_parent
     from megapuzzle.cost import MeasureConfig, format_check, measure_costs
 
     costs = measure_costs(load_arch(require_parent(run)), section(cfg, "measure", MeasureConfig),
                           space=SearchSpace.from_dict(cfg.get("search_space")),
-                          state_path=run.state / "measure_partial.json", log=log)
+                          state_path=run.state / "measure_partial.json")
     atomic_write_json(run.costs, costs)
     if "check" in costs:
         log("[measure] whole parent, predicted (sum of parts) vs measured:\n" + format_check(costs))
     return {"device": costs.get("device")}
 
 
-def _stage_mip(run: RunDir, cfg: dict, log) -> dict:
+def _stage_mip(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.mip_stage import MIPConfig, run_mip
 
     # search_space is not in this stage's config hash: changing it re-runs bld, hence this stage
-    out = run_mip(run.root, section(cfg, "mip", MIPConfig), log=log, fusion_max_run=_fusion_max_run(cfg))
+    out = run_mip(run.root, section(cfg, "mip", MIPConfig), fusion_max_run=_fusion_max_run(cfg))
     return {"predicted_speedup": out["solutions"][0]["predicted_speedup"], "objective": out["solutions"][0]["objective"]}
 
 
-def _stage_realize(run: RunDir, cfg: dict, log) -> dict:
+def _stage_realize(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.arch_table import architecture_table
     from megapuzzle.checkpoints.canonical import load_arch
     from megapuzzle.realize import realize
 
-    realize(run.root, int((cfg.get("realize") or {}).get("solution", 0)), log=log)
+    realize(run.root, int((cfg.get("realize") or {}).get("solution", 0)))
     log(architecture_table(load_arch(run.child)))
     return {}
 
 
-def _stage_gkd(run: RunDir, cfg: dict, log) -> dict:
+def _stage_gkd(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.gkd import GKDConfig, run_gkd
 
-    return _jsonable(run_gkd(run.root, section(cfg, "gkd", GKDConfig), log=log))
+    return _jsonable(run_gkd(run.root, section(cfg, "gkd", GKDConfig)))
 
 
-def _stage_evaluate(run: RunDir, cfg: dict, log) -> dict:
+def _stage_evaluate(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.evaluate import EvaluateConfig, run_evaluate
 
-    return _jsonable(run_evaluate(run.root, section(cfg, "evaluate", EvaluateConfig), log=log))
+    return _jsonable(run_evaluate(run.root, section(cfg, "evaluate", EvaluateConfig)))
 
 
-def _stage_export(run: RunDir, cfg: dict, log) -> dict:
+def _stage_export(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.checkpoints.export_hf import export_hf
 
     e = section(cfg, "export", ExportSection)
@@ -183,7 +186,7 @@ def _stage_export(run: RunDir, cfg: dict, log) -> dict:
         fp8_dir = run.root / "export_fp8"
         res = export_fp8(src, fp8_dir, calib_data=str(run.heldout_data), calib_batches=e.calib_batches,
                          calib_batch_size=e.calib_batch_size, calib_seq_len=e.calib_seq_len, force=True,
-                         max_shard_size=e.max_shard_size, log=lambda *a: None)
+                         max_shard_size=e.max_shard_size)
         log(f"[export] {src} -> {fp8_dir} (FP8 E4M3 via ModelOpt: {res['quantized_linears']} Linear layers)")
         out["fp8"] = {"dir": str(fp8_dir), **{k: v for k, v in res.items() if k != "warnings"}}
     return out
@@ -253,7 +256,7 @@ def validate_config(cfg: dict) -> None:
 
 
 def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, *, only: str | None = None,
-                 until: str | None = None, log=print) -> dict:
+                 until: str | None = None) -> dict:
     cfg = load_config(config_path)
     run = RunDir(run_dir or cfg.get("run_dir") or Path("runs") / Path(config_path).stem)
     known = set(STAGE_NAMES) | {"run_dir", "search_space", "data", "realize", "export"}
@@ -293,7 +296,7 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, *, 
         atomic_write_json(run.manifest, manifest)
         t0 = time.perf_counter()
         try:
-            result = fn(run, cfg, log)
+            result = fn(run, cfg)
         except BaseException as e:
             manifest["stages"][name].update(status="failed" if not isinstance(e, KeyboardInterrupt) else "running",
                                             error=f"{type(e).__name__}: {e}")

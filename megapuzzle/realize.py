@@ -10,6 +10,7 @@ streams: a layer's blocks are loaded, written into the current shard, and droppe
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 from megapuzzle.arch import AttentionVariant, FFNVariant, LayerArch
 from megapuzzle.config import RunDir
 from megapuzzle.errors import UserError
+
+log = logging.getLogger(__name__).info
 
 
 def solution_layers(run: RunDir, k: int) -> tuple[list[LayerArch], dict]:
@@ -32,7 +35,7 @@ def solution_layers(run: RunDir, k: int) -> tuple[list[LayerArch], dict]:
 
 
 def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = None, force: bool = True,
-            layers: list[LayerArch] | None = None, log=print, max_shard_bytes: int | None = None) -> Path:
+            layers: list[LayerArch] | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write the child checkpoint (RUN/child by default); `layers` overrides the MIP solution."""
     from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path, write_checkpoint, require_parent
     from megapuzzle.checkpoints.shards import DEFAULT_MAX_SHARD_BYTES

@@ -23,6 +23,7 @@ without merging; a later run without --shard finds every block done and only mer
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import time
@@ -40,6 +41,8 @@ from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 from megapuzzle.metrics import kl_per_token, nll_per_token, top1_matches, topk_overlap
+
+log = logging.getLogger(__name__).info
 
 FORMAT = "megapuzzle-scores/1"
 
@@ -244,7 +247,7 @@ def parent_metrics(model, batches, k: int) -> dict[str, float]:
     return {k: v / n for k, v in tot.items()}
 
 
-def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, log=print, progress: bool = True,
+def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int = 1, progress: bool = True,
               naive: bool = False, shard: tuple[int, int] = (0, 1)
               ) -> dict[str, Any]:
     from tqdm import tqdm

@@ -17,6 +17,7 @@ Output directory:
 
 from __future__ import annotations
 
+import logging
 import argparse
 import dataclasses
 import json
@@ -30,6 +31,8 @@ from megapuzzle.train import faults
 from megapuzzle.config.parent import ParentConfig  # noqa: F401 (the stage's config)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
+
+log = logging.getLogger(__name__).info
 
 
 FLAVOURS = {
@@ -73,7 +76,7 @@ def _corpus_texts(split: str, max_files: int, corpus: str = "stdlib"):
             yield text
 
 
-def prepare_tokenizer_and_data(cfg: ParentConfig, out: Path, log=print) -> None:
+def prepare_tokenizer_and_data(cfg: ParentConfig, out: Path) -> None:
     """Tokenizer + indexed datasets; skipped when already there (their files are atomic)."""
     from megapuzzle.data.datasets import write_indexed_dataset
     from megapuzzle.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -119,8 +122,7 @@ def evaluate_lm_loss(model, data, cfg: ParentConfig) -> tuple[float, int]:
     return total / max(n, 1), n
 
 
-def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, threads: int | None = None,
-                 log=print) -> dict:
+def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, threads: int | None = None) -> dict:
     """Run (or resume) the whole recipe; returns result.json's content."""
     from megapuzzle.checkpoints.canonical import save_checkpoint
     from megapuzzle.checkpoints.hf_io import write_llama_dir
@@ -149,7 +151,7 @@ def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, th
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
-        prepare_tokenizer_and_data(cfg, out, log)
+        prepare_tokenizer_and_data(cfg, out)
     if info.world_size > 1:
         torch.distributed.barrier()
     tok = load_tokenizer(out / "tokenizer")

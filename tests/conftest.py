@@ -20,7 +20,7 @@ def debug_parent(tmp_path_factory) -> Path:
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("debug_parent") / "p"
-    train_parent(out, dataclasses.replace(FLAVOURS["debug"], steps=30), log=lambda *a: None)
+    train_parent(out, dataclasses.replace(FLAVOURS["debug"], steps=30))
     return out
 
 
@@ -54,7 +54,7 @@ def make_searched_run(debug_parent: Path, dest: Path, cfg: dict, costs_hook=None
     from megapuzzle.fileio import atomic_write_json
     from megapuzzle.score import ScoreConfig, run_score
 
-    quiet = dict(log=lambda *a: None, progress=False)
+    quiet = dict(progress=False)
     torch.set_num_threads(1)
     r = make_run(debug_parent, dest)
     run_bld(r, cfg, **quiet)

@@ -22,10 +22,11 @@ import pytest
 import torch
 
 from conftest import SEARCH_CFG, make_searched_run
+from _logs import captured
 from megapuzzle.mip import InfeasibleBudgetError, MIPProblem, solve
 from megapuzzle.mip.greedy import greedy
 
-QUIET = dict(log=lambda *a: None)
+QUIET: dict = {}
 CFG = {
     **SEARCH_CFG,
     "mip": {"throughput_x": 1.3, "batch_sizes": [2], "prefill_len": 8, "gen_len": 4, "solver": "highs"},
@@ -339,6 +340,8 @@ def run_search_quality_cfg(run, tmp_path, targets, logs, methods=("puzzle", "gre
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
-    return run_search_quality(cfg, run, targets, tmp_path / "res", work_dir=tmp_path / "work", methods=methods,
-                              gkd_steps=3, uniform_steps=4, command="megapuzzle bench search-quality --gkd-steps 3",
-                              log=logs.append)
+    with captured() as lines:
+        out = run_search_quality(cfg, run, targets, tmp_path / "res", work_dir=tmp_path / "work", methods=methods,
+                                 gkd_steps=3, uniform_steps=4, command="megapuzzle bench search-quality --gkd-steps 3")
+    logs.extend(lines)
+    return out

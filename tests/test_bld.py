@@ -13,6 +13,7 @@ import torch
 
 from _dist import run_distributed
 from conftest import make_run
+from _logs import captured
 from megapuzzle.train.faults import kill_after
 from megapuzzle.arch import AttentionVariant as A, FFNVariant as Fv, LayerArch
 from megapuzzle.bld import BLDConfig, run_bld
@@ -28,7 +29,7 @@ CFG = load_config(EXAMPLE)  # the example config is the test config
 SPACE, BLD = CFG["search_space"], CFG["bld"]
 BATCH, SEQ = BLD["batch_size"], BLD["seq_len"]
 STEPS = BLD["tokens_per_block"] // (BATCH * SEQ)
-QUIET = dict(log=lambda *a: None, progress=False)
+QUIET = dict(progress=False)
 
 
 def cfg(space=None, **bld):
@@ -307,7 +308,7 @@ def test_config_is_validated_in_one_line():
 
 def _bld_worker(info, run: str, c: dict):
     torch.set_num_threads(1)
-    return run_bld(run, c, log=lambda *a: None, progress=False)
+    return run_bld(run, c, progress=False)
 
 
 def test_tp2_gives_the_same_losses_as_tp1(full, base, tmp_path):
@@ -346,8 +347,8 @@ def test_changed_bld_settings_retrain_the_blocks(full, tmp_path):
     run, res = full
     again = fresh(run, tmp_path, with_library=run)
     before = BlockLibrary(again / "library").entries()
-    lines = []
-    res2 = run_bld(again, cfg(lr=BLD["lr"] / 2), log=lines.append, progress=False)
+    with captured() as lines:
+        res2 = run_bld(again, cfg(lr=BLD["lr"] / 2), progress=False)
     assert sorted(res2["trained"]) == sorted(res["trained"]) and res2["trained"]
     assert any("trained with other BLD settings" in l for l in lines)
     after = BlockLibrary(again / "library").entries()

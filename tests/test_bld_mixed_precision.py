@@ -29,7 +29,7 @@ base = test_bld.base  # its fixture: RUN with the debug parent and data, built a
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bld_debug.yaml"
 CFG = load_config(EXAMPLE)
 BF16 = {"search_space": CFG["search_space"], "bld": {**CFG["bld"], "dtype": "bfloat16"}}
-QUIET = dict(log=lambda *a: None, progress=False)
+QUIET = dict(progress=False)
 
 
 @pytest.fixture(scope="module")

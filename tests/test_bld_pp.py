@@ -27,9 +27,9 @@ PP2 = {"pipeline_parallel": 2}
 def _worker(info, run: str, c: dict, stop_after: int | None = None):
     torch.set_num_threads(1)
     if stop_after is None:
-        return run_bld(run, c, log=lambda *a: None, progress=False)
+        return run_bld(run, c, progress=False)
     with kill_after("bld", stop_after):
-        return run_bld(run, c, log=lambda *a: None, progress=False)
+        return run_bld(run, c, progress=False)
 
 
 def _diff(a: dict, b: dict, keys=None) -> tuple[float, float]:

@@ -47,7 +47,7 @@ def test_fuse_command_end_to_end(debug_parent, tmp_path):
     assert want_arch.layers[0].ffn == F("mlp", 256 + 256 + 128)
 
     # streamed + sharded: a shard per layer at this size, an index, the same tensors as in memory
-    new, runs = write_fused(child, tmp_path / "fused", None, max_shard_bytes=100_000, log=lambda *a: None)[1:]
+    new, runs = write_fused(child, tmp_path / "fused", None, max_shard_bytes=100_000)[1:]
     assert runs == [(0, 2)] and (tmp_path / "fused" / "model.safetensors.index.json").is_file()
     fa, ft, meta = load_checkpoint(tmp_path / "fused")
     assert fa == want_arch == new and meta["runs"] == [[0, 2]]

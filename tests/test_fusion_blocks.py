@@ -19,8 +19,7 @@ def test_run_block_bld_and_score(debug_parent):
     arch, sd = run_state_dict(parent, tensors, 1, 2, layer, local)
     assert arch.layers[2].name == "no_op+no_op" and arch.num_layers == parent.num_layers
 
-    res = train_run_block(ck, data / "train", data / "heldout", 1, 2, steps=15, batch_size=4, seq_len=32, lr=2e-3,
-                          log=lambda *a: None)
+    res = train_run_block(ck, data / "train", data / "heldout", 1, 2, steps=15, batch_size=4, seq_len=32, lr=2e-3)
     assert set(res.tensors) == set(local)
     assert 0 < res.nmse_final < res.nmse_init  # BLD across the run improves on the exact fold
     before = score_run_block(ck, data / "heldout", 1, 2, layer, local, seq_len=32)

@@ -22,9 +22,8 @@ def fusion_run(debug_parent, tmp_path_factory):
     cfg = copy.deepcopy(SEARCH_CFG)
     cfg["search_space"]["fusion_max_run"] = 2
     run = make_searched_run(debug_parent, tmp_path_factory.mktemp("fusion") / "run", cfg)
-    quiet = lambda *a: None
-    run_bld(run, section(cfg, "bld", BLDConfig), 2, log=quiet)
-    score_runs(run, section(cfg, "score", ScoreConfig), log=quiet)
+    run_bld(run, section(cfg, "bld", BLDConfig), 2)
+    score_runs(run, section(cfg, "score", ScoreConfig))
     return run
 
 
@@ -48,12 +47,11 @@ def test_mip_with_runs_and_realize(fusion_run):
     from megapuzzle.mip_stage import MIPConfig, run_mip
     from megapuzzle.realize import realize
 
-    quiet = lambda *a: None
     cfg = MIPConfig(throughput_x=1.1, batch_sizes=(2,), prefill_len=8, gen_len=4, solver="highs")
-    out = run_mip(fusion_run, cfg, log=quiet, fusion_max_run=2)
+    out = run_mip(fusion_run, cfg, fusion_max_run=2)
     sol = out["solutions"][0]
     assert len(sol["layers"]) == 4 and sol["predicted_speedup"] >= 1.1 - 1e-9
-    single = run_mip(fusion_run, cfg, log=quiet, fusion_max_run=1)["solutions"][0]
+    single = run_mip(fusion_run, cfg, fusion_max_run=1)["solutions"][0]
     assert sol["objective"] <= single["objective"] + 1e-9  # a superset of candidates never does worse
 
     # realize a solution with a run (written by hand: whether the MIP picks one depends on measured costs)
@@ -62,7 +60,7 @@ def test_mip_with_runs_and_realize(fusion_run):
                                      {"attention": "gqa_kv1", "ffn": "mlp_128"}, {"attention": "gqa_kv2", "ffn": "mlp_256"}],
                           "runs": [[0, 1]], "objective": 0.0}]
     (fusion_run / "mip" / "solutions.json").write_text(json.dumps(sols))
-    child = realize(fusion_run, 0, out=fusion_run / "child_runs", log=quiet)
+    child = realize(fusion_run, 0, out=fusion_run / "child_runs")
     arch, t, meta = load_checkpoint(child)
     assert meta["runs"] == [[0, 1]] and arch.layers[0].name == "gqa_kv2+mlp_512"
     ffn = run_block_ffn(fusion_run, "R000-001.mlp_512")

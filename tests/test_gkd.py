@@ -24,7 +24,7 @@ from megapuzzle.errors import UserError
 from megapuzzle.gkd import GKDConfig, run_gkd
 from megapuzzle.runtime import destroy_distributed
 
-QUIET = dict(log=lambda *a: None, progress=False)
+QUIET = dict(progress=False)
 BETAS = (0.9, 0.95)  # the AdamW betas of both GKD trainers (megapuzzle.gkd_trainers)
 BASE = dict(batch_size=4, seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_batches=2, log_every=1,
             checkpoint_every=2)

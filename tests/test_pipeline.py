@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _logs import captured
 from megapuzzle.errors import UserError
 from megapuzzle.pipeline import STAGE_NAMES, run_pipeline
 
 DEBUG = Path(__file__).resolve().parents[1] / "examples" / "debug.yaml"
-QUIET = dict(log=lambda *a: None)
+QUIET: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def test_every_stage_runs_and_the_child_is_exported(full_run):
 
 def test_rerun_skips_finished_stages(full_run):
     run, _ = full_run
-    lines = []
-    run_pipeline(DEBUG, run, log=lines.append)
+    with captured() as lines:
+        run_pipeline(DEBUG, run)
     assert [l for l in lines if "skipped" in l] == [
         f"[{i}/{len(STAGE_NAMES)}] {n}: done, config unchanged - skipped" for i, n in enumerate(STAGE_NAMES, 1)]
 
@@ -59,8 +60,8 @@ def test_changed_stage_config_reruns_it_and_everything_after(full_run, tmp_path)
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     before = (run / "library" / "index.json").stat().st_mtime_ns
-    lines = []
-    run_pipeline(changed, run, log=lines.append)
+    with captured() as lines:
+        run_pipeline(changed, run)
     ran = [l.split("] ")[1].split(":")[0] for l in lines if ": running" in l]
     assert ran == STAGE_NAMES[STAGE_NAMES.index("mip"):]
     assert (run / "library" / "index.json").stat().st_mtime_ns == before  # nothing before mip re-ran
@@ -74,8 +75,8 @@ def test_interrupted_stage_is_rerun(full_run):
     m = json.loads((run / "manifest.json").read_text())
     m["stages"]["export"]["status"] = "running"  # as if killed during export
     (run / "manifest.json").write_text(json.dumps(m))
-    lines = []
-    run_pipeline(DEBUG, run, log=lines.append)
+    with captured() as lines:
+        run_pipeline(DEBUG, run)
     assert any("export: running (resuming an interrupted run)" in l for l in lines)
     assert _statuses(run)["export"] == "done"
 
@@ -122,8 +123,8 @@ def test_export_stage_writes_an_fp8_checkpoint(full_run, tmp_path):
     cfg["export"].update(quantize="fp8", calib_batches=1, calib_seq_len=32)
     path = tmp_path / "fp8.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    lines = []
-    run_pipeline(path, run, log=lines.append)
+    with captured() as lines:
+        run_pipeline(path, run)
     assert [l.split("] ")[1].split(":")[0] for l in lines if ": running" in l] == ["export"]
     layers = len(json.loads((run / "export" / "config.json").read_text())["block_configs"])
     assert check_fp8_dir(run / "export_fp8", layers)["torch.float8_e4m3fn"] > 0

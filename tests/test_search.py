@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import SEARCH_CFG, make_searched_run
+from _logs import captured
 from megapuzzle.train.faults import kill_after
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
@@ -20,7 +21,7 @@ from megapuzzle.mip_stage import MIPConfig, library_candidates, run_mip, Scenari
 from megapuzzle.score import ScoreConfig, run_score
 
 CFG = SEARCH_CFG
-QUIET = dict(log=lambda *a: None)
+QUIET: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +122,8 @@ def test_a_small_activation_cache_scores_in_groups_with_the_same_result(run, tmp
 
     per_batch, per_group = cache_plan(load_arch(run / "parent"), cfg, torch.float32, cfg.num_batches)
     assert per_group == 1 < cfg.num_batches and per_batch > 1e-6 * (1 << 30)
-    lines = []
-    res = run_score(small, cfg, progress=False, log=lines.append)["blocks"]
+    with captured() as lines:
+        res = run_score(small, cfg, progress=False)["blocks"]
     ref = json.loads((run / "scores.json").read_text())["blocks"]
     assert any("in groups of 1" in ln for ln in lines)
     assert res == ref  # same sums in the same order: bitwise the same scores

@@ -19,7 +19,7 @@ CFG = dataclasses.replace(FLAVOURS["debug"], steps=20, checkpoint_every=8, log_e
 def trained(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("parent") / "run"
-    res = train_parent(out, CFG, log=lambda *a: None)
+    res = train_parent(out, CFG)
     return out, res
 
 
@@ -36,7 +36,7 @@ def test_loss_goes_down_and_outputs_exist(trained):
 
 def test_second_call_is_a_no_op(trained):
     out, res = trained
-    assert train_parent(out, CFG, log=lambda *a: None) == res
+    assert train_parent(out, CFG) == res
 
 
 def test_kill_and_resume_gives_the_same_weights(trained, tmp_path):
@@ -44,10 +44,10 @@ def test_kill_and_resume_gives_the_same_weights(trained, tmp_path):
     run = tmp_path / "resumed"
     # stop after 13 steps without saving (like a kill between checkpoints at 8 and 16) ...
     with kill_after("train-parent", 13):
-        assert train_parent(run, CFG, log=lambda *a: None) == {"stopped_at": 13}
+        assert train_parent(run, CFG) == {"stopped_at": 13}
     assert (run / "train_state/rank000/latest").read_text().strip() == "step_00000008"
     # ... and resume: steps 8..20 replay with the same data and RNG
-    res = train_parent(run, CFG, log=lambda *a: None)
+    res = train_parent(run, CFG)
     assert res["resumed_from_step"] == 8
     a = load_file(str(out / "checkpoint/model.safetensors"))
     b = load_file(str(run / "checkpoint/model.safetensors"))
@@ -109,11 +109,11 @@ def test_a_parent_trains_on_the_python_docs(tmp_path):
 
     torch.set_num_threads(1)
     cfg = dataclasses.replace(CFG, steps=6, checkpoint_every=6, corpus=str(PYDOC), max_files=60)
-    res = train_parent(tmp_path / "p", cfg, log=lambda *a: None)
+    res = train_parent(tmp_path / "p", cfg)
     assert res["config"]["corpus"] == str(PYDOC) and math.isfinite(res["heldout_loss"])
     tok = load_tokenizer(tmp_path / "p" / "tokenizer")
     words = tok.encode("The interpreter reads the documentation")  # prose: few pieces per word
     assert len(words) < 25
     # the stdlib-trained config is another parent: the same directory refuses it
     with pytest.raises(Exception, match="another config"):
-        train_parent(tmp_path / "p", dataclasses.replace(cfg, corpus="stdlib"), log=lambda *a: None)
+        train_parent(tmp_path / "p", dataclasses.replace(cfg, corpus="stdlib"))

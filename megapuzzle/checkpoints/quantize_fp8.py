@@ -22,6 +22,7 @@ only a GPU can run the FP8 GEMMs (a TensorRT-LLM engine build, vLLM serving).
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 
 from megapuzzle.errors import UserError
+
+log = logging.getLogger(__name__).info
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -86,7 +89,7 @@ def calibration_tokens(checkpoint: str | Path, vocab_size: int, *, calib_data: s
 
 def export_fp8(checkpoint: str | Path, out: str | Path, *, calib_data: str | None = None, calib_batches: int = 8,
                calib_batch_size: int = 4, calib_seq_len: int = 256, force: bool = False,
-               max_shard_size: str = "2GB", log=print) -> dict:
+               max_shard_size: str = "2GB") -> dict:
     """Calibrate + quantize + export; returns a summary (quantized Linear count, amax ranges)."""
     from transformers import AutoModelForCausalLM
 

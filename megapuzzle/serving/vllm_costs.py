@@ -24,6 +24,7 @@ them, before anything is measured.
 
 from __future__ import annotations
 
+import logging
 import datetime
 import json
 import shutil
@@ -31,10 +32,12 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace, empty_layer
 from megapuzzle.errors import UserError
+
+log = logging.getLogger(__name__).info
 
 RUNTIME_NAME = "vLLM LLM.generate (dummy weights, prefix caching off)"
 _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -145,7 +148,7 @@ def _median_grid(rows) -> list[list[float]]:
 
 
 def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None = None,
-                       state_path: str | Path | None = None, log: Callable[[str], None] | None = None
+                       state_path: str | Path | None = None
                        ) -> dict[str, Any]:
     """The costs.json dict, every entry timed in vLLM (see the module doc). Resumable: finished
     entries are kept in `state_path` under the settings they were measured with."""
@@ -154,7 +157,6 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
     from megapuzzle.roofline import roofline_table
     from megapuzzle.serving.engines import require_python
 
-    log = log or print
     attention, ffn = search_space_variants(parent, space)
     refuse_unservable(parent, attention, ffn)
     python = require_python("vllm")
@@ -163,7 +165,7 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
     settings = {**cfg.measured_settings(), "engine": "vllm", "dtype": dtype, "vllm_python": str(python),
                 "parent": parent.to_dict()}
     state = Path(state_path) if state_path is not None else None
-    partial = MeasurePartial(state, settings, log)
+    partial = MeasurePartial(state, settings)
     todo = ["empty"] + [f"attention.{v.name}" for v in attention if not v.identity]
     todo += [f"ffn.{v.name}" for v in ffn if not v.identity] + (["check.parent"] if cfg.check_parent else [])
     jobs = [(p, name) for p in range(cfg.passes) for name in todo]

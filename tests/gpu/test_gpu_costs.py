@@ -26,7 +26,7 @@ def test_measured_costs_are_monotone_in_size():
                         attention_no_op=True, ffn_linear=False, ffn_no_op=True)
     cfg = MeasureConfig(batch_sizes=(8,), seq_lens=(1024,), stack_layers=2, repeats=7, warmup=2,
                         dtype="bfloat16", check_parent=False)
-    costs = measure_costs(parent, cfg, space=space, log=print)
+    costs = measure_costs(parent, cfg, space=space)
     assert costs["device"].startswith("NVIDIA") and costs["precision"] == "bf16"
     v = costs["variants"]
 

@@ -1,0 +1,51 @@
+"""megapuzzle.logs: one handler, rank 0 only, prefixes for benchmarks' children."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from megapuzzle import logs
+
+
+def _reset():
+    root = logging.getLogger("megapuzzle")
+    for h in list(root.handlers):
+        if getattr(h, "_megapuzzle_handler", False):
+            root.removeHandler(h)
+    root.propagate = True
+
+
+def test_setup_prints_rank_zero_lines_once_with_prefixes(monkeypatch):
+    out = io.StringIO()
+    _reset()  # a command run in-process earlier may have installed the stdout handler
+    try:
+        logs.setup(stream=out)
+        logs.setup(stream=out)  # idempotent: one handler
+        log = logging.getLogger("megapuzzle.some_stage").info
+        log("plain")
+        with logs.prefixed("  [puzzle 2x] "):
+            log("inside")
+            with logs.prefixed("[gkd] "):
+                log("nested")
+        monkeypatch.setenv("RANK", "1")
+        log("from rank 1")  # dropped
+        logging.getLogger("megapuzzle.x").info("every rank", extra={"all_ranks": True})
+    finally:
+        _reset()
+    assert out.getvalue().splitlines() == ["plain", "  [puzzle 2x] inside", "  [puzzle 2x] [gkd] nested", "every rank"]
+
+
+def test_stage_functions_take_no_log_callable():
+    import inspect
+
+    from megapuzzle.bld import run_bld
+    from megapuzzle.evaluate import run_evaluate
+    from megapuzzle.gkd import run_gkd
+    from megapuzzle.mip_stage import run_mip
+    from megapuzzle.pipeline import run_pipeline
+    from megapuzzle.score import run_score
+    from megapuzzle.train_parent import train_parent
+
+    for fn in (run_bld, run_evaluate, run_gkd, run_mip, run_pipeline, run_score, train_parent):
+        assert "log" not in inspect.signature(fn).parameters, fn.__name__
