@@ -42,15 +42,16 @@ from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_atomic
 
 BENCHMARKS = ("search-quality",)
-# every method the bench can sweep: (plot colour, marker, what it is). A new method (e.g.
-# "puzzle_fusion") needs an entry here and in megapuzzle.baselines.ALL_METHODS / run_child.
+# every method the bench can sweep: (plot colour, marker, what it is). A new method needs an entry
+# here and in megapuzzle.baselines.ALL_METHODS / run_child.
 METHOD_INFO = {
     "puzzle": ("tab:red", "*", "Puzzle: the MIP over the BLD library"),
     "greedy": ("tab:purple", "D", "greedy on the same library and scores"),
     "uniform": ("tab:blue", "s", "uniform width (same KV heads + FFN width everywhere; pruning init, no BLD)"),
     "depth": ("tab:green", "^", "depth: whole layers dropped by block influence (ShortGPT)"),
     "random": ("tab:grey", "o", "random library pairs (rejection sampling at the target)"),
-    "puzzle_fusion": ("tab:orange", "P", "Puzzle with layer fusion"),
+    "puzzle_fusion": ("tab:orange", "P", "Puzzle + FFN Fusion: the tiling MIP with fused-run candidates "
+                                         "(search_space.fusion_max_run; RUN/library_runs)"),
 }
 DEFAULT_METHODS = ("puzzle", "greedy", "uniform", "depth", "random")
 DEFAULT_TARGETS = (1.2, 1.4, 1.6, 1.8, 2.0, 2.4, 2.8, 3.2)
@@ -67,7 +68,8 @@ def row_from(res: dict[str, Any]) -> dict[str, Any]:
     ev, rec = res["eval"], res["record"]
     row = {"method": res["method"], "target": res["throughput_x"], "dir": res["dir"],
            "predicted_x": rec.get("predicted_speedup"), "objective": rec.get("objective"),
-           "layers": [f"{l['attention']}+{l['ffn']}" for l in rec["layers"]], "stage_wall_s": res["stages"]}
+           "layers": [f"{l['attention']}+{l['ffn']}" for l in rec["layers"]], "stage_wall_s": res["stages"],
+           "runs": rec.get("runs") or []}  # fused runs [first, last] (puzzle_fusion)
     if ev:
         c, p = ev["child"], ev["parent"]
         row.update(measured_x=ev["speedup"]["measured"], predicted_x_eval=ev["speedup"]["predicted"],
