@@ -70,3 +70,30 @@ def test_mip_with_runs_and_realize(fusion_run):
     from megapuzzle.arch import LayerArch, AttentionVariant, FFNVariant
     own = lib.layer_tensors(2, LayerArch(AttentionVariant("gqa", 1), FFNVariant("mlp", 128)))
     assert own and all(torch.equal(t[n], x) for n, x in own.items())
+
+
+def test_puzzle_fusion_child_selects_with_runs_and_refuses_a_base_without_them(fusion_run, tmp_path):
+    from megapuzzle.baselines import run_child
+    from megapuzzle.errors import UserError
+
+    quiet = lambda *a: None
+    cfg = copy.deepcopy(SEARCH_CFG)
+    cfg["search_space"]["fusion_max_run"] = 2
+    cfg["mip"] = {"throughput_x": 1.1, "batch_sizes": [2], "prefill_len": 8, "gen_len": 4, "solver": "highs"}
+    res = run_child(fusion_run, cfg, "puzzle_fusion", 1.1, tmp_path / "c", until="select", log=quiet)
+    rec = res["record"]
+    assert len(rec["layers"]) == 4 and rec["predicted_speedup"] >= 1.1 - 1e-9 and "runs" in rec
+    assert (tmp_path / "c" / "library_runs").resolve() == (fusion_run / "library_runs").resolve()
+    info = json.loads((tmp_path / "c" / "baseline.json").read_text())
+    assert info["method"] == "puzzle_fusion" and info["fusion_max_run"] == 2 and info["runs"] == rec["runs"]
+
+    # the same base without its run blocks, and a config without fusion: one-line refusals
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for n in ("parent", "data", "library", "scores.json", "costs.json"):
+        (bare / n).symlink_to((fusion_run / n).resolve())
+    with pytest.raises(UserError, match="no run blocks"):
+        run_child(bare, cfg, "puzzle_fusion", 1.1, tmp_path / "c2", until="select", log=quiet)
+    cfg["search_space"]["fusion_max_run"] = 1
+    with pytest.raises(UserError, match="fusion_max_run >= 2"):
+        run_child(fusion_run, cfg, "puzzle_fusion", 1.1, tmp_path / "c3", until="select", log=quiet)
