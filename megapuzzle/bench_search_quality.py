@@ -157,6 +157,59 @@ def equal_speed_markdown(rows: list[dict], methods, *, lo: float = 1.2, step: fl
     return "\n".join(lines) + "\n"
 
 
+def speed_at_quality(points, q: float) -> float | None:
+    """The fastest measured speedup among children with retention >= q (None: none that good)."""
+    return max((sp for sp, r in points if r >= q - 1e-9), default=None)
+
+
+def fusion_markdown(rows: list[dict], base: str = "puzzle", fused: str = "puzzle_fusion") -> str:
+    """Puzzle with vs without fused-run candidates (same parent, library, scores, costs, GKD):
+    per target the two children, how many fused children use a run, and per quality level the
+    measured speedup each reaches (speed gained at equal quality = fused / base)."""
+    by = {m: {r["target"]: r for r in rows if r["method"] == m} for m in (base, fused)}
+    if not by[base] or not by[fused]:
+        return ""
+    trained = [r for r in by[fused].values() if not r.get("error") and not r.get("same_as")]
+    with_runs = [r for r in trained if r.get("runs")]
+    lines = [f"### {fused} vs {base}: the same targets, paired", "",
+             "Where both pick the same architecture the two children are the same model trained the same way: "
+             "their measured speeds differ only by timing noise (the noise floor of every speed comparison here).",
+             "",
+             f"{len(with_runs)} of {len(trained)} trained {fused} children use a fused run"
+             + (" (" + ", ".join(f"{r['target']:g}x: layers " + " ".join(f"{a}-{b}" for a, b in r["runs"])
+                                 for r in with_runs) + ")" if with_runs else "") + ".", "",
+             f"| target | {base} measured x | {fused} measured x | {base} retention % | {fused} retention % | "
+             f"{fused} runs | same architecture | {base} summed score | {fused} summed score |",
+             "|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+
+    def cell(r, k, fmt):
+        if r is None:
+            return "n/a"
+        if r.get("error"):
+            return "failed"
+        return _f(r.get(k), fmt) + (f" (= {r['same_as']:g}x)" if r.get("same_as") and k == "measured_x" else "")
+
+    for t in sorted(set(by[base]) | set(by[fused])):
+        a, b = by[base].get(t), by[fused].get(t)
+        runs = "n/a" if b is None or b.get("error") else (" ".join(f"{x}-{y}" for x, y in b.get("runs") or []) or "none")
+        same = "n/a" if not (a and b and a.get("layers") and b.get("layers")) else (
+            "yes" if a["layers"] == b["layers"] else "no")
+        lines.append(f"| {t:g} | {cell(a, 'measured_x', '.2f')} | {cell(b, 'measured_x', '.2f')} | "
+                     f"{cell(a, 'retention_pct', '.1f')} | {cell(b, 'retention_pct', '.1f')} | {runs} | {same} | "
+                     f"{cell(a, 'objective', '.4f')} | {cell(b, 'objective', '.4f')} |")
+    pts = _curves(rows, "retention_pct")
+    qs = sorted({q for m in (base, fused) for _, q in pts.get(m, [])}, reverse=True)
+    if qs:
+        lines += ["", f"Measured speedup reached at equal quality (the fastest child with retention >= q after GKD; "
+                      f"gain = {fused} / {base}):", "",
+                  f"| retention >= % | {base} | {fused} | gain |", "|---:|---:|---:|---:|"]
+        for q in qs:
+            sa, sb = speed_at_quality(pts.get(base, []), q), speed_at_quality(pts.get(fused, []), q)
+            gain = f"{sb / sa:.3f}" if sa and sb else "n/a"
+            lines.append(f"| {q:.1f} | {_f(sa, '.2f')} | {_f(sb, '.2f')} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     curves = {k: _curves(rows, k) for k in ("retention_pct", "retention_before_gkd_pct")}
     if not any(p for c in curves.values() for p in c.values()):
@@ -261,7 +314,8 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
                                if m in stopped else "met every target swept") for m in methods]
         md = table_markdown(rows, parent, command, header).split("\n")
         i = md.index(header) + 2
-        md = md[:i] + [equal_speed_markdown(rows, methods), "### How far each method reaches", "", *reach, "",
+        md = md[:i] + [equal_speed_markdown(rows, methods), fusion_markdown(rows), "### How far each method reaches",
+                       "", *reach, "",
                        "### Every child", ""] + md[i:]
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "table.md", "\n".join(md))

@@ -97,3 +97,21 @@ def test_puzzle_fusion_child_selects_with_runs_and_refuses_a_base_without_them(f
     cfg["search_space"]["fusion_max_run"] = 1
     with pytest.raises(UserError, match="fusion_max_run >= 2"):
         run_child(fusion_run, cfg, "puzzle_fusion", 1.1, tmp_path / "c3", until="select", log=quiet)
+
+
+def test_bench_fusion_section_pairs_targets_counts_runs_and_compares_speed_at_equal_quality():
+    from megapuzzle.bench_search_quality import fusion_markdown, speed_at_quality
+
+    L = ["gqa_kv4+mlp_1024"] * 2
+    rows = [{"method": "puzzle", "target": 1.2, "layers": L, "measured_x": 1.25, "retention_pct": 99.0, "objective": 0.1},
+            {"method": "puzzle_fusion", "target": 1.2, "layers": L, "measured_x": 1.3, "retention_pct": 99.0,
+             "objective": 0.1, "runs": []},
+            {"method": "puzzle", "target": 2.0, "layers": ["a", "b"], "measured_x": 2.0, "retention_pct": 97.0},
+            {"method": "puzzle_fusion", "target": 2.0, "layers": ["c", "d"], "measured_x": 2.5, "retention_pct": 97.5,
+             "runs": [[0, 1]]}]
+    md = fusion_markdown(rows)
+    assert "1 of 2 trained puzzle_fusion children use a fused run (2x: layers 0-1)" in md
+    assert "| 1.2 | 1.25 | 1.30 | 99.0 | 99.0 | none | yes |" in md and "| 0-1 | no |" in md
+    assert "| 97.0 | 2.00 | 2.50 | 1.250 |" in md and "| 99.0 | 1.25 | 1.30 | 1.040 |" in md
+    assert speed_at_quality([(1.5, 98.0), (2.0, 97.0)], 97.5) == 1.5 and speed_at_quality([], 90) is None
+    assert fusion_markdown([r for r in rows if r["method"] == "puzzle"]) == ""
