@@ -42,7 +42,10 @@ realize / gkd / evaluate run on it unchanged:
                            when the method, target, seed, config or RUN's files changed
 
 `run_child` also builds the Puzzle child ("puzzle": run_mip at the target, then realize) the
-same way; `megapuzzle bench search-quality` (megapuzzle.bench_search_quality) uses it.
+same way, and "puzzle_fusion": run_mip with fused-run candidates (the config's
+search_space.fusion_max_run >= 2; the base run needs library_runs/ with scored run blocks and
+the fused widths in costs.json: tools/add_fusion_inputs.py adds them
+to a finished run). `megapuzzle bench search-quality` (megapuzzle.bench_search_quality) uses it.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@
         --out benchmarks/results/search_quality/stdlib [--targets 1.2 1.4 1.6 1.8 2.0 2.4 2.8 3.2] \\
         [--gkd-steps 60] [--work-dir runs/cpu_demo_sq_bench] [--methods puzzle uniform ...] [--threads 1]
 
-Sweep: every method (METHOD_INFO; puzzle = the MIP through mip_stage.run_mip; uniform, depth,
-random, greedy = megapuzzle.baselines) is asked for a child at each target, in increasing
+Sweep: every method (METHOD_INFO; puzzle = the MIP through mip_stage.run_mip; puzzle_fusion = the
+tiling MIP with fused-run candidates, from a base run with run blocks (tools/add_fusion_inputs.py)
+and a config with search_space.fusion_max_run >= 2; uniform, depth, random, greedy =
+megapuzzle.baselines) is asked for a child at each target, in increasing
 order, target-major (so an interrupted sweep has every method's low targets). A method stops at
 the first target its selection cannot meet; the last target it met is recorded as its max.
 A selection that picks the same architecture as the method's previous target is not trained
@@ -21,7 +23,8 @@ never written); each child is a resumable run directory (a re-run skips finished
 Writes to --out:
 
     table.md                     the command, the equal-speed tables, where each method is best,
-                                 every child (method, target, predicted, measured, ...)
+                                 (with puzzle and puzzle_fusion: the paired with/without-fusion
+                                 section), every child (method, target, predicted, measured, ...)
     results.json                 the rows + the parent's metrics + the envelopes
     quality_vs_throughput.png    retention against MEASURED speedup, one curve (envelope) per
                                  method; left after GKD, right before GKD
@@ -50,8 +53,8 @@ METHOD_INFO = {
     "uniform": ("tab:blue", "s", "uniform width (same KV heads + FFN width everywhere; pruning init, no BLD)"),
     "depth": ("tab:green", "^", "depth: whole layers dropped by block influence (ShortGPT)"),
     "random": ("tab:grey", "o", "random library pairs (rejection sampling at the target)"),
-    "puzzle_fusion": ("tab:orange", "P", "Puzzle + FFN Fusion: the tiling MIP with fused-run candidates "
-                                         "(search_space.fusion_max_run; RUN/library_runs)"),
+    "puzzle_fusion": ("tab:orange", "P", ("Puzzle + FFN Fusion: the tiling MIP with fused-run candidates "
+                                          "(search_space.fusion_max_run; RUN/library_runs)")),
 }
 DEFAULT_METHODS = ("puzzle", "greedy", "uniform", "depth", "random")
 DEFAULT_TARGETS = (1.2, 1.4, 1.6, 1.8, 2.0, 2.4, 2.8, 3.2)
