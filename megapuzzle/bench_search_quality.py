@@ -209,7 +209,7 @@ def fusion_markdown(rows: list[dict], base: str = "puzzle", fused: str = "puzzle
         for q in qs:
             sa, sb = speed_at_quality(pts.get(base, []), q), speed_at_quality(pts.get(fused, []), q)
             gain = f"{sb / sa:.3f}" if sa and sb else "n/a"
-            lines.append(f"| {q:.1f} | {_f(sa, '.2f')} | {_f(sb, '.2f')} | {gain} |")
+            lines.append(f"| {q:.2f} | {_f(sa, '.2f')} | {_f(sb, '.2f')} | {gain} |")
     return "\n".join(lines) + "\n"
 
 

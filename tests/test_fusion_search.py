@@ -112,6 +112,6 @@ def test_bench_fusion_section_pairs_targets_counts_runs_and_compares_speed_at_eq
     md = fusion_markdown(rows)
     assert "1 of 2 trained puzzle_fusion children use a fused run (2x: layers 0-1)" in md
     assert "| 1.2 | 1.25 | 1.30 | 99.0 | 99.0 | none | yes |" in md and "| 0-1 | no |" in md
-    assert "| 97.0 | 2.00 | 2.50 | 1.250 |" in md and "| 99.0 | 1.25 | 1.30 | 1.040 |" in md
+    assert "| 97.00 | 2.00 | 2.50 | 1.250 |" in md and "| 99.00 | 1.25 | 1.30 | 1.040 |" in md
     assert speed_at_quality([(1.5, 98.0), (2.0, 97.0)], 97.5) == 1.5 and speed_at_quality([], 90) is None
     assert fusion_markdown([r for r in rows if r["method"] == "puzzle"]) == ""
