@@ -42,7 +42,10 @@ realize / gkd / evaluate run on it unchanged:
                            when the method, target, seed, config or RUN's files changed
 
 `run_child` also builds the Puzzle child ("puzzle": run_mip at the target, then realize) the
-same way; `megapuzzle bench search-quality` (megapuzzle.bench_search_quality) uses it.
+same way, and "puzzle_fusion": run_mip with fused-run candidates (the config's
+search_space.fusion_max_run >= 2; the base run needs library_runs/ with scored run blocks and
+the fused widths in costs.json: tools/add_fusion_inputs.py adds them
+to a finished run). `megapuzzle bench search-quality` (megapuzzle.bench_search_quality) uses it.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ from megapuzzle.fileio import atomic_write_json, sha256_file
 log = logging.getLogger(__name__).info
 
 METHODS = ("uniform", "depth", "random", "greedy")
-ALL_METHODS = ("puzzle",) + METHODS
+ALL_METHODS = ("puzzle", "puzzle_fusion") + METHODS
 LINKS = ("parent", "data", "library", "scores.json", "costs.json")
+FUSION_LINKS = ("library_runs",)  # puzzle_fusion: the run blocks (+ their scores in its index.json)
 DROPPED = empty_layer()
 
 
@@ -363,16 +367,17 @@ def ffn_channel_scores(run: RunDir, parent_arch: Architecture, parent_tensors: d
 
 # ----------------------------------------------------------------------------- the child run
 
-def prepare_child_dir(base: RunDir, out: Path) -> RunDir:
-    """OUT with symlinks to RUN's parent/, data/, library/, scores.json, costs.json."""
+def prepare_child_dir(base: RunDir, out: Path, links: tuple[str, ...] = LINKS) -> RunDir:
+    """OUT with symlinks to RUN's parent/, data/, library/, scores.json, costs.json (+ library_runs/
+    for puzzle_fusion)."""
     if out.resolve() == base.root.resolve():
         raise UserError(f"--out {out} is the base run itself; give a new directory")
-    for name in LINKS:
+    for name in links:
         if not (base.root / name).exists():
             raise UserError(f"{base.root / name} does not exist; run `megapuzzle run CFG --run-dir {base.root} "
                             f"--until mip` first")
     out.mkdir(parents=True, exist_ok=True)
-    for name in LINKS:
+    for name in links:
         src, dst = (base.root / name).resolve(), out / name
         if dst.is_symlink():
             if dst.resolve() != src:
@@ -384,11 +389,12 @@ def prepare_child_dir(base: RunDir, out: Path) -> RunDir:
     return RunDir(out)
 
 
-def _fingerprint(base: RunDir) -> dict[str, str]:
+def _fingerprint(base: RunDir, fusion: bool = False) -> dict[str, str]:
     from megapuzzle.checkpoints.canonical import checkpoint_fingerprint
 
     out = {n: sha256_file(base.root / n) for n in ("scores.json", "costs.json", "library/index.json",
-                                                    "parent/arch.json")}
+                                                    "parent/arch.json")
+           + (("library_runs/index.json",) if fusion else ())}
     # key kept from single-file days; the value is the sha256 of model.safetensors for those (< 4 GB)
     out["parent/model.safetensors"] = checkpoint_fingerprint(base.parent)
     return out
@@ -408,6 +414,16 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
         realize(child.root, 0)
         atomic_write_json(child.root / "baseline.json", {"method": "puzzle", "throughput_x": x})
         return out["solutions"][0]
+    if method == "puzzle_fusion":  # the tiling MIP: single-layer candidates + fused runs of 2..max_run layers
+        from megapuzzle.mip_stage import run_mip
+
+        max_run = fusion_max_run(base, cfg)
+        out = run_mip(child.root, mcfg, fusion_max_run=max_run)
+        realize(child.root, 0)
+        rec = out["solutions"][0]
+        atomic_write_json(child.root / "baseline.json", {"method": method, "throughput_x": x,
+                                                         "fusion_max_run": max_run, "runs": rec.get("runs", [])})
+        return rec
     t0 = time.perf_counter()
     ctx = load_context(base.root, cfg, x)
     info: dict[str, Any]
@@ -455,6 +471,31 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
     return rec
 
 
+def fusion_max_run(base: RunDir, cfg: dict) -> int:
+    """search_space.fusion_max_run of the config (>= 2), checked against the base run's run blocks:
+    RUN/library_runs with scored blocks and costs.json with the fused widths (tools/add_fusion_inputs.py
+    or `megapuzzle run` with fusion_max_run > 1 adds them)."""
+    from megapuzzle.cost_table import load_costs
+    from megapuzzle.fusion_blocks import load_run_index
+
+    max_run = SearchSpace.from_dict(cfg.get("search_space")).fusion_max_run
+    if max_run < 2:
+        raise UserError("puzzle_fusion needs search_space.fusion_max_run >= 2 in the config")
+    fix = (f"run tools/add_fusion_inputs.py CONFIG {base.root} (or `megapuzzle run` with fusion_max_run "
+           f"{max_run}) first")
+    blocks = load_run_index(base.root)["blocks"]
+    if not blocks:
+        raise UserError(f"puzzle_fusion: {base.root} has no run blocks (library_runs/); {fix}")
+    unscored = [k for k, e in blocks.items() if "kl" not in e]
+    if unscored:
+        raise UserError(f"puzzle_fusion: run blocks {unscored} of {base.root} have no scores; {fix}")
+    have = set(load_costs(base.costs)["variants"])
+    missing = sorted({e["ffn"] for e in blocks.values()} - {n.split(".", 1)[1] for n in have if n.startswith("ffn.")})
+    if missing:
+        raise UserError(f"puzzle_fusion: {base.costs} has no timing of the fused width(s) {missing}; {fix}")
+    return max_run
+
+
 def default_out(run_dir: str | Path, method: str, x: float) -> Path:
     root = Path(run_dir).resolve()
     return root.with_name(f"{root.name}_baselines") / f"{method}_x{x:g}"
@@ -474,11 +515,15 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
     if until not in stages:
         raise UserError(f"--until {until!r} unknown; use one of {', '.join(stages)}")
     base = RunDir(Path(run_dir))
-    child = prepare_child_dir(base, Path(out) if out is not None else default_out(run_dir, method, x))
+    fusion = method == "puzzle_fusion"
+    if fusion:
+        fusion_max_run(base, cfg)  # refuse a base run without run blocks / scores / fused-width costs
+    child = prepare_child_dir(base, Path(out) if out is not None else default_out(run_dir, method, x),
+                              LINKS + FUSION_LINKS if fusion else LINKS)
     key_src = {"method": method, "throughput_x": float(x), "seed": seed if method == "random" else None,
                "random": [random_tries, random_band] if method == "random" else None, "base": str(base.root.resolve()),
                "uniform_steps": uniform_steps if method == "uniform" else None,
-               "files": _fingerprint(base),
+               "files": _fingerprint(base, fusion),
                "config": {s: cfg.get(s) for s in ("search_space", "bld", "score", "mip", "gkd", "evaluate")}}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
     mf_path = child.manifest

@@ -5,8 +5,10 @@
         --out benchmarks/results/search_quality/stdlib [--targets 1.2 1.4 1.6 1.8 2.0 2.4 2.8 3.2] \\
         [--gkd-steps 60] [--work-dir runs/cpu_demo_sq_bench] [--methods puzzle uniform ...] [--threads 1]
 
-Sweep: every method (METHOD_INFO; puzzle = the MIP through mip_stage.run_mip; uniform, depth,
-random, greedy = megapuzzle.baselines) is asked for a child at each target, in increasing
+Sweep: every method (METHOD_INFO; puzzle = the MIP through mip_stage.run_mip; puzzle_fusion = the
+tiling MIP with fused-run candidates, from a base run with run blocks (tools/add_fusion_inputs.py)
+and a config with search_space.fusion_max_run >= 2; uniform, depth, random, greedy =
+megapuzzle.baselines) is asked for a child at each target, in increasing
 order, target-major (so an interrupted sweep has every method's low targets). A method stops at
 the first target its selection cannot meet; the last target it met is recorded as its max.
 A selection that picks the same architecture as the method's previous target is not trained
@@ -21,7 +23,8 @@ never written); each child is a resumable run directory (a re-run skips finished
 Writes to --out:
 
     table.md                     the command, the equal-speed tables, where each method is best,
-                                 every child (method, target, predicted, measured, ...)
+                                 (with puzzle and puzzle_fusion: the paired with/without-fusion
+                                 section), every child (method, target, predicted, measured, ...)
     results.json                 the rows + the parent's metrics + the envelopes
     quality_vs_throughput.png    retention against MEASURED speedup, one curve (envelope) per
                                  method; left after GKD, right before GKD
@@ -46,15 +49,16 @@ from megapuzzle.fileio import atomic_write_json, atomic_write_text, save_figure_
 log = logging.getLogger(__name__).info
 
 BENCHMARKS = ("search-quality",)
-# every method the bench can sweep: (plot colour, marker, what it is). A new method (e.g.
-# "puzzle_fusion") needs an entry here and in megapuzzle.baselines.ALL_METHODS / run_child.
+# every method the bench can sweep: (plot colour, marker, what it is). A new method needs an entry
+# here and in megapuzzle.baselines.ALL_METHODS / run_child.
 METHOD_INFO = {
     "puzzle": ("tab:red", "*", "Puzzle: the MIP over the BLD library"),
     "greedy": ("tab:purple", "D", "greedy on the same library and scores"),
     "uniform": ("tab:blue", "s", "uniform width (same KV heads + FFN width everywhere; pruning init, no BLD)"),
     "depth": ("tab:green", "^", "depth: whole layers dropped by block influence (ShortGPT)"),
     "random": ("tab:grey", "o", "random library pairs (rejection sampling at the target)"),
-    "puzzle_fusion": ("tab:orange", "P", "Puzzle with layer fusion"),
+    "puzzle_fusion": ("tab:orange", "P", ("Puzzle + FFN Fusion: the tiling MIP with fused-run candidates "
+                                          "(search_space.fusion_max_run; RUN/library_runs)")),
 }
 DEFAULT_METHODS = ("puzzle", "greedy", "uniform", "depth", "random")
 DEFAULT_TARGETS = (1.2, 1.4, 1.6, 1.8, 2.0, 2.4, 2.8, 3.2)
@@ -71,7 +75,8 @@ def row_from(res: dict[str, Any]) -> dict[str, Any]:
     ev, rec = res["eval"], res["record"]
     row = {"method": res["method"], "target": res["throughput_x"], "dir": res["dir"],
            "predicted_x": rec.get("predicted_speedup"), "objective": rec.get("objective"),
-           "layers": [f"{l['attention']}+{l['ffn']}" for l in rec["layers"]], "stage_wall_s": res["stages"]}
+           "layers": [f"{l['attention']}+{l['ffn']}" for l in rec["layers"]], "stage_wall_s": res["stages"],
+           "runs": rec.get("runs") or []}  # fused runs [first, last] (puzzle_fusion)
     if ev:
         c, p = ev["child"], ev["parent"]
         row.update(measured_x=ev["speedup"]["measured"], predicted_x_eval=ev["speedup"]["predicted"],
@@ -156,6 +161,59 @@ def equal_speed_markdown(rows: list[dict], methods, *, lo: float = 1.2, step: fl
             top = max((sp for sp, _ in curves[m]), default=None)
             lines.append(f"- {m}: best in {fmt_ranges(ranges[m])}; fastest child {'n/a' if top is None else f'{top:.2f}x'}")
         lines += ["", "Segments: " + "; ".join(f"({a:.2f}, {b:.2f}] {'+'.join(w)}" for a, b, w in segs), ""]
+    return "\n".join(lines) + "\n"
+
+
+def speed_at_quality(points, q: float) -> float | None:
+    """The fastest measured speedup among children with retention >= q (None: none that good)."""
+    return max((sp for sp, r in points if r >= q - 1e-9), default=None)
+
+
+def fusion_markdown(rows: list[dict], base: str = "puzzle", fused: str = "puzzle_fusion") -> str:
+    """Puzzle with vs without fused-run candidates (same parent, library, scores, costs, GKD):
+    per target the two children, how many fused children use a run, and per quality level the
+    measured speedup each reaches (speed gained at equal quality = fused / base)."""
+    by = {m: {r["target"]: r for r in rows if r["method"] == m} for m in (base, fused)}
+    if not by[base] or not by[fused]:
+        return ""
+    trained = [r for r in by[fused].values() if not r.get("error") and not r.get("same_as")]
+    with_runs = [r for r in trained if r.get("runs")]
+    lines = [f"### {fused} vs {base}: the same targets, paired", "",
+             "Where both pick the same architecture the two children are the same model trained the same way: "
+             "their measured speeds differ only by timing noise (the noise floor of every speed comparison here).",
+             "",
+             f"{len(with_runs)} of {len(trained)} trained {fused} children use a fused run"
+             + (" (" + ", ".join(f"{r['target']:g}x: layers " + " ".join(f"{a}-{b}" for a, b in r["runs"])
+                                 for r in with_runs) + ")" if with_runs else "") + ".", "",
+             f"| target | {base} measured x | {fused} measured x | {base} retention % | {fused} retention % | "
+             f"{fused} runs | same architecture | {base} summed score | {fused} summed score |",
+             "|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+
+    def cell(r, k, fmt):
+        if r is None:
+            return "n/a"
+        if r.get("error"):
+            return "failed"
+        return _f(r.get(k), fmt) + (f" (= {r['same_as']:g}x)" if r.get("same_as") and k == "measured_x" else "")
+
+    for t in sorted(set(by[base]) | set(by[fused])):
+        a, b = by[base].get(t), by[fused].get(t)
+        runs = "n/a" if b is None or b.get("error") else (" ".join(f"{x}-{y}" for x, y in b.get("runs") or []) or "none")
+        same = "n/a" if not (a and b and a.get("layers") and b.get("layers")) else (
+            "yes" if a["layers"] == b["layers"] else "no")
+        lines.append(f"| {t:g} | {cell(a, 'measured_x', '.2f')} | {cell(b, 'measured_x', '.2f')} | "
+                     f"{cell(a, 'retention_pct', '.1f')} | {cell(b, 'retention_pct', '.1f')} | {runs} | {same} | "
+                     f"{cell(a, 'objective', '.4f')} | {cell(b, 'objective', '.4f')} |")
+    pts = _curves(rows, "retention_pct")
+    qs = sorted({q for m in (base, fused) for _, q in pts.get(m, [])}, reverse=True)
+    if qs:
+        lines += ["", f"Measured speedup reached at equal quality (the fastest child with retention >= q after GKD; "
+                      f"gain = {fused} / {base}):", "",
+                  f"| retention >= % | {base} | {fused} | gain |", "|---:|---:|---:|---:|"]
+        for q in qs:
+            sa, sb = speed_at_quality(pts.get(base, []), q), speed_at_quality(pts.get(fused, []), q)
+            gain = f"{sb / sa:.3f}" if sa and sb else "n/a"
+            lines.append(f"| {q:.2f} | {_f(sa, '.2f')} | {_f(sb, '.2f')} | {gain} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +322,8 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
                  for m in methods]
         md = table_markdown(rows, parent, command, header).split("\n")
         i = md.index(header) + 2
-        md = md[:i] + [equal_speed_markdown(rows, methods), "### How far each method reaches", "", *reach, "",
+        md = md[:i] + [equal_speed_markdown(rows, methods), fusion_markdown(rows), "### How far each method reaches",
+                       "", *reach, "",
                        "### Every child", ""] + md[i:]
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "table.md", "\n".join(md))

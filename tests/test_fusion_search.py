@@ -70,3 +70,46 @@ def test_mip_with_runs_and_realize(fusion_run):
     from megapuzzle.arch import LayerArch, AttentionVariant, FFNVariant
     own = lib.layer_tensors(2, LayerArch(AttentionVariant("gqa", 1), FFNVariant("mlp", 128)))
     assert own and all(torch.equal(t[n], x) for n, x in own.items())
+
+
+def test_puzzle_fusion_child_selects_with_runs_and_refuses_a_base_without_them(fusion_run, tmp_path):
+    from megapuzzle.baselines import run_child
+    from megapuzzle.errors import UserError
+    cfg = copy.deepcopy(SEARCH_CFG)
+    cfg["search_space"]["fusion_max_run"] = 2
+    cfg["mip"] = {"throughput_x": 1.1, "batch_sizes": [2], "prefill_len": 8, "gen_len": 4, "solver": "highs"}
+    res = run_child(fusion_run, cfg, "puzzle_fusion", 1.1, tmp_path / "c", until="select")
+    rec = res["record"]
+    assert len(rec["layers"]) == 4 and rec["predicted_speedup"] >= 1.1 - 1e-9 and "runs" in rec
+    assert (tmp_path / "c" / "library_runs").resolve() == (fusion_run / "library_runs").resolve()
+    info = json.loads((tmp_path / "c" / "baseline.json").read_text())
+    assert info["method"] == "puzzle_fusion" and info["fusion_max_run"] == 2 and info["runs"] == rec["runs"]
+
+    # the same base without its run blocks, and a config without fusion: one-line refusals
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for n in ("parent", "data", "library", "scores.json", "costs.json"):
+        (bare / n).symlink_to((fusion_run / n).resolve())
+    with pytest.raises(UserError, match="no run blocks"):
+        run_child(bare, cfg, "puzzle_fusion", 1.1, tmp_path / "c2", until="select")
+    cfg["search_space"]["fusion_max_run"] = 1
+    with pytest.raises(UserError, match="fusion_max_run >= 2"):
+        run_child(fusion_run, cfg, "puzzle_fusion", 1.1, tmp_path / "c3", until="select")
+
+
+def test_bench_fusion_section_pairs_targets_counts_runs_and_compares_speed_at_equal_quality():
+    from megapuzzle.bench_search_quality import fusion_markdown, speed_at_quality
+
+    L = ["gqa_kv4+mlp_1024"] * 2
+    rows = [{"method": "puzzle", "target": 1.2, "layers": L, "measured_x": 1.25, "retention_pct": 99.0, "objective": 0.1},
+            {"method": "puzzle_fusion", "target": 1.2, "layers": L, "measured_x": 1.3, "retention_pct": 99.0,
+             "objective": 0.1, "runs": []},
+            {"method": "puzzle", "target": 2.0, "layers": ["a", "b"], "measured_x": 2.0, "retention_pct": 97.0},
+            {"method": "puzzle_fusion", "target": 2.0, "layers": ["c", "d"], "measured_x": 2.5, "retention_pct": 97.5,
+             "runs": [[0, 1]]}]
+    md = fusion_markdown(rows)
+    assert "1 of 2 trained puzzle_fusion children use a fused run (2x: layers 0-1)" in md
+    assert "| 1.2 | 1.25 | 1.30 | 99.0 | 99.0 | none | yes |" in md and "| 0-1 | no |" in md
+    assert "| 97.00 | 2.00 | 2.50 | 1.250 |" in md and "| 99.00 | 1.25 | 1.30 | 1.040 |" in md
+    assert speed_at_quality([(1.5, 98.0), (2.0, 97.0)], 97.5) == 1.5 and speed_at_quality([], 90) is None
+    assert fusion_markdown([r for r in rows if r["method"] == "puzzle"]) == ""
