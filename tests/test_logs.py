@@ -28,7 +28,7 @@ def test_setup_prints_rank_zero_lines_once_with_prefixes(monkeypatch):
             log("inside")
             with logs.prefixed("[gkd] "):
                 log("nested")
-        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setattr(logs, "rank", lambda: 1)  # as on rank 1 of a job
         log("from rank 1")  # dropped
         logging.getLogger("megapuzzle.x").info("every rank", extra={"all_ranks": True})
     finally:
@@ -49,3 +49,15 @@ def test_stage_functions_take_no_log_callable():
 
     for fn in (run_bld, run_evaluate, run_gkd, run_mip, run_pipeline, run_score, train_parent):
         assert "log" not in inspect.signature(fn).parameters, fn.__name__
+
+
+def test_rank_comes_from_the_environment_before_torch_distributed(monkeypatch):
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized():
+        return  # an earlier test in this process initialised a process group: it decides
+    monkeypatch.setenv("RANK", "3")
+    assert logs.rank() == 3
+    monkeypatch.delenv("RANK")
+    assert logs.rank() == 0
