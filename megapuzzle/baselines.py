@@ -68,6 +68,7 @@ from megapuzzle.baselines_uniform import InterpolatedCosts, interpolate_linear, 
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, sha256_file
+from megapuzzle.mip_stage_runs import require_fusion_inputs
 
 log = logging.getLogger(__name__).info
 
@@ -417,7 +418,7 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
     if method == "puzzle_fusion":  # the tiling MIP: single-layer candidates + fused runs of 2..max_run layers
         from megapuzzle.mip_stage import run_mip
 
-        max_run = fusion_max_run(base, cfg)
+        max_run = require_fusion_inputs(base, cfg)
         out = run_mip(child.root, mcfg, fusion_max_run=max_run)
         realize(child.root, 0)
         rec = out["solutions"][0]
@@ -471,31 +472,6 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
     return rec
 
 
-def fusion_max_run(base: RunDir, cfg: dict) -> int:
-    """search_space.fusion_max_run of the config (>= 2), checked against the base run's run blocks:
-    RUN/library_runs with scored blocks and costs.json with the fused widths (tools/add_fusion_inputs.py
-    or `megapuzzle run` with fusion_max_run > 1 adds them)."""
-    from megapuzzle.cost_table import load_costs
-    from megapuzzle.fusion_blocks import load_run_index
-
-    max_run = SearchSpace.from_dict(cfg.get("search_space")).fusion_max_run
-    if max_run < 2:
-        raise UserError("puzzle_fusion needs search_space.fusion_max_run >= 2 in the config")
-    fix = (f"run tools/add_fusion_inputs.py CONFIG {base.root} (or `megapuzzle run` with fusion_max_run "
-           f"{max_run}) first")
-    blocks = load_run_index(base.root)["blocks"]
-    if not blocks:
-        raise UserError(f"puzzle_fusion: {base.root} has no run blocks (library_runs/); {fix}")
-    unscored = [k for k, e in blocks.items() if "kl" not in e]
-    if unscored:
-        raise UserError(f"puzzle_fusion: run blocks {unscored} of {base.root} have no scores; {fix}")
-    have = set(load_costs(base.costs)["variants"])
-    missing = sorted({e["ffn"] for e in blocks.values()} - {n.split(".", 1)[1] for n in have if n.startswith("ffn.")})
-    if missing:
-        raise UserError(f"puzzle_fusion: {base.costs} has no timing of the fused width(s) {missing}; {fix}")
-    return max_run
-
-
 def default_out(run_dir: str | Path, method: str, x: float) -> Path:
     root = Path(run_dir).resolve()
     return root.with_name(f"{root.name}_baselines") / f"{method}_x{x:g}"
@@ -517,7 +493,7 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
     base = RunDir(Path(run_dir))
     fusion = method == "puzzle_fusion"
     if fusion:
-        fusion_max_run(base, cfg)  # refuse a base run without run blocks / scores / fused-width costs
+        require_fusion_inputs(base, cfg)  # refuse a base run without run blocks / scores / fused-width costs
     child = prepare_child_dir(base, Path(out) if out is not None else default_out(run_dir, method, x),
                               LINKS + FUSION_LINKS if fusion else LINKS)
     key_src = {"method": method, "throughput_x": float(x), "seed": seed if method == "random" else None,

@@ -119,3 +119,30 @@ def run_mip_with_runs(run, parent: Architecture, cands, sc, cfg, batches, parent
             "best_batch_size": b, "fusion_max_run": max_run,
             "batch_table": "\n".join(["| batch | status | objective | tokens/s |", "|---:|---|---:|---:|"] + table),
             "solutions": [rec], "wall_s": time.perf_counter() - t0}
+
+
+def require_fusion_inputs(base, cfg: dict) -> int:
+    """search_space.fusion_max_run of the config (>= 2), checked against the base run's run blocks:
+    RUN/library_runs with scored blocks and costs.json with the fused widths (tools/add_fusion_inputs.py
+    or `megapuzzle run` with fusion_max_run > 1 adds them)."""
+    from megapuzzle.arch import SearchSpace
+    from megapuzzle.cost_table import load_costs
+    from megapuzzle.errors import UserError
+    from megapuzzle.fusion_blocks import load_run_index
+
+    max_run = SearchSpace.from_dict(cfg.get("search_space")).fusion_max_run
+    if max_run < 2:
+        raise UserError("puzzle_fusion needs search_space.fusion_max_run >= 2 in the config")
+    fix = (f"run tools/add_fusion_inputs.py CONFIG {base.root} (or `megapuzzle run` with fusion_max_run "
+           f"{max_run}) first")
+    blocks = load_run_index(base.root)["blocks"]
+    if not blocks:
+        raise UserError(f"puzzle_fusion: {base.root} has no run blocks (library_runs/); {fix}")
+    unscored = [k for k, e in blocks.items() if "kl" not in e]
+    if unscored:
+        raise UserError(f"puzzle_fusion: run blocks {unscored} of {base.root} have no scores; {fix}")
+    have = set(load_costs(base.costs)["variants"])
+    missing = sorted({e["ffn"] for e in blocks.values()} - {n.split(".", 1)[1] for n in have if n.startswith("ffn.")})
+    if missing:
+        raise UserError(f"puzzle_fusion: {base.costs} has no timing of the fused width(s) {missing}; {fix}")
+    return max_run

@@ -51,13 +51,16 @@ def test_stage_functions_take_no_log_callable():
         assert "log" not in inspect.signature(fn).parameters, fn.__name__
 
 
-def test_rank_comes_from_the_environment_before_torch_distributed(monkeypatch):
+def test_rank_comes_from_the_environment_before_torch_distributed():
+    import os
+    import subprocess
     import sys
 
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_initialized():
-        return  # an earlier test in this process initialised a process group: it decides
-    monkeypatch.setenv("RANK", "3")
-    assert logs.rank() == 3
-    monkeypatch.delenv("RANK")
-    assert logs.rank() == 0
+    # a fresh process: no process group exists, so $RANK decides (torchrun / our SLURM launchers set it)
+    code = "from megapuzzle import logs; print(logs.rank())"
+    for env_rank, want in (("3", "3"), (None, "0")):
+        env = {k: v for k, v in os.environ.items() if k != "RANK"}
+        if env_rank is not None:
+            env["RANK"] = env_rank
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want

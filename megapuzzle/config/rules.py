@@ -15,6 +15,7 @@ fields (`X | None`) accept None. Torch-free: configs load on a login node in mil
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import typing
 from typing import Any, Callable, ClassVar
@@ -22,11 +23,12 @@ from typing import Any, Callable, ClassVar
 from megapuzzle.errors import UserError
 
 
-class Rule:
+class Rule(abc.ABC):
     """One field's constraint: `apply` returns the (possibly converted) value or raises."""
 
+    @abc.abstractmethod
     def apply(self, value: Any, where: str, optional: bool) -> Any:
-        raise NotImplementedError
+        """The value to store (converted where the rule converts), or a one-line UserError."""
 
 
 def _omitted(optional: bool) -> str:

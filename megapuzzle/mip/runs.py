@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .problem import FEAS_RTOL, InfeasibleBudgetError, MIPError, MIPProblem, beaten_counts
-from .solvers import FEAS_TOL, choose_solver, licence_error, _gurobi_env
+from .solvers import FEAS_TOL, _gurobi_env, choose_solver, gurobi_optimize
 
 
 @dataclass(frozen=True)
@@ -239,12 +239,7 @@ def _gurobi(A, lower, upper, obj, time_limit, verbose):
     m.Params.TimeLimit = math.inf if time_limit is None else float(time_limit)
     x = m.addMVar(A.shape[1], vtype=gp.GRB.BINARY, obj=obj)
     m.addMConstr(A, x, np.where(np.isfinite(lower), "=", "<"), upper)
-    try:
-        m.optimize()
-    except gp.GurobiError as e:
-        if e.errno == 10010:
-            raise licence_error(m.NumVars, m.NumConstrs) from None
-        raise MIPError(f"gurobi: {e} (errno {e.errno})") from None
+    gurobi_optimize(m)
     S = gp.GRB.Status
     if m.Status in (S.INFEASIBLE, S.INF_OR_UNBD):
         return "infeasible", None

@@ -357,6 +357,18 @@ class HighsBackend:
             inside, x_best = grow, x
 
 
+def gurobi_optimize(m) -> None:
+    """m.optimize(), with Gurobi's errors as ours (10010: the restricted licence's size limit)."""
+    import gurobipy as gp
+
+    try:
+        m.optimize()
+    except gp.GurobiError as e:
+        if e.errno == 10010:
+            raise licence_error(m.NumVars, m.NumConstrs) from None
+        raise MIPError(f"gurobi: {e} (errno {e.errno})") from None
+
+
 class GurobiBackend:
     """Matrix API: one addMVar and one addMConstr for every row (numpy dense, zeros dropped)."""
 
@@ -391,12 +403,7 @@ class GurobiBackend:
         if start is not None:
             self.x.Start = start
         t = time.perf_counter()
-        try:
-            m.optimize()
-        except gp.GurobiError as e:
-            if e.errno == 10010:
-                raise licence_error(m.NumVars, m.NumConstrs) from None
-            raise MIPError(f"gurobi: {e} (errno {e.errno})") from None
+        gurobi_optimize(m)
         secs = time.perf_counter() - t
         S = gp.GRB.Status
         if m.Status in (S.INFEASIBLE, S.INF_OR_UNBD):
