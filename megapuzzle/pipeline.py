@@ -40,7 +40,7 @@ log = logging.getLogger(__name__).info
 def _stage_parent(run: RunDir, cfg: dict) -> dict:
     p = section(cfg, "parent", ParentSection)
     if p.train:
-        from megapuzzle.train_parent import FLAVOURS, train_parent
+        from megapuzzle.stages.parent.train_parent import FLAVOURS, train_parent
 
         if p.train not in FLAVOURS:
             raise UserError(f"parent.train {p.train!r} unknown; use one of {sorted(FLAVOURS)}")
@@ -94,13 +94,13 @@ def _stage_data(run: RunDir, cfg: dict) -> dict:
 
 
 def _stage_bld(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.bld import run_bld
+    from megapuzzle.stages.bld.bld import run_bld
 
     res = run_bld(run.root, cfg)
     out = {"trained": len(res.get("trained", []))}
     max_run = _fusion_max_run(cfg)
     if max_run > 1:
-        from megapuzzle.bld import BLDConfig
+        from megapuzzle.stages.bld.bld import BLDConfig
         from megapuzzle.fusion_blocks import run_bld as run_fusion_bld
 
         out["run_blocks"] = len(run_fusion_bld(run.root, section(cfg, "bld", BLDConfig), max_run)["blocks"])
@@ -114,7 +114,7 @@ def _fusion_max_run(cfg: dict) -> int:
 
 
 def _stage_score(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.score import ScoreConfig, run_score
+    from megapuzzle.stages.score.score import ScoreConfig, run_score
 
     res = run_score(run.root, section(cfg, "score", ScoreConfig))
     out = {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
@@ -128,7 +128,7 @@ def _stage_score(run: RunDir, cfg: dict) -> dict:
 def _stage_measure(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.arch import SearchSpace
     from megapuzzle.checkpoints.canonical import load_arch, require_parent
-    from megapuzzle.cost import MeasureConfig, format_check, measure_costs
+    from megapuzzle.stages.measure.measure import MeasureConfig, format_check, measure_costs
 
     costs = measure_costs(load_arch(require_parent(run)), section(cfg, "measure", MeasureConfig),
                           space=SearchSpace.from_dict(cfg.get("search_space")),
@@ -140,7 +140,7 @@ def _stage_measure(run: RunDir, cfg: dict) -> dict:
 
 
 def _stage_mip(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.mip_stage import MIPConfig, run_mip
+    from megapuzzle.stages.mip.mip import MIPConfig, run_mip
 
     # search_space is not in this stage's config hash: changing it re-runs bld, hence this stage
     out = run_mip(run.root, section(cfg, "mip", MIPConfig), fusion_max_run=_fusion_max_run(cfg))
@@ -150,7 +150,7 @@ def _stage_mip(run: RunDir, cfg: dict) -> dict:
 def _stage_realize(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.arch_table import architecture_table
     from megapuzzle.checkpoints.canonical import load_arch
-    from megapuzzle.realize import realize
+    from megapuzzle.stages.realize.realize import realize
 
     realize(run.root, int((cfg.get("realize") or {}).get("solution", 0)))
     log(architecture_table(load_arch(run.child)))
@@ -158,13 +158,13 @@ def _stage_realize(run: RunDir, cfg: dict) -> dict:
 
 
 def _stage_gkd(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.gkd import GKDConfig, run_gkd
+    from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
 
     return _jsonable(run_gkd(run.root, section(cfg, "gkd", GKDConfig)))
 
 
 def _stage_evaluate(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.evaluate import EvaluateConfig, run_evaluate
+    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, run_evaluate
 
     return _jsonable(run_evaluate(run.root, section(cfg, "evaluate", EvaluateConfig)))
 

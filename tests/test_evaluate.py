@@ -13,7 +13,7 @@ import torch
 from conftest import SEARCH_CFG, make_searched_run
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
-from megapuzzle.evaluate import EvaluateConfig, run_evaluate
+from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, run_evaluate
 from megapuzzle.runtime import destroy_distributed
 
 QUIET: dict = {}
@@ -31,9 +31,9 @@ MODEL_FIELDS = {"lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens
 
 @pytest.fixture(scope="module")
 def run(debug_parent, tmp_path_factory):
-    from megapuzzle.gkd import GKDConfig, run_gkd
-    from megapuzzle.mip_stage import MIPConfig, run_mip
-    from megapuzzle.realize import realize
+    from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
+    from megapuzzle.stages.mip.mip import MIPConfig, run_mip
+    from megapuzzle.stages.realize.realize import realize
 
     r = make_searched_run(debug_parent, tmp_path_factory.mktemp("evaluate") / "run", CFG)
     run_mip(r, section(CFG, "mip", MIPConfig), **QUIET)

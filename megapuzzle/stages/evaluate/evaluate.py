@@ -9,7 +9,7 @@ another checkpoint). For parent and child, side by side:
   top-1 agreement with the parent; retention = child accuracy / parent accuracy (the paper's
   "98.4%"). When GKD ran, the realized child before healing is scored too.
 * speed: end-to-end greedy generation (prefill `prefill_len` tokens, then `gen_len` new ones,
-  KV cache on) at `batch_size` on the cost runtime (megapuzzle.cost_runtime), timed like
+  KV cache on) at `batch_size` on the cost runtime (megapuzzle.costs.timing), timed like
   costs.json was measured (threads, clock, dtype), parent and child alternating, medians.
 * memory: parameter bytes + KV cache for batch_size x (prefill_len + gen_len) tokens.
 * predicted vs measured speedup: costs.json's prediction for the same scenario
@@ -106,7 +106,7 @@ def _solutions(run: RunDir) -> dict | None:
 def measure_pair(archs: dict[str, Architecture], tensors: dict[str, Any], sc: dict, cfg: EvaluateConfig,
                  settings: dict) -> dict[str, dict]:
     """Median generation throughput of each model, `rounds` rounds in alternating order."""
-    from megapuzzle.cost_runtime import measure_model_throughput
+    from megapuzzle.costs.timing import measure_model_throughput
 
     samples: dict[str, list] = {n: [] for n in archs}
     names = list(archs)
@@ -164,8 +164,8 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content.
     `tp` > 1: every model tensor-parallel over the TP group (torchrun); rank 0 writes."""
     from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, require_parent
-    from megapuzzle.cost_runtime import ensure_runtime, resolve_dtype
-    from megapuzzle.cost_table import load_costs, predict_generation_time, throughput_settings
+    from megapuzzle.costs.timing import ensure_runtime, resolve_dtype
+    from megapuzzle.costs.table import load_costs, predict_generation_time, throughput_settings
     from megapuzzle.data.datasets import PackedSequenceDataset
 
     t0 = time.perf_counter()
