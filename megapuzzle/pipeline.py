@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import argparse
 import dataclasses
-import hashlib
 import json
 import platform
 import shutil
@@ -30,6 +29,7 @@ from megapuzzle.config import RunDir, load_config, section
 from megapuzzle.config.pipeline import DataSection, ExportSection, ParentSection  # noqa: F401
 from megapuzzle.errors import UserError
 from megapuzzle.stages import STAGES as REGISTRY
+from megapuzzle.stages.runner import Step, jsonable as _jsonable, run_steps
 from megapuzzle.fileio import atomic_write_json, replace_dir
 
 log = logging.getLogger(__name__).info
@@ -203,10 +203,6 @@ STAGES: list[tuple[str, tuple[str, ...], Callable[[RunDir, dict, Any], dict]]] =
 STAGE_NAMES = [s[0] for s in STAGES]
 
 
-def _jsonable(d: Any) -> Any:
-    return json.loads(json.dumps(d, default=str)) if d is not None else {}
-
-
 def _replace_tree(src: Path, dst: Path) -> None:
     """Copy `src` over `dst` atomically (a kill leaves the old copy or the new one)."""
     tmp = dst.with_name(f".{dst.name}.tmp")
@@ -217,10 +213,6 @@ def _replace_tree(src: Path, dst: Path) -> None:
 
 def stage_config(cfg: dict, sections: tuple[str, ...]) -> dict:
     return {s: cfg.get(s) for s in sections}
-
-
-def config_hash(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _versions() -> dict:
@@ -274,44 +266,8 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, *, 
                     command=" ".join(sys.argv))
     atomic_write_json(run.manifest, manifest)
     t_all = time.perf_counter()
-    dirty = False  # a stage before this one ran: everything after runs too
-    n = len(STAGES)
-    for i, (name, sections, fn) in enumerate(STAGES, 1):
-        if only and name != only:
-            continue
-        sc = stage_config(cfg, sections)
-        h = config_hash(sc)
-        prev = manifest["stages"].get(name, {})
-        if not only and not dirty and prev.get("status") == "done" and prev.get("config_hash") == h:
-            log(f"[{i}/{n}] {name}: done, config unchanged - skipped")
-            if until == name:
-                break
-            continue
-        why = ("resuming an interrupted run" if prev.get("status") == "running" else
-               "config changed" if prev.get("status") == "done" and prev.get("config_hash") != h else
-               "an earlier stage ran" if prev.get("status") in ("done", "stale") else "first run")
-        log(f"[{i}/{n}] {name}: running ({why})")
-        manifest["stages"][name] = {"status": "running", "config": sc, "config_hash": h,
-                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_json(run.manifest, manifest)
-        t0 = time.perf_counter()
-        try:
-            result = fn(run, cfg)
-        except BaseException as e:
-            manifest["stages"][name].update(status="failed" if not isinstance(e, KeyboardInterrupt) else "running",
-                                            error=f"{type(e).__name__}: {e}")
-            atomic_write_json(run.manifest, manifest)
-            raise
-        manifest["stages"][name].update(status="done", wall_s=round(time.perf_counter() - t0, 2),
-                                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"), result=_jsonable(result))
-        for later in STAGE_NAMES[i:]:  # their inputs changed: never skip them on a later invocation
-            if manifest["stages"].get(later, {}).get("status") == "done":
-                manifest["stages"][later]["status"] = "stale"
-        atomic_write_json(run.manifest, manifest)
-        log(f"[{i}/{n}] {name}: done in {time.perf_counter() - t0:.1f}s")
-        dirty = True
-        if until == name:
-            break
+    steps = [Step(name, stage_config(cfg, sections), lambda fn=fn: fn(run, cfg)) for name, sections, fn in STAGES]
+    run_steps(run.manifest, manifest, steps, only=only, until=until)
     manifest["wall_s_last_invocation"] = round(time.perf_counter() - t_all, 1)
     atomic_write_json(run.manifest, manifest)
     log(f"[run] {run.root}: finished in {time.perf_counter() - t_all:.0f}s"

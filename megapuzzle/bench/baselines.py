@@ -6,7 +6,7 @@
 
 Every method must meet exactly the budget the MIP meets: the `mip:` section's scenario (batch
 sizes, prefill_len, gen_len), cost source and constraints, with `throughput_x` = --throughput-x.
-Feasibility is decided by mip_stage.build_problem's own budget rows (throughput, and latency /
+Feasibility is decided by stages.mip.mip.build_problem's own budget rows (throughput, and latency /
 memory / params when configured) on costs.json; a candidate counts as feasible when it meets
 them at one of mip.batch_sizes (its best such batch size is recorded, as the MIP keeps its best).
 
@@ -88,8 +88,8 @@ class SearchContext:
     run: RunDir
     parent: Architecture
     mcfg: Any            # MIPConfig with throughput_x = the target
-    sc: Any              # mip_stage.ScenarioCosts
-    cands: Any           # mip_stage.Candidates (every library pair per layer, with scores)
+    sc: Any              # stages.mip.mip.ScenarioCosts
+    cands: Any           # stages.mip.mip.Candidates (every library pair per layer, with scores)
     parent_tps: dict[int, float]
     problems: dict[int, Any]  # batch size -> MIPProblem over the library candidates, budgets at the target
     parent_choice: list[int]
@@ -484,6 +484,7 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
     for the same key; returns {"method", "throughput_x", "dir", "record", "eval", "stages"}."""
     from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, run_evaluate
     from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
+    from megapuzzle.stages.runner import Step, run_steps
 
     if method not in ALL_METHODS:
         raise UserError(f"unknown method {method!r}; use one of {', '.join(ALL_METHODS)}")
@@ -516,32 +517,20 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
                     "stages": {}}
         atomic_write_json(mf_path, manifest)
 
-    def step(name: str, fn) -> None:
-        st = manifest["stages"].get(name, {})
-        if st.get("status") == "done":
-            log(f"[baseline] {method} @ {x}x: {name} done - skipped")
-            return
-        t0 = time.perf_counter()
-        manifest["stages"][name] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_json(mf_path, manifest)
-        res = fn()
-        manifest["stages"][name] = {"status": "done", "wall_s": round(time.perf_counter() - t0, 2),
-                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": res}
-        for later in stages[stages.index(name) + 1:]:  # their input changed
-            manifest["stages"].pop(later, None)
-        atomic_write_json(mf_path, manifest)
-
-    step("select", lambda: select_and_realize(base, child, cfg, method, x, seed=seed, random_tries=random_tries,
-                                              random_band=random_band, uniform_steps=uniform_steps))
-    if stages.index(until) >= 1:
-        step("gkd", lambda: {k: v for k, v in run_gkd(child.root, section(cfg, "gkd", GKDConfig),
-                                                       progress=False).items() if k in ("steps", "tokens", "final")})
-    if stages.index(until) >= 2:
-        step("evaluate", lambda: {"speedup": run_evaluate(child.root, section(cfg, "evaluate", EvaluateConfig))["speedup"]})
+    steps = [Step("select", key_src, lambda: select_and_realize(
+                 base, child, cfg, method, x, seed=seed, random_tries=random_tries, random_band=random_band,
+                 uniform_steps=uniform_steps)),
+             Step("gkd", {"gkd": cfg.get("gkd")}, lambda: {
+                 k: v for k, v in run_gkd(child.root, section(cfg, "gkd", GKDConfig), progress=False).items()
+                 if k in ("steps", "tokens", "final")}),
+             Step("evaluate", {"evaluate": cfg.get("evaluate")}, lambda: {
+                 "speedup": run_evaluate(child.root, section(cfg, "evaluate", EvaluateConfig))["speedup"]})]
+    run_steps(mf_path, manifest, steps, until=until, label=f"[baseline] {method} @ {x}x: ")
     ev = child.root / "eval.json"
     return {"method": method, "throughput_x": float(x), "dir": str(child.root),
             "record": manifest["stages"]["select"]["result"],
-            "eval": json.loads(ev.read_text()) if ev.is_file() and "evaluate" in manifest["stages"] else None,
+            "eval": json.loads(ev.read_text()) if ev.is_file() and manifest["stages"].get("evaluate", {}).get("status") == "done"
+            else None,
             "stages": {k: v.get("wall_s") for k, v in manifest["stages"].items()}}
 
 

@@ -5,7 +5,7 @@
         --out benchmarks/results/search_quality/stdlib [--targets 1.2 1.4 1.6 1.8 2.0 2.4 2.8 3.2] \\
         [--gkd-steps 60] [--work-dir runs/cpu_demo_sq_bench] [--methods puzzle uniform ...] [--threads 1]
 
-Sweep: every method (METHOD_INFO; puzzle = the MIP through mip_stage.run_mip; puzzle_fusion = the
+Sweep: every method (METHOD_INFO; puzzle = the MIP through stages.mip.mip.run_mip; puzzle_fusion = the
 tiling MIP with fused-run candidates, from a base run with run blocks (tools/add_fusion_inputs.py)
 and a config with search_space.fusion_max_run >= 2; uniform, depth, random, greedy =
 megapuzzle.bench.baselines) is asked for a child at each target, in increasing

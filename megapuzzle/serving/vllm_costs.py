@@ -12,7 +12,7 @@ and `evaluate` read it unchanged. Method (each entry one call of vllm_worker.py,
   difference (t_S - t_M0) / k, which cancels the anchor, the embeddings, the head and vLLM's
   per-step scheduling, and holds one empty layer plus the variant;
 * the empty-layer entry (no-op / no-op layers) gives that layer overhead, so variant costs are
-  marginal over an empty layer, as in cost_table; the fixed part is M0 minus one empty layer
+  marginal over an empty layer, as in costs.table; the fixed part is M0 minus one empty layer
   minus the parent's own attention variant;
 * KV-cache bytes per token come from the blocks vLLM carved out of a known KV budget; each
   variant's share (S - M0) / k must equal what the architecture says;

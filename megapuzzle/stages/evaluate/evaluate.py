@@ -13,7 +13,7 @@ another checkpoint). For parent and child, side by side:
   costs.json was measured (threads, clock, dtype), parent and child alternating, medians.
 * memory: parameter bytes + KV cache for batch_size x (prefill_len + gen_len) tokens.
 * predicted vs measured speedup: costs.json's prediction for the same scenario
-  (cost_table.predict_generation_time) and the MIP's own recorded prediction.
+  (costs.table.predict_generation_time) and the MIP's own recorded prediction.
 
 The scenario defaults to the MIP's (mip/solutions.json: its best batch size, prefill_len,
 gen_len), so the measured speedup checks the MIP's promise like for like.
