@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from megapuzzle.train import faults
 from megapuzzle.arch import Architecture
 from megapuzzle.stages.bld.plan import BLDConfig, BlockSpec, tensor_sig
 from megapuzzle.checkpoints.canonical import first_dtype
@@ -128,14 +127,13 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     """Train this rank's blocks in lockstep and write them to the library. `role` (PP > 1): this
     rank's megapuzzle.stages.bld.pp_relay.PipelineRole; every rank of a pipeline with work calls this,
     `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work)."""
-    from tqdm import tqdm
-
     from megapuzzle.stages.bld.blocks import StudentBlock, Teacher
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import load_canonical_into_model
     from megapuzzle.train.block_optimizer import BlockOptimizers
+    from megapuzzle.train.loop import TrainLoop
     from megapuzzle.train.schedule import LRSchedule
     from megapuzzle.train.state import load_train_state, save_train_state
     from megapuzzle.train.train_logger import TrainLogger
@@ -227,23 +225,19 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     sched = LRSchedule(cfg.lr, max(total, 1), min(cfg.warmup, max(total - 1, 0)), cfg.min_lr)
     tb = rd.tb / "bld" / (f"dp{info.dp_rank:03d}" if role is None else f"dp{info.dp_rank:03d}_pp{info.pp_rank:03d}")
     logger = TrainLogger(tb, total, prefix="bld/", enabled=leader and bool(mine))
-    bar = tqdm(total=total, initial=start, desc="bld", unit="step", disable=not (progress and main))
     if leader and start == 0:
         for k, v in init_nmse.items():
             logger.scalar(f"eval_nmse/{k}", v, 0)
-    last_log, window = start, {s.key: [] for s in trainable}
-    for step in range(start, total):
-        if faults.reached("bld", step):
-            bar.close()
-            logger.close()
-            return {"stopped_at": step, "resumed_from": start if resume else None, "timings": tim}
-        tokens = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1]  # same batch on every rank
+    window: dict[str, list[float]] = {s.key: [] for s in trainable}
+
+    def step(i: int, lr: float) -> dict:
+        tokens = train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1]  # same batch on every rank
         t = time.perf_counter()
         tout = teacher.forward(tokens)  # PP: a relay-only stage just passes the boundary state on
         t1 = time.perf_counter()
         norms = []
         if trainable:
-            opt.set_lr(sched(step))
+            opt.set_lr(lr)
             for s in trainable:  # one backward per block: no graph spans two blocks, activations freed early
                 num, den = _nmse_terms(s, tout)
                 loss = num / den
@@ -253,19 +247,23 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
             opt.zero_grad()
         tim["teacher_s"] += t1 - t
         tim["students_s"] += time.perf_counter() - t1
-        bar.update(1)
-        if ((step + 1) % cfg.log_every == 0 or step + 1 == total) and window:
-            means = {k: sum(v) / len(v) for k, v in window.items()}
-            done = step + 1 - last_log
-            logger.log(step + 1, done * cfg.tokens_per_step,
-                       {"nmse mean": sum(means.values()) / len(means), "nmse max": max(means.values()),
-                        "lr": sched(step), "grad norm max": max(norms)}, console=main, iters=done)
-            for k, v in means.items():
-                logger.scalar(f"nmse/{k}", v, step + 1)
-            last_log, window = step + 1, {k: [] for k in window}
-        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total) and mine:
-            save_train_state(state_dir, step + 1, named, opt, extra)
-    bar.close()
+        return {"grad norm max": max(norms)} if norms else {}
+
+    def block_means(n: int, done: int) -> dict | None:
+        if not window:
+            return None  # no block of its own trains here: nothing to log
+        means = {k: sum(v) / len(v) for k, v in window.items()}
+        for v in window.values():
+            v.clear()
+        return {"nmse mean": sum(means.values()) / len(means), "nmse max": max(means.values()),
+                **loop.last, **{f"nmse/{k}": v for k, v in means.items()}}
+
+    loop = TrainLoop("bld", total, sched, logger, cfg.log_every, cfg.checkpoint_every, cfg.tokens_per_step,
+                     console=main, progress=progress and main)
+    save = (lambda n: save_train_state(state_dir, n, named, opt, extra)) if mine else None
+    stopped = loop.run(start, step, save=save, window=block_means)
+    if stopped is not None:
+        return {"stopped_at": stopped, "resumed_from": start if resume else None, "timings": tim}
 
     t = time.perf_counter()
     final = evaluate(teacher, students, heldout, cfg)
