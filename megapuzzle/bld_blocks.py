@@ -172,14 +172,16 @@ class StudentBlock(torch.nn.Module):
 
     def __init__(self, key: str, kind: str, layer_index: int, parent: Architecture, variant: LayerArch,
                  teacher: Teacher | None, tp: int, fp8_recipe: str | None = None,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, last: int | None = None):
         """`kind` attention | ffn | layer; `teacher` is needed only for attention blocks (their
         frozen FFN is the teacher's). kind "layer" with a full LayerArch builds and loads the
         whole layer (scoring uses that for any block plus the parent's other subblock).
         `fp8_recipe`: build with FP8 GEMMs and run forward under fp8 autocast (see build_layer).
-        `params_dtype`: the layer's parameter dtype (the teacher's, for attention blocks)."""
+        `params_dtype`: the layer's parameter dtype (the teacher's, for attention blocks).
+        `last`: a fused-run block's last layer (its target is the parent's output there)."""
         super().__init__()
         self.key, self.kind, self.layer_index = key, kind, layer_index
+        self.last = layer_index if last is None else last
         self.variant = variant
         if kind == "attention":
             self.own = LayerArch(variant.attention, NO_FFN)
