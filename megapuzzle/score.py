@@ -11,7 +11,9 @@ Why it is fast (docs/design.md, "Scoring dominates naive pipelines"): the parent
 every layer input and its log-probabilities are computed once per batch and kept; a block at
 layer l then runs only its own layer and the parent's layers l+1..L-1 plus the head, and all
 candidates of one layer go through those shared layers stacked into one batch.
-`naive=True` (benchmarks only) re-runs the whole model per candidate instead.
+`naive=True` (benchmarks only) re-runs the whole model per candidate instead. A fused-run block
+(`BlockRef.last`, megapuzzle.fusion_blocks.score_runs) runs on the stream entering its first
+layer and continues after its last.
 
 Resumable: each rank appends finished blocks to RUN/state/score/rank{r}.json (atomic); a
 restart skips them. Rank 0 merges all ranks' files into scores.json.
