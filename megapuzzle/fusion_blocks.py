@@ -66,12 +66,12 @@ def plan_run_blocks(parent: Architecture, library, max_run: int, stages: list[ra
     return specs, runs, skipped
 
 
-def _decide(sink: RunLibrary, arch, specs, runs, state_root: Path, dp: int, sig: str, stages) -> dict:
+def _decide(sink: RunLibrary, arch, specs, runs, state_root: Path, dp: int, sig: str, stages, max_run: int) -> dict:
     from megapuzzle.bld import _plan_for_ranks
 
-    keys = {b.key for b in specs}
-    with sink.locked_index() as idx:  # the index is the plan: drop blocks of windows no longer asked for
-        idx["blocks"] = {k: e for k, e in idx["blocks"].items() if k in keys}
+    windows = set(run_windows(arch, max_run))
+    with sink.locked_index() as idx:  # drop blocks of windows no longer asked for (a lower fusion_max_run)
+        idx["blocks"] = {k: e for k, e in idx["blocks"].items() if (e["first"], e["last"]) in windows}
     entries = sink.entries()
     todo = [b for b in specs if not (sink.entry_ok(entries.get(b.key)) and entries[b.key].get("bld_signature") == sig
                                      and entries[b.key].get("sources") == runs[b.key]["sources"])]
@@ -115,7 +115,7 @@ def run_bld(run_root, bld_cfg, max_run: int, *, progress: bool = False) -> dict:
     decision: list[Any] = [None]
     if info.rank == 0:
         try:
-            decision = [_decide(sink, arch, specs, runs, state_root, info.dp_size, sig, stages)]
+            decision = [_decide(sink, arch, specs, runs, state_root, info.dp_size, sig, stages, max_run)]
         except (UserError, ValueError, OSError) as e:
             decision = [{"error": f"{type(e).__name__}: {e}"}]
             if info.world_size == 1:

@@ -107,6 +107,16 @@ def test_pp2_gives_the_one_process_blocks_and_each_stage_reads_only_its_layers(o
     print(f"\nPP=2 reads per rank: {[len(r['reads']) for r in res]} tensors")
 
 
+def test_dp2_splits_the_run_blocks_and_gives_the_one_process_blocks(one, base, tmp_path):
+    run0, _ = one
+    run = _fresh(base, tmp_path)
+    res = run_distributed(_worker, world=2, args=(str(run), C))
+    k0, k1 = (set(r["trained"]) for r in res)
+    assert k0 and k1 and not k0 & k1 and sorted(k0 | k1) == KEYS  # bld's split: disjoint, complete
+    a, b = _blocks(run0), _blocks(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+
+
 def test_tp2_trains_the_same_blocks_within_adamw_noise(one, base, tmp_path):
     run0, idx0 = one
     run = _fresh(base, tmp_path)
