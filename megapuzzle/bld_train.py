@@ -170,7 +170,9 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
         from megapuzzle.bld_pipeline import PipelineRelay
 
         relay = PipelineRelay(role, arch.hidden_size, model.config.params_dtype, next(model.parameters()).device)
-    teacher = Teacher(model, {b.layer for b in mine} | {b.end for b in mine}, {b.layer for b in mine if b.kind == "ffn"} | prune, relay)
+    carry = set(role.carry_out) if role is not None else set()  # streams a later stage's run blocks need
+    teacher = Teacher(model, {b.layer for b in mine} | {b.end for b in mine} | carry,
+                      {b.layer for b in mine if b.kind == "ffn"} | prune | carry, relay)
     fp8 = cfg.fp8_recipe if cfg.fp8 else None
     students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size, fp8, dtype, b.last)
                 for b in mine]

@@ -15,8 +15,8 @@ blocks through the ordinary, scaled paths; no rank loads the whole parent:
   `narrower_starts`); a rank reads only those FFN tensors for it. The parent's attention at i
   stays frozen (so the block pairs with any attention variant there and scores add up as in
   decoupled BLD). Written to RUN/library_runs (megapuzzle.fusion_library).
-  Under PP a block trains on the stage holding its layers; a window that crosses a stage
-  boundary is not trained there (logged; not a candidate at that PP).
+  Under PP a block trains on the stage of its last layer j; when layer i is on an earlier stage,
+  the teacher streams x_i / m_i travel there with the boundary state (bld_pipeline.run_carries).
 * `score_runs`: megapuzzle.score's cached parent pass: per batch the parent's streams and
   log-probs once, then a run block's layer applied to the stream entering layer i, stacked with
   the other candidates of the same (i, j) through the parent's layers j+1..L-1 + head. KL(parent
@@ -44,17 +44,14 @@ log = logging.getLogger(__name__).info
 
 # ----------------------------------------------------------------------------- BLD
 
-def plan_run_blocks(parent: Architecture, library, max_run: int, stages: list[range]):
-    """(BlockSpecs, {key: first / last / start / sources}, windows skipped for crossing a PP stage)
-    of every run window of 2..max_run layers: the fold of the parent's FFNs, and per narrower FFN
-    variant the library holds at all its layers, the fold of those blocks."""
+def plan_run_blocks(parent: Architecture, library, max_run: int):
+    """(BlockSpecs, {key: first / last / start / sources}) of every run window of 2..max_run layers:
+    the fold of the parent's FFNs, and per narrower FFN variant the library holds at all its layers,
+    the fold of those blocks."""
     from megapuzzle.bld_plan import BlockSpec
 
-    specs, runs, skipped = [], {}, []
+    specs, runs = [], {}
     for i, j in run_windows(parent, max_run):
-        if not any(i in r and j in r for r in stages):
-            skipped.append((i, j))
-            continue
         starts = [(None, [])] + narrower_starts(parent, library, i, j)
         for start, sources in starts:
             width = (run_block_layer(parent, i, j).ffn if start is None else
@@ -63,7 +60,7 @@ def plan_run_blocks(parent: Architecture, library, max_run: int, stages: list[ra
             specs.append(BlockSpec(key, i, "ffn", LayerArch(parent.layers[i].attention, width), False, last=j))
             runs[key] = {"first": i, "last": j, "start": "parent" if start is None else start.name,
                          "sources": sources}
-    return specs, runs, skipped
+    return specs, runs
 
 
 def _decide(sink: RunLibrary, arch, specs, runs, state_root: Path, dp: int, sig: str, stages, max_run: int) -> dict:
@@ -104,10 +101,7 @@ def run_bld(run_root, bld_cfg, max_run: int, *, progress: bool = False) -> dict:
     run.require_data("train")
     run.require_data("heldout")
     library = BlockLibrary(run.library)
-    specs, runs, skipped = plan_run_blocks(arch, library, max_run, stages)
-    if skipped and info.rank == 0:
-        log(f"[bld-runs] {len(skipped)} run window(s) cross a pipeline stage boundary at pipeline_parallel="
-            f"{cfg.pipeline_parallel} and are not trained (e.g. {skipped[0][0]}-{skipped[0][1]})")
+    specs, runs = plan_run_blocks(arch, library, max_run)
     check_tensor_parallel(arch, specs, info.tp_size)
     sink = RunLibrary(run.root, runs)
     state_root = run.state / "bld_runs" / tensor_sig(",".join(b.key for b in specs))
@@ -128,10 +122,12 @@ def run_bld(run_root, bld_cfg, max_run: int, *, progress: bool = False) -> dict:
     todo, plan_keys = set(d["todo"]), d["assign"][info.pp_rank][info.dp_rank]
     mine = [b for b in specs if b.key in todo and b.key in set(plan_keys)]
     role = None
-    if info.pp_size > 1:
-        from megapuzzle.bld_pipeline import PipelineRole, deepest_stage
+    if info.pp_size > 1:  # a block trains on its last layer's stage; x / m of its first layer travel there
+        from megapuzzle.bld_pipeline import PipelineRole, deepest_stage, run_carries
 
-        role = PipelineRole(info.pp_rank, deepest_stage(d["assign"], todo, info.dp_rank))
+        carries = run_carries(d["assign"], todo, info.dp_rank, {b.key: b.layer for b in specs}, stages)
+        s = info.pp_rank
+        role = PipelineRole(s, deepest_stage(d["assign"], todo, info.dp_rank), carries[s - 1] if s else (), carries[s])
 
     def fold_init(b):  # the exact fold: only FFNs i..j are read (parent, lazily, or library blocks)
         start = runs[b.key]["start"]
