@@ -198,3 +198,38 @@ def test_cached_pass_run_score_equals_a_whole_model_reference(one, tmp_path):
         assert e["kl"] > 0 and abs(e["kl"] - ref["kl"]) <= 1e-5 + 1e-4 * ref["kl"], (e["kl"], ref["kl"])
         assert abs(e["lm_loss_delta"] - ref["lm_loss_delta"]) <= 1e-5, (e["lm_loss_delta"], ref["lm_loss_delta"])
         assert e["top1"] == pytest.approx(ref["top1"], abs=1.0 / 64)  # at most one near-tie flips
+
+
+def test_run_scoring_resumes_after_a_kill_and_splits_over_dp(one, tmp_path):
+    from megapuzzle.config import section
+    from megapuzzle.fusion_blocks import score_runs
+    from megapuzzle.score import ScoreConfig
+    from megapuzzle.train.faults import kill_after
+
+    run0, _ = one
+    sc = section({"score": {"batch_size": 2, "seq_len": 32, "num_batches": 2}}, "score", ScoreConfig)
+    ref = tmp_path / "ref"
+    shutil.copytree(run0, ref)
+    want = score_runs(ref, sc)["blocks"]
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    with kill_after("score_runs", 1):
+        assert score_runs(run, sc)["stopped_after"] == 1
+    saved = (run / "state" / "score_runs" / "rank000.json").read_text()
+    assert saved.count('"kl"') == 1  # one block finished and kept
+    got = score_runs(run, sc)["blocks"]
+    assert {k: (e["kl"], e["top1"], e["lm_loss_delta"]) for k, e in got.items()} == \
+           {k: (e["kl"], e["top1"], e["lm_loss_delta"]) for k, e in want.items()}
+    dp = tmp_path / "dp"
+    shutil.copytree(run0, dp)
+    res = run_distributed(_score_worker, world=2, args=(str(dp), {"batch_size": 2, "seq_len": 32, "num_batches": 2}))
+    assert res[0] == {k: (e["kl"], e["top1"], e["lm_loss_delta"]) for k, e in want.items()}
+
+
+def _score_worker(info, run: str, score: dict):
+    from megapuzzle.config import section
+    from megapuzzle.fusion_blocks import score_runs
+    from megapuzzle.score import ScoreConfig
+
+    idx = score_runs(run, section({"score": score}, "score", ScoreConfig))
+    return {k: (e["kl"], e["top1"], e["lm_loss_delta"]) for k, e in idx["blocks"].items()} if info.rank == 0 else None
