@@ -61,10 +61,11 @@ def _tp_agree(value: int) -> bool:
 
 
 def _nmse_terms(student, t) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of squared errors, sum of squared targets) on the layer's update o = out - in."""
+    """(sum of squared errors, sum of squared targets) on the layer's update o = out - in (a
+    fused-run block: on the run's update, the stream out of its last layer minus the one into its first)."""
     i = student.layer_index
     x = t.x[i].float()  # in fp32 whatever the params' dtype: bf16 differences would lose the small updates
-    target = t.y[i].float() - x
+    target = t.y[student.last].float() - x
     err = (student(t).float() - x) - target
     return err.pow(2).sum(), target.pow(2).sum()
 
@@ -123,10 +124,12 @@ def _resume_point(state_dir: Path, keys_sig: str, mine: list[BlockSpec], steps: 
 
 def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: dict, mine: list[BlockSpec],
                lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str],
-               progress: bool = True, role=None) -> dict:
+               progress: bool = True, role=None, init=None) -> dict:
     """Train this rank's blocks in lockstep and write them to the library. `role` (PP > 1): this
     rank's megapuzzle.stages.bld.pp_relay.PipelineRole; every rank of a pipeline with work calls this,
-    `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work)."""
+    `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work).
+    `init(b)` -> (layer-local tensors, method): how blocks start when not the parent's usual init
+    (fused-run blocks: the fold, megapuzzle.fusion_blocks); `lib` is then where they are written."""
     from megapuzzle.stages.bld.blocks import StudentBlock, Teacher
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
@@ -158,16 +161,18 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     model = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
     if role is None or role.active:
         load_canonical_into_model(model, parent_tensors, arch)
-    prune = {b.layer for b in mine if b.kind != "attention"
+    prune = {b.layer for b in mine if b.kind != "attention" and b.last is None
              and b.variant.ffn.kind_spec.needs_calibration(arch.layers[b.layer].ffn, b.variant.ffn)}
     relay = None
     if role is not None and role.active:
         from megapuzzle.stages.bld.pp_relay import PipelineRelay
 
         relay = PipelineRelay(role, arch.hidden_size, model.config.params_dtype, next(model.parameters()).device)
-    teacher = Teacher(model, {b.layer for b in mine}, {b.layer for b in mine if b.kind == "ffn"} | prune, relay)
+    carry = set(role.carry_out) if role is not None else set()  # streams a later stage's run blocks need
+    teacher = Teacher(model, {b.layer for b in mine} | {b.end for b in mine} | carry,
+                      {b.layer for b in mine if b.kind == "ffn"} | prune | carry, relay)
     fp8 = cfg.fp8_recipe if cfg.fp8 else None
-    students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size, fp8, dtype)
+    students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size, fp8, dtype, b.last)
                 for b in mine]
     spec = {b.key: b for b in mine}
     named = {f"{s.key}/{n}": p for s in students for n, p in s.trainable().items()}
@@ -210,7 +215,8 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
         scores = _calibrate(teacher, train, cfg, arch, parent_tensors, prune) if any_prune else {}
         tim["calibration_s"] = time.perf_counter() - t
         for s in students:
-            tensors, methods[s.key] = _init_tensors(arch, spec[s.key], parent_tensors, scores)
+            tensors, methods[s.key] = (_init_tensors(arch, spec[s.key], parent_tensors, scores) if init is None
+                                       else init(spec[s.key]))
             s.load_canonical(tensors)
         if opt is not None:
             opt.reload_model_params()  # the fp32 master weights start from the init just loaded
