@@ -2,6 +2,8 @@
 
     megapuzzle score --config examples/cpu_demo.yaml --run-dir runs/demo
     torchrun --nproc-per-node 8 -m megapuzzle.cli score --config ... --run-dir ...   # blocks split over ranks
+    torchrun --nproc-per-node 8 -m megapuzzle.cli score --pp 8 --config ... --run-dir ...  # a 70B parent:
+        # each GPU holds 10 of its 80 layers (world = TP x PP x DP; score.tensor_parallel / pipeline_parallel)
 
 For every block of RUN/library: the parent with only that block swapped in, on held-out
 tokens, against the parent's own next-token distribution: KL(parent || child) (the default
@@ -13,8 +15,16 @@ layer l then runs only its own layer and the parent's layers l+1..L-1 plus the h
 candidates of one layer go through those shared layers stacked into one batch.
 `naive=True` (benchmarks only) re-runs the whole model per candidate instead.
 
-Resumable: each rank appends finished blocks to RUN/state/score/rank{r}.json (atomic); a
-restart skips them. Rank 0 merges all ranks' files into scores.json.
+Pipeline parallel (PP > 1): each stage builds and reads only its own layers (megapuzzle.model.runner
+runs them), keeps only the streams entering them and, on the last stage, the parent's log-probs:
+per batch, tokens x (stage layers + 1) x hidden in `dtype` + (last stage) tokens x vocab x 4 bytes,
+bounded by score.cache_gb per rank. A candidate runs on the stage owning its layer, the stacked
+stream [s, n x b, h] is sent on stage to stage and the last stage computes the metrics; every rank
+of a pipeline follows one deterministic schedule (`score_blocks`). The scores equal PP=1's bitwise.
+
+Resumable: the rank holding the metrics (TP rank 0 of the last stage) appends finished blocks to
+RUN/state/score/rank{r}.json (atomic); a restart skips them (the pipeline's ranks agree on which).
+Rank 0 merges all ranks' files into scores.json.
 
 `--shard I/N` (a SLURM array task, slurm/score.sbatch): score only every N-th block starting
 at I (this job's DP ranks split that further), into RUN/state/score/shard{I}of{N}_rank{r}.json,

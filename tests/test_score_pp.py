@@ -113,3 +113,13 @@ def test_pp2_resumes_after_a_kill(run, tmp_path):
     # armed to stop at the (n - 2)-th block it scores: a resume that redid the 3 saved ones would stop
     res = run_distributed(_score, world=2, pp=2, args=(r, cfg, n - 2))[0]
     assert res["blocks"] == _ref(run)["blocks"]
+
+
+def test_a_pipeline_the_launch_cannot_hold_fails_at_start_in_one_line(run, tmp_path):
+    from megapuzzle.errors import UserError
+
+    r = _copy(run, tmp_path / "r")
+    with pytest.raises(UserError, match=r"score \(tensor_parallel=1, pipeline_parallel=2\): world size 1"):
+        run_score(r, section(CFG, "score", ScoreConfig), pp=2, progress=False)
+    with pytest.raises(UserError, match="score.pipeline_parallel"):
+        ScoreConfig(pipeline_parallel=0)
