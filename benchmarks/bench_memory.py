@@ -12,8 +12,8 @@ rank, at exit) and the bytes of model weights that rank owns:
   tensor + 1.5 GB;
 * `bld` with a search space holding only the parent's own variants (it writes the parent's
   blocks into the library layer by layer; no student trains, so this is the read path only);
-* `score` (bf16 weights, KL in fp32) under torchrun at TP x PP = 1x1, 2x1 and 1x2 where the
-  stage has PP; score has none, so "1x2" runs it as two data-parallel ranks, each a full replica;
+* `score` (bf16 weights, KL in fp32) under torchrun at TP x PP = 1x1, 2x1 and 1x2 (`score --tp --pp`;
+  each pipeline stage builds and reads only its own layers);
 * `evaluate` (bf16 quality and timing) at TP = 1 and 2 (`evaluate --tp`); it has no PP;
 * `bld` with trained students: two per layer (GQA with half the parent's KV heads, and a SwiGLU at
   25 % of the parent's width), 2 steps, bf16 params under Megatron's mixed-precision optimizer
@@ -206,10 +206,10 @@ def main() -> int:
             (run / "scores.json").unlink(missing_ok=True)
             shutil.rmtree(run / "state" / "score", ignore_errors=True)
             res = run_ranks(work, f"score_{lay}", world, ["score", "--run-dir", str(run), "--config", str(cfg),
-                                                           "--tp", str(tp), "--no-progress"])
-            note = "" if pp == 1 else "no PP in score: 2 DP replicas"
-            for rr in res:
-                rows.append(("score", lay, rr["rank"], rr, owned_bytes(arch, tp, 2), None, note, "score"))
+                                                           "--tp", str(tp), "--pp", str(pp), "--no-progress"])
+            for rr in res:  # Megatron's rank order: TP fastest, then the pipeline stage
+                rows.append(("score", lay, rr["rank"], rr, owned_bytes(arch, tp, 2, pp=pp, stage=rr["rank"] // tp),
+                             None, "", "score"))
         # the MIP's choice, fixed here: the parent's own variants (a 1.24B child from the library)
         run.joinpath("mip").mkdir(exist_ok=True)
         (run / "mip" / "solutions.json").write_text(json.dumps({"solutions": [{
@@ -292,7 +292,6 @@ Misses, each with its cause (not rows of this table):
 * evaluate at 1x2: evaluate has no PP (`evaluate --tp N` splits both models over TP; the 2x1 rows).
   `megapuzzle run` and slurm/evaluate.sbatch still launch it as one process, which is why evaluate
   does not fit one H100 at 70B and 405B (tests/test_examples.py, MISSES).
-* score at 1x2: score has no PP; that row is two data-parallel replicas, each a full TP=1 model.
 
 The figures are stored machine-readably in memory.json (same rows); megapuzzle.memory_model fits
 bytes added per owned byte and the baseline to them and tests/test_examples.py scales them to the

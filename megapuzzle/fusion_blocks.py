@@ -148,7 +148,8 @@ def run_bld(run_root, bld_cfg, max_run: int, *, progress: bool = False) -> dict:
 
 # ----------------------------------------------------------------------------- score
 
-def score_runs(run_root, score_cfg, *, tp: int = 1, progress: bool = False) -> dict:
+def score_runs(run_root, score_cfg, *, tp: int | None = None, pp: int | None = None,
+               progress: bool = False) -> dict:
     """Replace-the-run scores of every stored run block (with the parent's attention at i), on
     score's batches, through score's cached parent pass: kl, lm_loss_delta (vs the parent, same
     batches), top1. Blocks split over the data-parallel ranks; finished ones survive a kill."""
@@ -157,16 +158,15 @@ def score_runs(run_root, score_cfg, *, tp: int = 1, progress: bool = False) -> d
     from megapuzzle.checkpoints.canonical import load_checkpoint, require_parent
     from megapuzzle.config import RunDir
     from megapuzzle.fileio import atomic_write_json
-    from megapuzzle.model.config import ModelOptions
-    from megapuzzle.model.gpt import build_gpt_model
-    from megapuzzle.model.weights import load_canonical_into_model
     from megapuzzle.runtime.distributed import init_distributed
     from megapuzzle.runtime.dtypes import resolve_dtype
-    from megapuzzle.stages.score.score import BlockRef, heldout_batches, parent_metrics, score_blocks
+    from megapuzzle.stages.score.score import (BlockRef, agree_on_done, build_parent_stage, heldout_batches,
+                                               parent_metrics, score_blocks)
     from megapuzzle.train import faults
 
     run = RunDir(run_root)
-    info = init_distributed(tp=tp)
+    tp = score_cfg.tensor_parallel if tp is None else tp
+    info = init_distributed(tp=tp, pp=score_cfg.pipeline_parallel if pp is None else pp)
     dtype = resolve_dtype(score_cfg.dtype)
     parent, tensors, _ = load_checkpoint(require_parent(run), dtype=dtype)  # lazy: the rank's share
     lib = RunLibrary(run.root)
@@ -188,17 +188,18 @@ def score_runs(run_root, score_cfg, *, tp: int = 1, progress: bool = False) -> d
     if not fresh:
         done.update({k: {"kl": e["kl"], "lm_loss": None, "top1": e["top1"], "sha256": e["sha256"]}
                      for k, e in index["blocks"].items() if "kl" in e and k not in done})
+    done = agree_on_done(mine, done, info.device)  # one schedule for every rank of a pipeline
     todo = [r for r in mine if r.key not in done]
-    model = build_gpt_model(parent, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
-    load_canonical_into_model(model, tensors, parent)
+    model = build_parent_stage(parent, tensors, dtype)
     batches = heldout_batches(run, score_cfg)
     counter = {"n": 0}
 
-    def on_done(key, res):
-        done[key] = {**res, "sha256": index["blocks"][key]["sha256"]}
-        if info.tp_rank == 0:
-            atomic_write_json(state, {"settings": settings, "blocks": done})
-        log(f"[fusion-score] {key}: KL {res['kl']:.4f}, top-1 agreement {res['top1']:.3f}")
+    def on_done(key, res):  # every rank of the pipeline; the metrics on its last stage
+        if res is not None:
+            done[key] = {**res, "sha256": index["blocks"][key]["sha256"]}
+            if info.tp_rank == 0:  # one writer per pipeline: its last stage's TP rank 0
+                atomic_write_json(state, {"settings": settings, "blocks": done})
+            log(f"[fusion-score] {key}: KL {res['kl']:.4f}, top-1 agreement {res['top1']:.3f}")
         counter["n"] += 1
         if faults.reached("score_runs", counter["n"]):
             raise _Stop
@@ -210,7 +211,7 @@ def score_runs(run_root, score_cfg, *, tp: int = 1, progress: bool = False) -> d
         return {"stopped_after": counter["n"], "blocks": {}}
     if info.world_size > 1:
         torch.distributed.barrier()
-    parent_lm = parent_metrics(model, batches, score_cfg.top_k)["lm_loss"]  # collective under TP: every rank
+    parent_lm = parent_metrics(model, batches, score_cfg.top_k)["lm_loss"]  # collective under TP / PP: every rank
     if info.rank != 0:
         return load_run_index(run.root)
     merged: dict[str, Any] = {}

@@ -19,6 +19,8 @@
 # Settings: every MP_* variable of slurm/common.sh, plus
 #   MP_BLD_SHARDS (2), MP_SCORE_SHARDS (2)  array sizes (layer shards / library shards)
 #   MP_BLD_NODES (1)  nodes per BLD task (a teacher larger than one node: TP x PP over several nodes)
+#   MP_SCORE_NODES (1)  nodes per score task and for the merge (a parent larger than one node:
+#              score.tensor_parallel x score.pipeline_parallel over several nodes)
 #   MP_STAGES  the stages to submit (default: all, in the order above), e.g. MP_STAGES="mip realize gkd
 #              evaluate export" to redo the end of a run whose earlier stages are done
 #   MP_TIME_<STAGE>  time limit of that stage's jobs (default MP_TIME)
@@ -40,6 +42,7 @@ RUN=$(realpath -m "$2")
 BLD_SHARDS=${MP_BLD_SHARDS:-2}
 BLD_NODES=${MP_BLD_NODES:-1}
 SCORE_SHARDS=${MP_SCORE_SHARDS:-2}
+SCORE_NODES=${MP_SCORE_NODES:-1}
 STAGES=${MP_STAGES:-parent bld score measure mip realize gkd evaluate export}
 LOGS=$RUN/slurm/logs
 mkdir -p "$LOGS"
@@ -75,8 +78,9 @@ for stage in $STAGES; do
     parent)   submit parent parent.sbatch 1 "$ONE" ;;
     bld)      submit bld bld.sbatch "$BLD_NODES" "$G" --array="0-$((BLD_SHARDS - 1))" -- "$BLD_SHARDS"
               submit bld-verify bld.sbatch "$BLD_NODES" "$G" --job-name=mp-bld-verify ;;
-    score)    submit score score.sbatch 1 "$G" --array="0-$((SCORE_SHARDS - 1))" -- "$SCORE_SHARDS"
-              submit score-merge score.sbatch 1 "$ONE" --job-name=mp-score-merge ;;
+    score)    submit score score.sbatch "$SCORE_NODES" "$G" --array="0-$((SCORE_SHARDS - 1))" -- "$SCORE_SHARDS"
+              # the merge runs the parent's forward (its metrics): split like the tasks' parent
+              submit score-merge score.sbatch "$SCORE_NODES" "$G" --job-name=mp-score-merge ;;
     measure)  submit measure measure.sbatch 1 "$ONE" ;;
     mip)      submit mip mip.sbatch 1 0 ;;
     realize)  submit realize realize.sbatch 1 0 ;;

@@ -62,12 +62,18 @@ def test_llama31_h100_recipes_fit(size):
     # gqa 8/4/2/1, linear, no-op (405B: gqa 8, linear, no-op: TP 8 needs 8 KV heads); 7 MLP widths, linear, no-op
     assert len(attn) == (3 if size == "405b" else 6) and len(ffn) == 9
     assert all(v.intermediate_size % 256 == 0 for v in ffn if v.kind == "mlp")  # ffn_mult-expressible
-    for stage in ("bld", "gkd"):
-        tp, pp = cfg[stage]["tensor_parallel"], cfg[stage]["pipeline_parallel"]
+    from megapuzzle.stages.score.score import ScoreConfig
+
+    sc = ScoreConfig(**cfg["score"])
+    for stage in ("bld", "gkd", "score"):
+        tp, pp = ((sc.tensor_parallel, sc.pipeline_parallel) if stage == "score" else
+                  (cfg[stage]["tensor_parallel"], cfg[stage]["pipeline_parallel"]))
         for a in attn:
             for f in ffn:
                 parent.with_layers([type(parent.layers[0])(a, f)] * parent.num_layers).validate_tensor_parallel(tp)
         assert parent.num_layers % pp == 0
+    # score's pipelines fill the nodes of a score task (MP_SCORE_NODES)
+    assert LAUNCH[size]["score_nodes"] * 8 % (sc.tensor_parallel * sc.pipeline_parallel) == 0
     assert cfg["bld"]["dtype"] == "auto"  # bf16 + fp32 master on a GPU: the 20 B/param the model assumes
     # the paper's budgets: ~1B BLD tokens per block at 70B (0.5B, the saturation point, at 8B);
     # GKD tens of billions at 70B
@@ -81,16 +87,15 @@ def test_llama31_h100_recipes_fit(size):
 # How each recipe is launched (its header comment: slurm/submit_pipeline.sh settings) and the child
 # size the MIP is expected to pick (GKD and evaluate hold it): the paper's ratios.
 LAUNCH = {
-    "8b": dict(header="MP_BLD_SHARDS=4", bld_shards=4, bld_nodes=1, gkd_nodes=1, child=0.75),
-    "70b": dict(header="MP_BLD_SHARDS=80 MP_BLD_NODES=4", bld_shards=80, bld_nodes=4, gkd_nodes=16, child=51 / 70),
-    "405b": dict(header="MP_BLD_SHARDS=126 MP_BLD_NODES=6", bld_shards=126, bld_nodes=6, gkd_nodes=36,
-                 child=253 / 405),
+    "8b": dict(header="MP_BLD_SHARDS=4", bld_shards=4, bld_nodes=1, gkd_nodes=1, score_nodes=1, child=0.75),
+    "70b": dict(header="MP_BLD_SHARDS=80 MP_BLD_NODES=4", bld_shards=80, bld_nodes=4, gkd_nodes=16, score_nodes=1,
+                child=51 / 70),
+    "405b": dict(header="MP_BLD_SHARDS=126 MP_BLD_NODES=6 MP_SCORE_SHARDS=64 MP_SCORE_NODES=6", bld_shards=126,
+                 bld_nodes=6, gkd_nodes=36, score_nodes=6, child=253 / 405),
 }
 # (recipe, stage) -> cause: what the model predicts does NOT fit, and why. The test asserts these
 # miss (so a fix shows up here) and every other stage fits.
 MISSES = {
-    ("70b", "score"): "score has no PP and runs at TP=1 (the kv-1 blocks): each GPU holds the whole bf16 parent",
-    ("405b", "score"): "score has no PP; TP 8 leaves 1/8 of the 811 GB parent (101 GB) per GPU",
     ("70b", "evaluate"): "the pipeline runs evaluate as one process on one GPU: parent + child in bf16 "
                          "(evaluate --tp 8 fits)",
     ("405b", "evaluate"): "the pipeline runs evaluate as one process on one GPU: parent + child in bf16",
@@ -107,7 +112,7 @@ MISSES = {
 def _predict_recipe(size: str) -> dict:
     """Per-rank host and GPU bytes of every stage of examples/llama31_{size}_h100.yaml (the worst rank)."""
     from megapuzzle.memory_model import (GPUS_PER_NODE, TRAINED_PARAM_BYTES, MemoryModel, layer_activation_bytes,
-                                         max_weights_share)
+                                         max_weights_share, weights_share)
     from megapuzzle.checkpoints.shards import parse_size
     from megapuzzle.model.config import stage_layer_ranges
     from megapuzzle.pipeline import ExportSection
@@ -139,17 +144,21 @@ def _predict_recipe(size: str) -> dict:
     act = layer_activation_bytes(tokens, h, tp) + held * 2 * tokens * h * 2  # one student + the teacher's stream
     out["bld"] = mm.predict("bld-train", max_weights_share(parent, tp, pp) + TRAINED_PARAM_BYTES * trained,
                             activations=act)
-    # score: the launch passes no --tp (TP=1); bf16 weights. The kept parent passes (streams + fp32
-    # log-probs, at most score.cache_gb), one stacked pass of candidates_per_pass candidates through
-    # the head (bf16 logits, their fp32 copy and log_softmax over the full vocabulary: 10 B per entry)
-    # and one candidate's KL / top-k temporaries (3 fp32 tensors of the same shape)
-    from megapuzzle.stages.score.score import ScoreConfig, cache_plan
+    # score: score.tensor_parallel x pipeline_parallel, bf16 weights; each stage its share of the parent
+    # and its kept parent passes (its layers' streams; the last stage also the fp32 log-probs; at most
+    # score.cache_gb), the last stage one stacked pass of candidates_per_pass candidates through the
+    # head (bf16 logits, their fp32 copy and log_softmax over the full vocabulary: 10 B per entry)
+    # and one candidate's KL / top-k temporaries (3 fp32 tensors of the same shape). The worst stage.
+    from megapuzzle.stages.score.score import ScoreConfig, cache_plan, stage_cache_bytes
 
     sc = ScoreConfig(**cfg["score"])
+    tp, pp = sc.tensor_parallel, sc.pipeline_parallel
     tokens = sc.batch_size * sc.seq_len
-    per_batch, per_group = cache_plan(parent, sc, torch.bfloat16, sc.num_batches)
-    out["score"] = mm.predict("score", max_weights_share(parent, 1, 1),
-                              activations=per_batch * per_group + (sc.candidates_per_pass * 10 + 12) * tokens * v)
+    per_group = cache_plan(parent, sc, torch.bfloat16, sc.num_batches, pp)[1]
+    head = (sc.candidates_per_pass * 10 + 12) * tokens * v
+    out["score"] = max((mm.predict("score", weights_share(parent, tp, pp, s),
+                                   activations=c * per_group + (head if s == pp - 1 else 0))
+                        for s, c in enumerate(stage_cache_bytes(parent, sc, torch.bfloat16, pp))), key=lambda p: p.gpu)
     # GKD: frozen bf16 parent + bf16 child, fp32 main grads, fp32 master + AdamW moments over DP
     g = cfg["gkd"]
     tp, pp = g["tensor_parallel"], g["pipeline_parallel"]

@@ -31,6 +31,15 @@ class ScoreConfig(Section):
     log-probs and KL are computed in fp32 either way."""
     cache_gb: Annotated[float, Number(gt=0)] = 16.0
     """Parent activations kept per rank, GiB: per held-out batch, the residual stream entering
-    every layer (layers x tokens x hidden, in `dtype`) and the parent's fp32 log-probs (tokens x
-    vocab). Batches beyond it are scored in groups, each group's parent pass computed once; the
-    scores are the same (see `cache_plan`)."""
+    every layer of the rank's pipeline stage ((stage layers + 1) x tokens x hidden, in `dtype`)
+    and, on the last stage, the parent's fp32 log-probs (tokens x vocab). Batches beyond it are
+    scored in groups, each group's parent pass computed once (the costliest stage sets the group
+    size for the whole pipeline); the scores are the same (see `cache_plan`)."""
+    tensor_parallel: Annotated[int, Integer()] = 1
+    """Tensor-parallel size (`--tp` overrides): every library block must split over it (a kv-1
+    attention variant does not split over 2)."""
+    pipeline_parallel: Annotated[int, Integer()] = 1
+    """Pipeline stages (`--pp` overrides; the launch is TP x PP x DP processes): each stage builds
+    and reads only its own layers (the first also the embedding, the last the final norm and head)
+    and keeps the parent's streams of its own layers only; a candidate runs on the stage owning its
+    layer and its stacked stream travels on to the last stage, which computes the metrics."""

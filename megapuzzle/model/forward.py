@@ -1,4 +1,6 @@
-"""Full-vocab logits and per-layer residual streams from a (TP/PP-sharded) GPTModel.
+"""Full-vocab logits and per-layer residual streams from a (TP/PP-sharded) GPTModel, through
+`GPTModel.forward` (position ids and the vocabulary gather are megapuzzle.model.runner's; run a
+model layer by layer, or part of it, with runner.StageRunner).
 
 Under PP > 1 the forward runs through Megatron's own pipeline schedule (forward-only) and the
 results are broadcast from the stage that has them, so every rank can compare / use them.
@@ -13,25 +15,13 @@ import torch
 import torch.distributed as dist
 
 from .gpt import unwrap_model
+from .runner import gather_vocab, position_ids
 
 
 def _ps():
     from megatron.core import parallel_state
 
     return parallel_state
-
-
-def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
-    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-
-
-def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    """[b, s, V/tp] shards -> [b, s, V] (autograd-aware all-gather over the TP group)."""
-    if _ps().get_tensor_model_parallel_world_size() == 1:
-        return logits
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
-    return gather_from_tensor_model_parallel_region(logits)
 
 
 def _device(model) -> torch.device:
@@ -69,7 +59,7 @@ def _run_pipeline(model, tokens: torch.Tensor, micro_batch_size: int | None) -> 
 
     def forward_step(data_iterator, m):
         t = next(data_iterator)
-        out = m(t, _position_ids(t), None)
+        out = m(t, position_ids(t), None)
         return out, lambda output, non_loss_data=False: output
 
     fb = get_forward_backward_func()
@@ -91,7 +81,7 @@ def forward_logits(model, tokens: torch.Tensor, *, micro_batch_size: int | None 
     m = unwrap_model(model)
     tokens = tokens.to(_device(model))
     if ps.get_pipeline_model_parallel_world_size() == 1:
-        outs = [m(t, _position_ids(t), None) for t in _microbatches(tokens, micro_batch_size)[0]]
+        outs = [m(t, position_ids(t), None) for t in _microbatches(tokens, micro_batch_size)[0]]
         return gather_vocab(torch.cat(outs, dim=0) if len(outs) > 1 else outs[0])
     with torch.no_grad():
         outs = _run_pipeline(model, tokens, micro_batch_size)

@@ -36,6 +36,7 @@ import torch
 from megapuzzle.arch import Architecture, LayerArch, empty_layer
 from megapuzzle.model.config import ModelOptions, make_transformer_config, resolve_use_te
 from megapuzzle.model.gpt import fp8_autocast, mark_tensor_parallel_weights, quiet_unknown_mlp, unwrap_model
+from megapuzzle.model.runner import StageRunner
 from megapuzzle.model.weights import (
     WeightsError,
     layer_param_plan,
@@ -73,6 +74,7 @@ class Teacher:
         megapuzzle.stages.bld.pp_relay.PipelineRelay that receives this stage's input (non-first stages)
         and sends its output on (while a later stage needs it)."""
         self.model = unwrap_model(model)
+        self.runner = StageRunner(self.model)  # embedding, RoPE table: computed as score computes them
         self.relay = relay
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -98,22 +100,16 @@ class Teacher:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> TeacherOutputs:
-        m = self.model
-        dev = next(m.parameters()).device
-        tokens = tokens.to(dev)
-        if getattr(m, "pre_process", True):  # first pipeline stage (or no PP): embed
-            pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-            h = m.embedding(input_ids=tokens, position_ids=pos)  # [s, b, h], TP-reduced
+        if self.runner.is_first:  # first pipeline stage (or no PP): embed, [s, b, h], TP-reduced
+            h = self.runner.embed(tokens)
         else:  # the previous stage's boundary hidden state (+ the streams carried for run blocks)
             h = self.relay.recv(tokens.shape[1], tokens.shape[0])
             carried = self.relay.recv_carry(tokens.shape[1], tokens.shape[0])
-        rot = None
-        if getattr(m, "rotary_pos_emb", None) is not None:  # on every stage: computed locally
-            rot = m.rotary_pos_emb(m.rotary_pos_emb.get_rotary_seq_len(None, m.decoder, h, m.config, None))
+        rot = self.runner.rotary(h)  # on every stage: computed locally
         first, send = min(self.by_index), self.relay is not None and self.relay.send_next
         last = max(self.by_index) if send else max(self.layers | self.mid_layers, default=first - 1)
         out = TeacherOutputs({}, {}, {}, rot)
-        if not getattr(m, "pre_process", True):
+        if not self.runner.is_first:
             for i, (x, mid) in carried.items():
                 out.x[i], out.m[i] = x, mid
         self._mid = out.m
