@@ -233,8 +233,8 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
         from megapuzzle.runtime import DistributedError, init_distributed
 
         if cfg.vllm:
-            raise UserError(f"evaluate.vllm times whole models in vLLM; run it at tensor_parallel = pipeline_parallel "
-                            f"= 1, not {tp} x {pp}")
+            raise UserError(f"evaluate.vllm times whole models in vLLM; run it at tensor_parallel = "
+                            f"pipeline_parallel = 1, not {tp} x {pp}")
         try:
             info = init_distributed(tp=tp, pp=pp)
         except DistributedError as e:
@@ -295,11 +295,15 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
         by_engine["vllm"] = vllm_speed["speedup"]
         log(f"[evaluate] vLLM {vllm_speed['vllm']}: parent {vllm_speed['parent']['tokens_per_s']:.1f}, child "
             f"{vllm_speed['child']['tokens_per_s']:.1f} tokens/s, speedup {vllm_speed['speedup']:.2f}x")
+    elif engine == "vllm" and tp * pp > 1:
+        log(f"[evaluate] costs.json was measured in vLLM, which times whole models: at TP {tp} x PP {pp} the "
+            f"speedup is measured in Megatron only")
     bpp = 1 if settings.get("fp8") else torch.empty((), dtype=resolve_dtype(settings["dtype"])).element_size()
     sols = _solutions(run)
     k, sol = _chosen_solution(sols, child_arch, child_meta)
     out: dict[str, Any] = {"config": section_dict(cfg), "scenario": sc, "timing": settings, "bytes_per_param": bpp,
-                           "tensor_parallel": tp, "pipeline_parallel": pp, "parent_dir": str(run.parent), "child_dir": str(child_dir)}
+                           "tensor_parallel": tp, "pipeline_parallel": pp, "parent_dir": str(run.parent),
+                           "child_dir": str(child_dir)}
     for name, arch in (("parent", parent_arch), ("child", child_arch)):
         out[name] = {**quality[name], **memory(arch, sc, bpp), **speed[name]}
         if costs:

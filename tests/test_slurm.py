@@ -150,7 +150,8 @@ def test_pipeline_chain_completes_and_exports_a_child(slurm_env, tmp_path, capsy
     # GKD ran as 2 torchrun ranks, evaluate as 2 pipeline stages
     assert json.loads((run / "gkd" / "result.json").read_text())["world"] == {"tp": 1, "dp": 2}
     assert json.loads((run / "eval.json").read_text())["pipeline_parallel"] == 2
-    assert "[slurm] evaluate: world 2 = TP x PP 2 x DP 1" in next((run / "slurm" / "logs").glob("mp-evaluate_*.out")).read_text()
+    log = next((run / "slurm" / "logs").glob("mp-evaluate_*.out")).read_text()
+    assert "[slurm] evaluate: world 2 = TP x PP 2 x DP 1" in log, log[-2000:]
 
 
 def _digest(p: Path) -> tuple[str, int]:
