@@ -31,7 +31,7 @@ def _link_run(run: Path, parent: Path, train: Path, heldout: Path) -> None:
 
 
 def _one(work: Path, name: str, parent: Path, train: Path, heldout: Path, cfg: dict) -> dict:
-    from megapuzzle.bld import run_bld
+    from megapuzzle.stages.bld.bld import run_bld
     from megapuzzle.library import BlockLibrary
 
     run = work / name
@@ -72,7 +72,7 @@ def main() -> int:
             parent, train = Path(args.parent), Path(args.data)
             heldout = Path(args.heldout) if args.heldout else train.with_name("heldout")
         else:
-            from megapuzzle.train_parent import FLAVOURS, train_parent
+            from megapuzzle.stages.parent.train_parent import FLAVOURS, train_parent
 
             out = work / "debug_parent"
             train_parent(out, dataclasses.replace(FLAVOURS["debug"], steps=30))

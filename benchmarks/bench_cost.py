@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 warnings.filterwarnings("ignore")
 
 from megapuzzle.arch import Architecture, AttentionVariant as A, FFNVariant as F, LayerArch, round_up  # noqa: E402
-from megapuzzle.cost import (MeasureConfig, format_check, format_costs, measure_costs,  # noqa: E402
+from megapuzzle.stages.measure.measure import (MeasureConfig, format_check, format_costs, measure_costs,  # noqa: E402
                              predict_generation_time, predict_runtime)
 from megapuzzle.fileio import atomic_write_text  # noqa: E402
 
@@ -91,7 +91,7 @@ def main() -> int:
              format_costs(costs), "", "parent check stored in costs.json:", "", format_check(costs), ""]
     print("\n".join(lines), flush=True)
 
-    from megapuzzle.cost_runtime import GPTRunner, measure_model_throughput, resolve_dtype, time_model
+    from megapuzzle.costs.timing import GPTRunner, measure_model_throughput, resolve_dtype, time_model
 
     archs = {"parent": parent} | children(parent)
     rows = ["| arch | phase | b | s | predicted ms | measured ms | rel. error |", "|---|---|---:|---:|---:|---:|---:|"]

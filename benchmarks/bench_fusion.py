@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--gen", type=int, default=32)
     a = ap.parse_args()
-    from megapuzzle.evaluate import EvaluateConfig, measure_pair, paired_speedup
+    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, measure_pair, paired_speedup
     from megapuzzle.fusion import find_runs, fused_arch
     from megapuzzle.roofline import get_gpu, roofline_time, subblock_work
 

@@ -128,11 +128,11 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
     import torch
 
     from megapuzzle.checkpoints.canonical import load_checkpoint
-    from megapuzzle.cost_runtime import ensure_runtime, resolve_dtype
-    from megapuzzle.cost_table import load_costs, throughput_settings
+    from megapuzzle.costs.timing import ensure_runtime, resolve_dtype
+    from megapuzzle.costs.table import load_costs, throughput_settings
     from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.evaluate import EvaluateConfig, _build, measure_pair, paired_speedup, quality_metrics, scenario
-    from megapuzzle.gkd import GKDConfig, run_gkd
+    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, _build, measure_pair, paired_speedup, quality_metrics, scenario
+    from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
 
     t0 = time.perf_counter()
     run = RunDir(out)
@@ -266,8 +266,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from megapuzzle.evaluate import EvaluateConfig
-    from megapuzzle.gkd import GKDConfig
+    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig
+    from megapuzzle.stages.gkd.gkd import GKDConfig
 
     cfg = load_config(args.config) if args.config else {}
     g = section(cfg, "gkd", GKDConfig)

@@ -138,11 +138,11 @@ def train_run_block(parent_dir, train_prefix, heldout_prefix, i: int, j: int, *,
     layer j (normalized MSE, AdamW, cosine LR). The parent stays frozen. Only the fused FFN trains
     (the parent's attention at i is frozen, so the block combines with any attention variant at i,
     scores adding up as in decoupled BLD) unless `train_attention`."""
-    from megapuzzle.bld_blocks import StudentBlock, Teacher
+    from megapuzzle.stages.bld.blocks import StudentBlock, Teacher
     from megapuzzle.checkpoints.canonical import load_checkpoint
-    from megapuzzle.cost_runtime import ensure_runtime
+    from megapuzzle.costs.timing import ensure_runtime
     from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.evaluate import _build
+    from megapuzzle.stages.evaluate.evaluate import _build
 
     t0 = time.perf_counter()
     ensure_runtime(None)
@@ -190,9 +190,9 @@ def score_run_block(parent_dir, heldout_prefix, i: int, j: int, layer: LayerArch
     """Replace-the-run quality: the parent with layers i..j replaced by the block, against the parent
     (KL(parent || model), LM loss, accuracy, top-1 agreement) on held-out batches."""
     from megapuzzle.checkpoints.canonical import load_checkpoint
-    from megapuzzle.cost_runtime import ensure_runtime
+    from megapuzzle.costs.timing import ensure_runtime
     from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.evaluate import _build, quality_metrics
+    from megapuzzle.stages.evaluate.evaluate import _build, quality_metrics
 
     ensure_runtime(None)
     parent, tensors, _ = load_checkpoint(parent_dir, dtype=torch.float32)

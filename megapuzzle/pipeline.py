@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import argparse
 import dataclasses
-import hashlib
 import json
 import platform
 import shutil
@@ -30,6 +29,7 @@ from megapuzzle.config import RunDir, load_config, section
 from megapuzzle.config.pipeline import DataSection, ExportSection, ParentSection  # noqa: F401
 from megapuzzle.errors import UserError
 from megapuzzle.stages import STAGES as REGISTRY
+from megapuzzle.stages.runner import Step, jsonable as _jsonable, run_steps
 from megapuzzle.fileio import atomic_write_json, replace_dir
 
 log = logging.getLogger(__name__).info
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__).info
 def _stage_parent(run: RunDir, cfg: dict) -> dict:
     p = section(cfg, "parent", ParentSection)
     if p.train:
-        from megapuzzle.train_parent import FLAVOURS, train_parent
+        from megapuzzle.stages.parent.train_parent import FLAVOURS, train_parent
 
         if p.train not in FLAVOURS:
             raise UserError(f"parent.train {p.train!r} unknown; use one of {sorted(FLAVOURS)}")
@@ -94,13 +94,13 @@ def _stage_data(run: RunDir, cfg: dict) -> dict:
 
 
 def _stage_bld(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.bld import run_bld
+    from megapuzzle.stages.bld.bld import run_bld
 
     res = run_bld(run.root, cfg)
     out = {"trained": len(res.get("trained", []))}
     max_run = _fusion_max_run(cfg)
     if max_run > 1:
-        from megapuzzle.bld import BLDConfig
+        from megapuzzle.stages.bld.bld import BLDConfig
         from megapuzzle.fusion_blocks import run_bld as run_fusion_bld
 
         out["run_blocks"] = len(run_fusion_bld(run.root, section(cfg, "bld", BLDConfig), max_run)["blocks"])
@@ -114,7 +114,7 @@ def _fusion_max_run(cfg: dict) -> int:
 
 
 def _stage_score(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.score import ScoreConfig, run_score
+    from megapuzzle.stages.score.score import ScoreConfig, run_score
 
     res = run_score(run.root, section(cfg, "score", ScoreConfig))
     out = {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
@@ -128,7 +128,7 @@ def _stage_score(run: RunDir, cfg: dict) -> dict:
 def _stage_measure(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.arch import SearchSpace
     from megapuzzle.checkpoints.canonical import load_arch, require_parent
-    from megapuzzle.cost import MeasureConfig, format_check, measure_costs
+    from megapuzzle.stages.measure.measure import MeasureConfig, format_check, measure_costs
 
     costs = measure_costs(load_arch(require_parent(run)), section(cfg, "measure", MeasureConfig),
                           space=SearchSpace.from_dict(cfg.get("search_space")),
@@ -140,7 +140,7 @@ def _stage_measure(run: RunDir, cfg: dict) -> dict:
 
 
 def _stage_mip(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.mip_stage import MIPConfig, run_mip
+    from megapuzzle.stages.mip.mip import MIPConfig, run_mip
 
     # search_space is not in this stage's config hash: changing it re-runs bld, hence this stage
     out = run_mip(run.root, section(cfg, "mip", MIPConfig), fusion_max_run=_fusion_max_run(cfg))
@@ -150,7 +150,7 @@ def _stage_mip(run: RunDir, cfg: dict) -> dict:
 def _stage_realize(run: RunDir, cfg: dict) -> dict:
     from megapuzzle.arch_table import architecture_table
     from megapuzzle.checkpoints.canonical import load_arch
-    from megapuzzle.realize import realize
+    from megapuzzle.stages.realize.realize import realize
 
     realize(run.root, int((cfg.get("realize") or {}).get("solution", 0)))
     log(architecture_table(load_arch(run.child)))
@@ -158,7 +158,7 @@ def _stage_realize(run: RunDir, cfg: dict) -> dict:
 
 
 def _stage_gkd(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.gkd import GKDConfig, run_gkd
+    from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
 
     return _jsonable(run_gkd(run.root, section(cfg, "gkd", GKDConfig)))
 
@@ -174,7 +174,7 @@ def _stage_evaluate(run: RunDir, cfg: dict) -> dict:
         atomic_write_json(conf, {"evaluate": cfg.get("evaluate") or {}})
         torchrun(n, ["evaluate", "--config", str(conf), "--run-dir", str(run.root)], what="evaluate")
         return json.loads((run.root / "eval.json").read_text())
-    from megapuzzle.evaluate import run_evaluate
+    from megapuzzle.stages.evaluate.evaluate import run_evaluate
 
     return _jsonable(run_evaluate(run.root, e))
 
@@ -213,10 +213,6 @@ STAGES: list[tuple[str, tuple[str, ...], Callable[[RunDir, dict, Any], dict]]] =
 STAGE_NAMES = [s[0] for s in STAGES]
 
 
-def _jsonable(d: Any) -> Any:
-    return json.loads(json.dumps(d, default=str)) if d is not None else {}
-
-
 def _replace_tree(src: Path, dst: Path) -> None:
     """Copy `src` over `dst` atomically (a kill leaves the old copy or the new one)."""
     tmp = dst.with_name(f".{dst.name}.tmp")
@@ -227,10 +223,6 @@ def _replace_tree(src: Path, dst: Path) -> None:
 
 def stage_config(cfg: dict, sections: tuple[str, ...]) -> dict:
     return {s: cfg.get(s) for s in sections}
-
-
-def config_hash(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _versions() -> dict:
@@ -284,44 +276,8 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, *, 
                     command=" ".join(sys.argv))
     atomic_write_json(run.manifest, manifest)
     t_all = time.perf_counter()
-    dirty = False  # a stage before this one ran: everything after runs too
-    n = len(STAGES)
-    for i, (name, sections, fn) in enumerate(STAGES, 1):
-        if only and name != only:
-            continue
-        sc = stage_config(cfg, sections)
-        h = config_hash(sc)
-        prev = manifest["stages"].get(name, {})
-        if not only and not dirty and prev.get("status") == "done" and prev.get("config_hash") == h:
-            log(f"[{i}/{n}] {name}: done, config unchanged - skipped")
-            if until == name:
-                break
-            continue
-        why = ("resuming an interrupted run" if prev.get("status") == "running" else
-               "config changed" if prev.get("status") == "done" and prev.get("config_hash") != h else
-               "an earlier stage ran" if prev.get("status") in ("done", "stale") else "first run")
-        log(f"[{i}/{n}] {name}: running ({why})")
-        manifest["stages"][name] = {"status": "running", "config": sc, "config_hash": h,
-                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_json(run.manifest, manifest)
-        t0 = time.perf_counter()
-        try:
-            result = fn(run, cfg)
-        except BaseException as e:
-            manifest["stages"][name].update(status="failed" if not isinstance(e, KeyboardInterrupt) else "running",
-                                            error=f"{type(e).__name__}: {e}")
-            atomic_write_json(run.manifest, manifest)
-            raise
-        manifest["stages"][name].update(status="done", wall_s=round(time.perf_counter() - t0, 2),
-                                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"), result=_jsonable(result))
-        for later in STAGE_NAMES[i:]:  # their inputs changed: never skip them on a later invocation
-            if manifest["stages"].get(later, {}).get("status") == "done":
-                manifest["stages"][later]["status"] = "stale"
-        atomic_write_json(run.manifest, manifest)
-        log(f"[{i}/{n}] {name}: done in {time.perf_counter() - t0:.1f}s")
-        dirty = True
-        if until == name:
-            break
+    steps = [Step(name, stage_config(cfg, sections), lambda fn=fn: fn(run, cfg)) for name, sections, fn in STAGES]
+    run_steps(run.manifest, manifest, steps, only=only, until=until)
     manifest["wall_s_last_invocation"] = round(time.perf_counter() - t_all, 1)
     atomic_write_json(run.manifest, manifest)
     log(f"[run] {run.root}: finished in {time.perf_counter() - t_all:.0f}s"

@@ -3,7 +3,7 @@
     time = max(FLOPs / (peak_flops * compute_efficiency), bytes / (bandwidth * bandwidth_efficiency))
 
 per subblock variant, phase and (batch, seq) grid point, in the same table shape as the
-measured costs (megapuzzle.cost_table), so the MIP can target a GPU this machine does not
+measured costs (megapuzzle.costs.table), so the MIP can target a GPU this machine does not
 have (`target_device: h100`). Pure Python: no torch, no Megatron.
 
 What is counted (and what is not, on purpose: it is a first-order model, the measured table
@@ -158,7 +158,7 @@ def roofline_table(parent: Architecture, attention: Iterable[AttentionVariant], 
                    batch_sizes: Iterable[int], seq_lens: Iterable[int], gpu: str, precision: str = "bf16",
                    compute_efficiency: float = 0.6, bandwidth_efficiency: float = 0.8,
                    phases: Iterable[str] = PHASES) -> dict[str, Any]:
-    """A cost table (same keys as the measured one, see megapuzzle.cost_table) for one GPU.
+    """A cost table (same keys as the measured one, see megapuzzle.costs.table) for one GPU.
 
     IQRs are zero (nothing is measured); the empty-layer overhead is zero (no launch costs)."""
     spec = get_gpu(gpu)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/_dist.py helpers
 @pytest.fixture(scope="session")
 def debug_parent(tmp_path_factory) -> Path:
     """train-parent's debug flavour, 30 steps: OUT with checkpoint/, data/, hf/."""
-    from megapuzzle.train_parent import FLAVOURS, train_parent
+    from megapuzzle.stages.parent.train_parent import FLAVOURS, train_parent
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("debug_parent") / "p"
@@ -47,12 +47,12 @@ def make_searched_run(debug_parent: Path, dest: Path, cfg: dict, costs_hook=None
     a run directory ready for the MIP, from a full config dict (sections search_space, bld,
     score, measure)."""
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld import run_bld
+    from megapuzzle.stages.bld.bld import run_bld
     from megapuzzle.checkpoints.canonical import load_arch
     from megapuzzle.config import section
-    from megapuzzle.cost import MeasureConfig, measure_costs
+    from megapuzzle.stages.measure.measure import MeasureConfig, measure_costs
     from megapuzzle.fileio import atomic_write_json
-    from megapuzzle.score import ScoreConfig, run_score
+    from megapuzzle.stages.score.score import ScoreConfig, run_score
 
     quiet = dict(progress=False)
     torch.set_num_threads(1)

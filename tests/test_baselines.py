@@ -1,4 +1,4 @@
-"""Baselines (megapuzzle.baselines, mip.greedy) and the search-quality bench on the debug parent.
+"""Baselines (megapuzzle.bench.baselines, mip.greedy) and the search-quality bench on the debug parent.
 
 Greedy equals brute force where it is provably optimal and never beats the MIP; uniform is the
 same in every layer, meets the budget and carries the init (not BLD) weights; depth's block
@@ -129,7 +129,7 @@ def run(debug_parent, tmp_path_factory):
 
 def _uniform_speedups(run) -> dict[str, float]:
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.baselines import load_context, select_uniform
+    from megapuzzle.bench.baselines import load_context, select_uniform
 
     ctx = load_context(run, CFG, 1.0)
     _, info = select_uniform(ctx, SearchSpace.from_dict(CFG["search_space"]), None)  # the library's grid
@@ -138,7 +138,7 @@ def _uniform_speedups(run) -> dict[str, float]:
 
 def test_uniform_is_the_same_everywhere_meets_the_budget_and_keeps_init_weights(run, tmp_path):
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.baselines import load_context, run_child, select_uniform
+    from megapuzzle.bench.baselines import load_context, run_child, select_uniform
     from megapuzzle.checkpoints.canonical import load_checkpoint
     from megapuzzle.init import local_layer_tensors, pool_kv_heads
     from megapuzzle.library import BlockLibrary, attention_key
@@ -175,7 +175,7 @@ def test_uniform_is_the_same_everywhere_meets_the_budget_and_keeps_init_weights(
 
 def test_uniform_at_any_width_interpolates_costs_reaches_further_and_prunes_the_parent(run, tmp_path):
     from megapuzzle.arch import FFNVariant, SearchSpace
-    from megapuzzle.baselines import InterpolatedCosts, interpolate_linear, load_context, run_child, select_uniform
+    from megapuzzle.bench.baselines import InterpolatedCosts, interpolate_linear, load_context, run_child, select_uniform
     from megapuzzle.checkpoints.canonical import load_checkpoint
 
     space = SearchSpace.from_dict(CFG["search_space"])
@@ -211,11 +211,11 @@ def test_uniform_at_any_width_interpolates_costs_reaches_further_and_prunes_the_
 
 
 def test_depth_block_influence_is_one_minus_cos_and_the_lowest_go(run, tmp_path):
-    from megapuzzle.baselines import DROPPED, block_influence, load_context, run_child, select_depth
+    from megapuzzle.bench.baselines import DROPPED, block_influence, load_context, run_child, select_depth
     from megapuzzle.checkpoints.canonical import load_checkpoint
     from megapuzzle.config import RunDir
     from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.evaluate import _build
+    from megapuzzle.stages.evaluate.evaluate import _build
     from megapuzzle.model import forward_logits
 
     arch, tensors, _ = load_checkpoint(run / "parent")
@@ -263,7 +263,7 @@ def test_depth_block_influence_is_one_minus_cos_and_the_lowest_go(run, tmp_path)
 
 
 def test_random_is_reproducible_by_seed_and_meets_the_budget(run):
-    from megapuzzle.baselines import load_context, select_random
+    from megapuzzle.bench.baselines import load_context, select_random
 
     ctx = load_context(run, CFG, 1.4)
     a, info = select_random(ctx, seed=7)
@@ -311,7 +311,7 @@ def test_bench_sweeps_stops_compares_at_equal_speed_and_resumes(run, tmp_path):
     fastest = {m: rows[(m, 1.3)]["measured_x"] for m in ("puzzle", "greedy", "uniform")}
     # at the slowest child's speed every method competes: the best retention must be the bold one there
     s0 = min(fastest.values())
-    from megapuzzle.bench_frontier import best_ranges
+    from megapuzzle.bench.frontier import best_ranges
     ranges, _ = best_ranges({m: [(fastest[m], rows[(m, 1.3)]["retention_pct"])] for m in fastest}, lo=0.0)
     assert any(a < s0 <= b for a, b in ranges[best])
     assert out["envelopes"]["retention_pct"][best] == [(fastest[best], rows[(best, 1.3)]["retention_pct"])]
@@ -336,7 +336,7 @@ def test_bench_does_not_retrain_the_same_architecture(run, tmp_path):
 def run_search_quality_cfg(run, tmp_path, targets, logs, methods=("puzzle", "greedy", "uniform")):
     import yaml
 
-    from megapuzzle.bench_search_quality import run_search_quality
+    from megapuzzle.bench.search_quality import run_search_quality
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CFG))

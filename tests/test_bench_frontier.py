@@ -1,10 +1,10 @@
-"""The equal-speed comparison (megapuzzle.bench_frontier): envelope, grid table, best ranges."""
+"""The equal-speed comparison (megapuzzle.bench.frontier): envelope, grid table, best ranges."""
 
 from __future__ import annotations
 
 import pytest
 
-from megapuzzle.bench_frontier import best_ranges, envelope, envelope_steps, equal_speed_table, speed_grid
+from megapuzzle.bench.frontier import best_ranges, envelope, envelope_steps, equal_speed_table, speed_grid
 
 A = [(1.3, 99.0), (1.6, 98.0), (2.1, 95.0), (1.5, 97.0)]  # (1.5, 97) is dominated by (1.6, 98)
 B = [(1.25, 99.5), (1.8, 96.0), (2.5, 93.0)]
@@ -84,7 +84,7 @@ def test_tolerance_widens_ties(tol):
 def test_the_equal_speed_section_exists_when_no_child_reaches_the_grid_start():
     # a loaded CI machine can measure every child below 1.2x (even below 1.0x): the table and the
     # "where best" list must still be there, starting at the fastest child rounded down
-    from megapuzzle.bench_search_quality import equal_speed_markdown
+    from megapuzzle.bench.search_quality import equal_speed_markdown
 
     rows = [{"method": "a", "measured_x": 0.93, "retention_pct": 99.0, "retention_before_gkd_pct": 98.0},
             {"method": "b", "measured_x": 1.04, "retention_pct": 97.0, "retention_before_gkd_pct": 96.0}]

@@ -16,7 +16,7 @@ from conftest import make_run
 from _logs import captured
 from megapuzzle.train.faults import kill_after
 from megapuzzle.arch import AttentionVariant as A, FFNVariant as Fv, LayerArch
-from megapuzzle.bld import BLDConfig, run_bld
+from megapuzzle.stages.bld.bld import BLDConfig, run_bld
 from megapuzzle.checkpoints.canonical import load_checkpoint
 from megapuzzle.config import load_config
 from megapuzzle.errors import UserError
@@ -71,7 +71,7 @@ BETAS = (0.9, 0.95)  # the AdamW betas of BLD's block optimizers (megapuzzle.tra
 
 
 def _lrs(c: dict) -> list[float]:
-    """The learning rate of each BLD step under config `c`, as megapuzzle.bld_train schedules it."""
+    """The learning rate of each BLD step under config `c`, as megapuzzle.stages.bld.train schedules it."""
     from megapuzzle.train.schedule import LRSchedule
 
     b = BLDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c["bld"].items()})
@@ -161,7 +161,7 @@ def test_assemble_with_the_parent_variants_is_the_parent(full):
 
 def test_teacher_captures_the_parent_streams_exactly(full):
     """x / m / y from the BLD teacher are the parent's own residual streams."""
-    from megapuzzle.bld_blocks import Teacher
+    from megapuzzle.stages.bld.blocks import Teacher
     from megapuzzle.model import build_gpt_model, forward_hidden_states, load_canonical_into_model
 
     run, _ = full
@@ -282,7 +282,7 @@ def test_coupled_mode_on_two_pairs(full, base, tmp_path):
 def test_cli_on_a_complete_library_has_nothing_to_do(full, base, tmp_path, capsys):
     import argparse
 
-    from megapuzzle.bld import add_cli_args, run_cli
+    from megapuzzle.stages.bld.bld import add_cli_args, run_cli
 
     run0, _ = full
     run = fresh(base, tmp_path, with_library=run0)
@@ -322,7 +322,7 @@ def test_tp2_gives_the_same_losses_as_tp1(full, base, tmp_path):
         for m in ("init_nmse", "final_nmse"):
             assert abs(e2[k][m] - e0[k][m]) <= 1e-4 * abs(e0[k][m]) + 1e-9, (k, m, e2[k][m], e0[k][m])
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld import check_tensor_parallel, plan_blocks
+    from megapuzzle.stages.bld.bld import check_tensor_parallel, plan_blocks
 
     arch, _, _ = load_checkpoint(run / "parent")
     with pytest.raises(UserError, match="gqa_kv1"):
@@ -361,9 +361,9 @@ def test_changed_bld_settings_retrain_the_blocks(full, tmp_path):
 def test_keep_best_writes_the_init_of_a_block_that_got_worse(full, base, tmp_path):
     """At a learning rate far too high, blocks end worse than their init on held-out: keep_best
     writes their init weights (bitwise) and records it; keep_best false keeps the trained ones."""
-    from megapuzzle.bld import plan_blocks
+    from megapuzzle.stages.bld.bld import plan_blocks
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld_train import _init_tensors
+    from megapuzzle.stages.bld.train import _init_tensors
 
     run = fresh(base, tmp_path / "a")
     run_bld(run, cfg(lr=0.5, min_lr=0.5, grad_clip=0.0), **QUIET)

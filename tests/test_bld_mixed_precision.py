@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import test_bld
 from _dist import run_distributed
 from megapuzzle.train.faults import kill_after
-from megapuzzle.bld import BLDConfig, run_bld
+from megapuzzle.stages.bld.bld import BLDConfig, run_bld
 from megapuzzle.config import load_config
 from megapuzzle.library import BlockLibrary
 from megapuzzle.runtime import destroy_distributed, init_distributed

@@ -12,7 +12,7 @@ import torch
 
 from _dist import assert_adamw_parity, run_distributed
 from megapuzzle.train.faults import kill_after
-from megapuzzle.bld import BLDConfig, add_cli_args, run_bld, run_cli
+from megapuzzle.stages.bld.bld import BLDConfig, add_cli_args, run_bld, run_cli
 from megapuzzle.errors import UserError
 from megapuzzle.library import BlockLibrary
 import test_bld

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_torch_free_core_imports_no_torch():
-    code = ("import megapuzzle.arch, megapuzzle.blocks, megapuzzle.cost_table, sys; "
+    code = ("import megapuzzle.arch, megapuzzle.blocks, megapuzzle.costs.table, sys; "
             "from megapuzzle.blocks import registry; "
             "[k.block_config for k in registry.all_kinds()]; "
             "assert 'torch' not in sys.modules, 'torch imported'")

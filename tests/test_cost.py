@@ -15,7 +15,7 @@ import yaml
 
 from megapuzzle.train.faults import Killed, kill_after, recording
 from megapuzzle.arch import Architecture, AttentionVariant as A, FFNVariant as Fv, LayerArch, SearchSpace
-from megapuzzle.cost import (MeasureConfig, add_cli_args, fixed_runtime, format_check, format_costs, load_costs,
+from megapuzzle.stages.measure.measure import (MeasureConfig, add_cli_args, fixed_runtime, format_check, format_costs, load_costs,
                              measure_costs, predict_generation_time, predict_runtime, run_cli,
                              search_space_variants, variant_cost, variant_key, variant_memory)
 from megapuzzle.errors import UserError
@@ -68,8 +68,8 @@ def measured(tmp_path_factory):
                                    ("attention", A("linear")), ("ffn", Fv("mlp", 128)), ("ffn", Fv("mlp", 32)),
                                    ("ffn", Fv("linear"))])
 def test_param_and_kv_bytes_match_built_model(sub, v):
-    from megapuzzle.cost import stack_arch
-    from megapuzzle.cost_runtime import GPTRunner
+    from megapuzzle.stages.measure.measure import stack_arch
+    from megapuzzle.costs.timing import GPTRunner
 
     parent = tiny()
     empty = GPTRunner(tiny((LayerArch(A("no_op"), Fv("no_op")),)))
@@ -268,7 +268,7 @@ def test_measure_config_validation():
 # ----------------------------------------------------------------------------- runtime
 
 def test_kv_cached_decode_matches_full_forward():
-    from megapuzzle.cost_runtime import GPTRunner
+    from megapuzzle.costs.timing import GPTRunner
     from megapuzzle.model import forward_logits
 
     arch = tiny((LayerArch(A("gqa", 2), Fv("mlp", 96)), LayerArch(A("no_op"), Fv("linear")),
@@ -283,7 +283,7 @@ def test_kv_cached_decode_matches_full_forward():
 
 
 def test_measure_model_throughput_generates_gen_len_tokens():
-    from megapuzzle.cost_runtime import GPTRunner, measure_model_throughput
+    from megapuzzle.costs.timing import GPTRunner, measure_model_throughput
     from megapuzzle.model import forward_logits, init_random_canonical
 
     arch = tiny()
@@ -304,8 +304,8 @@ def test_measure_model_throughput_generates_gen_len_tokens():
 
 
 def test_throughput_with_the_settings_costs_were_measured_with(measured):
-    from megapuzzle.cost import throughput_settings
-    from megapuzzle.cost_runtime import measure_model_throughput
+    from megapuzzle.stages.measure.measure import throughput_settings
+    from megapuzzle.costs.timing import measure_model_throughput
 
     parent, costs, _ = measured
     kw = throughput_settings(costs)

@@ -13,7 +13,7 @@ import torch
 from conftest import SEARCH_CFG, make_searched_run
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
-from megapuzzle.evaluate import EvaluateConfig, run_evaluate
+from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, run_evaluate
 from megapuzzle.runtime import destroy_distributed
 
 QUIET: dict = {}
@@ -31,9 +31,9 @@ MODEL_FIELDS = {"lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens
 
 @pytest.fixture(scope="module")
 def run(debug_parent, tmp_path_factory):
-    from megapuzzle.gkd import GKDConfig, run_gkd
-    from megapuzzle.mip_stage import MIPConfig, run_mip
-    from megapuzzle.realize import realize
+    from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
+    from megapuzzle.stages.mip.mip import MIPConfig, run_mip
+    from megapuzzle.stages.realize.realize import realize
 
     r = make_searched_run(debug_parent, tmp_path_factory.mktemp("evaluate") / "run", CFG)
     run_mip(r, section(CFG, "mip", MIPConfig), **QUIET)
@@ -205,7 +205,7 @@ def test_evaluate_pp2_quality_equals_pp1(run, tmp_path):
 
 def _stage_params(info, run_dir: str) -> dict:
     from megapuzzle.checkpoints.canonical import load_checkpoint
-    from megapuzzle.evaluate import _build
+    from megapuzzle.stages.evaluate.evaluate import _build
     from megapuzzle.model import count_parameters
 
     arch, tensors, _ = load_checkpoint(f"{run_dir}/parent", dtype=torch.float32)

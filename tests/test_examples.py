@@ -141,7 +141,7 @@ def _predict_recipe(size: str) -> dict:
     # log-probs, at most score.cache_gb), one stacked pass of candidates_per_pass candidates through
     # the head (bf16 logits, their fp32 copy and log_softmax over the full vocabulary: 10 B per entry)
     # and one candidate's KL / top-k temporaries (3 fp32 tensors of the same shape)
-    from megapuzzle.score import ScoreConfig, cache_plan
+    from megapuzzle.stages.score.score import ScoreConfig, cache_plan
 
     sc = ScoreConfig(**cfg["score"])
     tokens = sc.batch_size * sc.seq_len

@@ -14,10 +14,10 @@ from conftest import SEARCH_CFG, make_searched_run
 
 @pytest.fixture(scope="module")
 def fusion_run(debug_parent, tmp_path_factory):
-    from megapuzzle.bld import BLDConfig
+    from megapuzzle.stages.bld.bld import BLDConfig
     from megapuzzle.config import section
     from megapuzzle.fusion_blocks import run_bld, score_runs
-    from megapuzzle.score import ScoreConfig
+    from megapuzzle.stages.score.score import ScoreConfig
 
     cfg = copy.deepcopy(SEARCH_CFG)
     cfg["search_space"]["fusion_max_run"] = 2
@@ -44,8 +44,8 @@ def test_mip_with_runs_and_realize(fusion_run):
     from megapuzzle.checkpoints.canonical import load_checkpoint
     from megapuzzle.fusion_blocks import run_block_ffn
     from megapuzzle.library import BlockLibrary
-    from megapuzzle.mip_stage import MIPConfig, run_mip
-    from megapuzzle.realize import realize
+    from megapuzzle.stages.mip.mip import MIPConfig, run_mip
+    from megapuzzle.stages.realize.realize import realize
 
     cfg = MIPConfig(throughput_x=1.1, batch_sizes=(2,), prefill_len=8, gen_len=4, solver="highs")
     out = run_mip(fusion_run, cfg, fusion_max_run=2)
@@ -73,7 +73,7 @@ def test_mip_with_runs_and_realize(fusion_run):
 
 
 def test_puzzle_fusion_child_selects_with_runs_and_refuses_a_base_without_them(fusion_run, tmp_path):
-    from megapuzzle.baselines import run_child
+    from megapuzzle.bench.baselines import run_child
     from megapuzzle.errors import UserError
     cfg = copy.deepcopy(SEARCH_CFG)
     cfg["search_space"]["fusion_max_run"] = 2
@@ -98,7 +98,7 @@ def test_puzzle_fusion_child_selects_with_runs_and_refuses_a_base_without_them(f
 
 
 def test_bench_fusion_section_pairs_targets_counts_runs_and_compares_speed_at_equal_quality():
-    from megapuzzle.bench_search_quality import fusion_markdown, speed_at_quality
+    from megapuzzle.bench.search_quality import fusion_markdown, speed_at_quality
 
     L = ["gqa_kv4+mlp_1024"] * 2
     rows = [{"method": "puzzle", "target": 1.2, "layers": L, "measured_x": 1.25, "retention_pct": 99.0, "objective": 0.1},

@@ -21,11 +21,11 @@ from megapuzzle.train.faults import kill_after
 from megapuzzle.arch import AttentionVariant as A, FFNVariant as Fv, LayerArch
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
-from megapuzzle.gkd import GKDConfig, run_gkd
+from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
 from megapuzzle.runtime import destroy_distributed
 
 QUIET = dict(progress=False)
-BETAS = (0.9, 0.95)  # the AdamW betas of both GKD trainers (megapuzzle.gkd_trainers)
+BETAS = (0.9, 0.95)  # the AdamW betas of both GKD trainers (megapuzzle.stages.gkd.trainers)
 BASE = dict(batch_size=4, seq_len=32, lr=1e-3, min_lr=1e-4, warmup_steps=1, eval_batches=2, log_every=1,
             checkpoint_every=2)
 # TP-splittable (kv heads 2, FFN 128) and covering every kind of subblock: pruned MLP, no-op

@@ -17,7 +17,7 @@ from _dist import assert_adamw_parity, run_distributed
 from megapuzzle.train.faults import kill_after
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
-from megapuzzle.gkd import GKDConfig, run_gkd
+from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
 from test_gkd import BASE, BETAS, PP_BASE, QUIET, _tie_embeddings, _weights, base, fresh  # noqa: F401 (base: fixture)
 
 MEGATRON = dict(optimizer="megatron")
@@ -88,7 +88,7 @@ def _optimizer_facts(trainer) -> dict:
 
 def _inspecting_worker(info, run: str, cfg: GKDConfig):
     """run_gkd, then the facts of the trainer it made."""
-    import megapuzzle.gkd as gkd
+    import megapuzzle.stages.gkd.gkd as gkd
 
     torch.set_num_threads(1)
     made, make = [], gkd.make_trainer
@@ -239,8 +239,8 @@ def test_megatron_trainer_kill_and_resume_gives_bitwise_the_same_weights(base, t
 
 
 def test_optimizer_is_validated_and_auto_keeps_the_cpu_signature(base):
-    from megapuzzle.gkd import _signature, add_cli_args
-    from megapuzzle.gkd_trainers import resolve_trainer
+    from megapuzzle.stages.gkd.gkd import _signature, add_cli_args
+    from megapuzzle.stages.gkd.trainers import resolve_trainer
     from megapuzzle.runtime import init_distributed
 
     for bad in ("adam", "Megatron", ""):

@@ -39,13 +39,13 @@ def test_setup_prints_rank_zero_lines_once_with_prefixes(monkeypatch):
 def test_stage_functions_take_no_log_callable():
     import inspect
 
-    from megapuzzle.bld import run_bld
-    from megapuzzle.evaluate import run_evaluate
-    from megapuzzle.gkd import run_gkd
-    from megapuzzle.mip_stage import run_mip
+    from megapuzzle.stages.bld.bld import run_bld
+    from megapuzzle.stages.evaluate.evaluate import run_evaluate
+    from megapuzzle.stages.gkd.gkd import run_gkd
+    from megapuzzle.stages.mip.mip import run_mip
     from megapuzzle.pipeline import run_pipeline
-    from megapuzzle.score import run_score
-    from megapuzzle.train_parent import train_parent
+    from megapuzzle.stages.score.score import run_score
+    from megapuzzle.stages.parent.train_parent import train_parent
 
     for fn in (run_bld, run_evaluate, run_gkd, run_mip, run_pipeline, run_score, train_parent):
         assert "log" not in inspect.signature(fn).parameters, fn.__name__

@@ -17,8 +17,8 @@ from _logs import captured
 from megapuzzle.train.faults import kill_after
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
-from megapuzzle.mip_stage import MIPConfig, library_candidates, run_mip, ScenarioCosts, load_scores
-from megapuzzle.score import ScoreConfig, run_score
+from megapuzzle.stages.mip.mip import MIPConfig, library_candidates, run_mip, ScenarioCosts, load_scores
+from megapuzzle.stages.score.score import ScoreConfig, run_score
 
 CFG = SEARCH_CFG
 QUIET: dict = {}
@@ -112,7 +112,7 @@ def test_a_small_activation_cache_scores_in_groups_with_the_same_result(run, tmp
     import dataclasses
     import shutil
 
-    from megapuzzle.score import cache_plan
+    from megapuzzle.stages.score.score import cache_plan
 
     small = tmp_path / "small"
     for d in ("parent", "data", "library"):
@@ -146,7 +146,7 @@ def test_scoring_resumes_after_a_kill(run, tmp_path):
 def _brute_force(run, cfg: MIPConfig, batch: int):
     """Best summed score over every combination of library candidates meeting the budgets."""
     from megapuzzle.checkpoints.canonical import load_arch
-    from megapuzzle.cost_table import load_costs
+    from megapuzzle.costs.table import load_costs
     from megapuzzle.library import BlockLibrary
 
     parent = load_arch(run / "parent")
@@ -203,7 +203,7 @@ def test_realizing_the_parent_variants_reproduces_the_parent(run, tmp_path):
     from megapuzzle.model.forward import forward_logits
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import load_canonical_into_model
-    from megapuzzle.realize import realize
+    from megapuzzle.stages.realize.realize import realize
 
     parent, pt, _ = load_checkpoint(run / "parent")
     dest = realize(run, layers=list(parent.layers), out=tmp_path / "child", **QUIET)
@@ -223,7 +223,7 @@ def test_realize_a_mip_solution_and_export_loads(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from megapuzzle.checkpoints.export_hf import export_hf
-    from megapuzzle.realize import realize
+    from megapuzzle.stages.realize.realize import realize
 
     out = run_mip(run, MIPConfig(throughput_x=1.3, batch_sizes=(1, 2), prefill_len=8, gen_len=4, num_solutions=2),
                   **QUIET)

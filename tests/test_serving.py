@@ -40,7 +40,7 @@ def test_vllm_cost_layouts_isolate_one_variant_and_refuse_what_vllm_cannot_run(t
 
     from megapuzzle.arch import Architecture, AttentionVariant as A, FFNVariant as F, LayerArch, SearchSpace
     from megapuzzle.checkpoints.hf_modeling.configuration_decilm import DeciLMConfig
-    from megapuzzle.cost_state import search_space_variants
+    from megapuzzle.stages.measure.state import search_space_variants
     from megapuzzle.serving.vllm_costs import m0, refuse_unservable, stack, write_config_dir
 
     parent = Architecture(vocab_size=256, hidden_size=128, num_attention_heads=4,
@@ -65,7 +65,7 @@ def test_vllm_cost_layouts_isolate_one_variant_and_refuse_what_vllm_cannot_run(t
 
 
 def test_measure_config_knows_the_engines():
-    from megapuzzle.cost import MeasureConfig
+    from megapuzzle.stages.measure.measure import MeasureConfig
 
     assert MeasureConfig().engine == "megatron"
     assert "engine" not in MeasureConfig().measured_settings()  # Megatron runs keep their old signature

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from megapuzzle.train.faults import kill_after
-from megapuzzle.train_parent import FLAVOURS, train_parent
+from megapuzzle.stages.parent.train_parent import FLAVOURS, train_parent
 
 CFG = dataclasses.replace(FLAVOURS["debug"], steps=20, checkpoint_every=8, log_every=4)
 
@@ -84,7 +84,7 @@ PYDOC = Path("/usr/share/doc/python3-doc/html/_sources")
 
 def test_a_directory_corpus_splits_by_relative_path(tmp_path):
     from megapuzzle.errors import UserError
-    from megapuzzle.train_parent import corpus_files
+    from megapuzzle.stages.parent.train_parent import corpus_files
 
     for i in range(200):
         (tmp_path / f"d{i % 7}").mkdir(exist_ok=True)

@@ -28,13 +28,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from megapuzzle import logs
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.bld import BLDConfig
+    from megapuzzle.stages.bld.bld import BLDConfig
     from megapuzzle.config import RunDir, load_config, section
     from megapuzzle.errors import UserError
     from megapuzzle.fileio import atomic_write_json, sha256_file
     from megapuzzle.fusion_blocks import run_bld, score_runs
     from megapuzzle.pipeline import _stage_measure
-    from megapuzzle.score import ScoreConfig
+    from megapuzzle.stages.score.score import ScoreConfig
 
     logs.setup()
     cfg = load_config(a.config)

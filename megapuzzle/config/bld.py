@@ -1,4 +1,4 @@
-"""The `bld:` section: blockwise local distillation (megapuzzle.bld)."""
+"""The `bld:` section: blockwise local distillation (megapuzzle.stages.bld.bld)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ class BLDConfig(Section):
     pipeline_parallel: Annotated[int, Integer()] = 1
     """PP size of the teacher (at most the parent's layer count): each stage trains the blocks of
     its own layers from its own teacher activations, receiving the previous stage's boundary
-    hidden state (megapuzzle.bld_pipeline)."""
+    hidden state (megapuzzle.stages.bld.pp_relay)."""
     fp8: Annotated[bool, Flag()] = False
     """FP8 GEMMs for the students (TransformerEngine, an sm >= 89 GPU); the teacher keeps its dtype.
     Checked before anything is loaded."""

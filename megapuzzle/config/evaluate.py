@@ -1,4 +1,4 @@
-"""The `evaluate:` section: parent vs child quality and measured speed (megapuzzle.evaluate)."""
+"""The `evaluate:` section: parent vs child quality and measured speed (megapuzzle.stages.evaluate.evaluate)."""
 
 from __future__ import annotations
 

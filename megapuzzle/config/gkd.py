@@ -1,4 +1,4 @@
-"""The `gkd:` section: global knowledge distillation of the realized child (megapuzzle.gkd)."""
+"""The `gkd:` section: global knowledge distillation of the realized child (megapuzzle.stages.gkd.gkd)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from megapuzzle.errors import UserError
 DEFAULT_STEPS = 200
 """Optimizer steps when neither gkd.steps nor gkd.tokens is set."""
 TRAINERS = ("auto", "megatron", "local")
-"""gkd.optimizer: megapuzzle.gkd_trainers implements megatron and local; auto picks by device."""
+"""gkd.optimizer: megapuzzle.stages.gkd.trainers implements megatron and local; auto picks by device."""
 
 
 def _steps_or_tokens(cfg) -> None:

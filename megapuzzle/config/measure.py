@@ -1,4 +1,4 @@
-"""The `measure:` section: how block costs are timed (megapuzzle.cost, megapuzzle.serving.vllm_costs)."""
+"""The `measure:` section: how block costs are timed (megapuzzle.stages.measure.measure, megapuzzle.serving.vllm_costs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `mip:` section: the search's budgets and scenario (megapuzzle.mip_stage)."""
+"""The `mip:` section: the search's budgets and scenario (megapuzzle.stages.mip.mip)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedded parent's sizes and training budget (megapuzzle.train_parent flavours)."""
+"""The embedded parent's sizes and training budget (megapuzzle.stages.parent.train_parent flavours)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `score:` section: replace-1-block scoring (megapuzzle.score)."""
+"""The `score:` section: replace-1-block scoring (megapuzzle.stages.score.score)."""
 
 from __future__ import annotations
 

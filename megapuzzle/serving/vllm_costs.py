@@ -1,6 +1,6 @@
 """`measure.engine: vllm`: per-variant costs timed in vLLM, the engine that serves the child.
 
-Same costs.json format as the Megatron path (megapuzzle.cost_table), so the MIP, the reports
+Same costs.json format as the Megatron path (megapuzzle.costs.table), so the MIP, the reports
 and `evaluate` read it unchanged. Method (each entry one call of vllm_worker.py, resumable):
 
 * synthetic DeciLM models, config only, with vLLM's random ("dummy") weights: timing does not
@@ -12,7 +12,7 @@ and `evaluate` read it unchanged. Method (each entry one call of vllm_worker.py,
   difference (t_S - t_M0) / k, which cancels the anchor, the embeddings, the head and vLLM's
   per-step scheduling, and holds one empty layer plus the variant;
 * the empty-layer entry (no-op / no-op layers) gives that layer overhead, so variant costs are
-  marginal over an empty layer, as in cost_table; the fixed part is M0 minus one empty layer
+  marginal over an empty layer, as in costs.table; the fixed part is M0 minus one empty layer
   minus the parent's own attention variant;
 * KV-cache bytes per token come from the blocks vLLM carved out of a known KV budget; each
   variant's share (S - M0) / k must equal what the architecture says;
@@ -152,8 +152,8 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
                        ) -> dict[str, Any]:
     """The costs.json dict, every entry timed in vLLM (see the module doc). Resumable: finished
     entries are kept in `state_path` under the settings they were measured with."""
-    from megapuzzle.cost_state import MeasurePartial, search_space_variants
-    from megapuzzle.cost_table import FORMAT, predict_runtime
+    from megapuzzle.stages.measure.state import MeasurePartial, search_space_variants
+    from megapuzzle.costs.table import FORMAT, predict_runtime
     from megapuzzle.roofline import roofline_table
     from megapuzzle.serving.engines import require_python
 
@@ -199,7 +199,7 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
         return out
 
     def summary(rows) -> dict[str, list]:
-        from megapuzzle.cost_runtime import summarize
+        from megapuzzle.costs.timing import summarize
 
         return {stat: [[summarize(c)[stat] for c in r] for r in rows] for stat in ("median", "iqr")}
 

@@ -17,7 +17,7 @@ NOISE = 1.05  # a smaller block may measure up to 5% above a bigger one (timer n
 
 @requires_cuda
 def test_measured_costs_are_monotone_in_size():
-    from megapuzzle.cost import MeasureConfig, measure_costs
+    from megapuzzle.stages.measure.measure import MeasureConfig, measure_costs
 
     # Llama-3-8B-like widths on 1 layer: big enough that GEMM time, not launch overhead, counts
     parent = Architecture(vocab_size=4096, hidden_size=4096, num_attention_heads=32,

@@ -31,7 +31,7 @@ FP8_TOP1 = 0.90   # FP8 vs bf16: next-token argmax agreement
 
 
 def _logits(use_te: bool, fp8: bool = False, recipe: str = "delayed") -> torch.Tensor:
-    from megapuzzle.cost_runtime import _FP8_RECIPES
+    from megapuzzle.costs.timing import _FP8_RECIPES
     from megapuzzle.model import (
         ModelOptions,
         build_gpt_model,

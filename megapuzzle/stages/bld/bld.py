@@ -29,7 +29,7 @@ from megapuzzle.arch import Architecture, SearchSpace
 from megapuzzle.config import RunDir, load_config, section
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
-from megapuzzle.bld_plan import (FP8_RECIPES, BLDConfig, BlockSpec, check_tensor_parallel, plan_blocks,  # noqa: F401
+from megapuzzle.stages.bld.plan import (FP8_RECIPES, BLDConfig, BlockSpec, check_tensor_parallel, plan_blocks,  # noqa: F401
                                   split_work, tensor_sig)
 from megapuzzle.library import BlockLibrary
 
@@ -66,7 +66,7 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, progress: bool
     """Build (or complete) RUN/library. `cfg_dict`: the whole run config (sections
     `search_space` and `bld`). Under `faults.kill_after("bld", n)` (tests) a rank stops after
     step n without saving, like a kill between checkpoints. Returns this rank's summary."""
-    from megapuzzle.bld_train import train_rank
+    from megapuzzle.stages.bld.train import train_rank
     from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint, require_parent
     from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te, stage_layer_ranges
     from megapuzzle.runtime.distributed import DistributedError, init_distributed
@@ -126,7 +126,7 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, progress: bool
                "steps": cfg.steps, "resumed_from": None, "timings": {}}
     role = None
     if info.pp_size > 1:  # every stage of a pipeline with work takes part (relays, agrees on resume)
-        from megapuzzle.bld_pipeline import PipelineRole, deepest_stage
+        from megapuzzle.stages.bld.pp_relay import PipelineRole, deepest_stage
 
         role = PipelineRole(info.pp_rank, deepest_stage(d["assign"], todo, info.dp_rank))
     if mine or (role is not None and role.deepest >= 0):

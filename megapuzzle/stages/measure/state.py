@@ -65,7 +65,7 @@ class MeasurePartial:
 
     def pooled(self, name: str, passes: int) -> dict[str, Any]:
         """{key: {phase: {"median", "iqr"}}} over the samples of passes 0 .. passes-1."""
-        from megapuzzle.cost_runtime import summarize
+        from megapuzzle.costs.timing import summarize
 
         out: dict[str, Any] = {}
         for result in (self.entries[name][str(p)] for p in range(passes)):

@@ -9,11 +9,11 @@ another checkpoint). For parent and child, side by side:
   top-1 agreement with the parent; retention = child accuracy / parent accuracy (the paper's
   "98.4%"). When GKD ran, the realized child before healing is scored too.
 * speed: end-to-end greedy generation (prefill `prefill_len` tokens, then `gen_len` new ones,
-  KV cache on) at `batch_size` on the cost runtime (megapuzzle.cost_runtime), timed like
+  KV cache on) at `batch_size` on the cost runtime (megapuzzle.costs.timing), timed like
   costs.json was measured (threads, clock, dtype), parent and child alternating, medians.
 * memory: parameter bytes + KV cache for batch_size x (prefill_len + gen_len) tokens.
 * predicted vs measured speedup: costs.json's prediction for the same scenario
-  (cost_table.predict_generation_time) and the MIP's own recorded prediction.
+  (costs.table.predict_generation_time) and the MIP's own recorded prediction.
 
 The scenario defaults to the MIP's (mip/solutions.json: its best batch size, prefill_len,
 gen_len), so the measured speedup checks the MIP's promise like for like.
@@ -157,7 +157,7 @@ def _solutions(run: RunDir) -> dict | None:
 def measure_pair(archs: dict[str, Architecture], tensors: dict[str, Any], sc: dict, cfg: EvaluateConfig,
                  settings: dict) -> dict[str, dict]:
     """Median generation throughput of each model, `rounds` rounds in alternating order."""
-    from megapuzzle.cost_runtime import measure_model_throughput
+    from megapuzzle.costs.timing import measure_model_throughput
 
     samples: dict[str, list] = {n: [] for n in archs}
     names = list(archs)
@@ -216,8 +216,8 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     `tp` / `pp` (default: evaluate.tensor_parallel / pipeline_parallel): every model split over
     the TP x PP ranks of a torchrun launch (world = TP x PP x DP); rank 0 writes."""
     from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, require_parent
-    from megapuzzle.cost_runtime import ensure_runtime, resolve_dtype
-    from megapuzzle.cost_table import load_costs, predict_generation_time, throughput_settings
+    from megapuzzle.costs.timing import ensure_runtime, resolve_dtype
+    from megapuzzle.costs.table import load_costs, predict_generation_time, throughput_settings
     from megapuzzle.data.datasets import PackedSequenceDataset
 
     t0 = time.perf_counter()

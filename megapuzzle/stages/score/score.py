@@ -109,7 +109,7 @@ def block_layer_module(parent, ref: BlockRef, library, parent_tensors, tp: int,
                        dtype: torch.dtype = torch.float32):
     """A Megatron TransformerLayer computing the block's full layer: the block's own subblock(s)
     plus, for a decoupled block, the parent's other subblock of that layer."""
-    from megapuzzle.bld_blocks import StudentBlock
+    from megapuzzle.stages.bld.blocks import StudentBlock
     from megapuzzle.init import attention_part, ffn_part, local_layer_tensors
 
     kind = ref.key.split(".")[1]

@@ -32,28 +32,28 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("parent", ("parent",), "train-parent", "megapuzzle.train_parent",
+    Stage("parent", ("parent",), "train-parent", "megapuzzle.stages.parent.train_parent",
           "train the embedded parent (a small Llama) on the Python stdlib source", "parent.sbatch"),
     Stage("data", ("parent", "data"), "prepare-data", "megapuzzle.data.prepare",
           "tokenize text/jsonl (or the embedded corpus) into a Megatron indexed dataset"),
-    Stage("bld", ("search_space", "bld"), "bld", "megapuzzle.bld",
+    Stage("bld", ("search_space", "bld"), "bld", "megapuzzle.stages.bld.bld",
           "child initialisation + blockwise local distillation into the block library",
           "bld.sbatch", "megapuzzle.config.bld:BLDConfig"),
-    Stage("score", ("score",), "score", "megapuzzle.score",
+    Stage("score", ("score",), "score", "megapuzzle.stages.score.score",
           "replace-1-block scoring of every library block (KL, LM loss, top-k)",
           "score.sbatch", "megapuzzle.config.score:ScoreConfig"),
-    Stage("measure", ("search_space", "measure"), "measure", "megapuzzle.cost",
+    Stage("measure", ("search_space", "measure"), "measure", "megapuzzle.stages.measure.measure",
           "measured per-variant runtime + memory costs (and GPU roofline estimates)",
           "measure.sbatch", "megapuzzle.config.measure:MeasureConfig"),
-    Stage("mip", ("mip",), "mip", "megapuzzle.mip_stage",
+    Stage("mip", ("mip",), "mip", "megapuzzle.stages.mip.mip",
           "pick one variant per layer under throughput / latency / memory budgets",
           "mip.sbatch", "megapuzzle.config.mip:MIPConfig"),
-    Stage("realize", ("realize",), "realize", "megapuzzle.realize",
+    Stage("realize", ("realize",), "realize", "megapuzzle.stages.realize.realize",
           "stitch a MIP solution's blocks into a child checkpoint", "realize.sbatch"),
-    Stage("gkd", ("gkd",), "gkd", "megapuzzle.gkd",
+    Stage("gkd", ("gkd",), "gkd", "megapuzzle.stages.gkd.gkd",
           "global knowledge distillation of the child from the parent",
           "gkd.sbatch", "megapuzzle.config.gkd:GKDConfig"),
-    Stage("evaluate", ("evaluate",), "evaluate", "megapuzzle.evaluate",
+    Stage("evaluate", ("evaluate",), "evaluate", "megapuzzle.stages.evaluate.evaluate",
           "parent vs child: quality, measured throughput, report.md + pareto.png",
           "evaluate.sbatch", "megapuzzle.config.evaluate:EvaluateConfig"),
     Stage("export", ("export",), "export-hf", "megapuzzle.checkpoints.export_hf",
@@ -67,9 +67,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "run": ("megapuzzle.pipeline", "the whole pipeline from one config, resumable (manifest.json)"),
     "fuse": ("megapuzzle.fuse", "FFN Fusion: fuse a child's attention-free FFN runs into wide FFNs, heal (GKD), "
              "measure"),
-    "baseline": ("megapuzzle.baselines", "uniform / depth / random / greedy compression at a throughput target, "
+    "baseline": ("megapuzzle.bench.baselines", "uniform / depth / random / greedy compression at a throughput target, "
                  "GKD'd + evaluated"),
-    "bench": ("megapuzzle.bench_search_quality", "benchmarks: search-quality (Puzzle vs the baselines at equal "
+    "bench": ("megapuzzle.bench.search_quality", "benchmarks: search-quality (Puzzle vs the baselines at equal "
               "measured speed)"),
     "verify-export": ("megapuzzle.serving.verify", "read an export in vLLM / transformers and check it token for "
                       "token against our model"),

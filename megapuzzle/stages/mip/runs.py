@@ -126,7 +126,7 @@ def require_fusion_inputs(base, cfg: dict) -> int:
     RUN/library_runs with scored blocks and costs.json with the fused widths (tools/add_fusion_inputs.py
     or `megapuzzle run` with fusion_max_run > 1 adds them)."""
     from megapuzzle.arch import SearchSpace
-    from megapuzzle.cost_table import load_costs
+    from megapuzzle.costs.table import load_costs
     from megapuzzle.errors import UserError
     from megapuzzle.fusion_blocks import load_run_index
 

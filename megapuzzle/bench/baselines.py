@@ -6,7 +6,7 @@
 
 Every method must meet exactly the budget the MIP meets: the `mip:` section's scenario (batch
 sizes, prefill_len, gen_len), cost source and constraints, with `throughput_x` = --throughput-x.
-Feasibility is decided by mip_stage.build_problem's own budget rows (throughput, and latency /
+Feasibility is decided by stages.mip.mip.build_problem's own budget rows (throughput, and latency /
 memory / params when configured) on costs.json; a candidate counts as feasible when it meets
 them at one of mip.batch_sizes (its best such batch size is recorded, as the MIP keeps its best).
 
@@ -45,7 +45,7 @@ realize / gkd / evaluate run on it unchanged:
 same way, and "puzzle_fusion": run_mip with fused-run candidates (the config's
 search_space.fusion_max_run >= 2; the base run needs library_runs/ with scored run blocks and
 the fused widths in costs.json: tools/add_fusion_inputs.py adds them
-to a finished run). `megapuzzle bench search-quality` (megapuzzle.bench_search_quality) uses it.
+to a finished run). `megapuzzle bench search-quality` (megapuzzle.bench.search_quality) uses it.
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ from typing import Any
 import numpy as np
 
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace, empty_layer
-from megapuzzle.baselines_uniform import InterpolatedCosts, interpolate_linear, uniform_grid  # noqa: F401
+from megapuzzle.bench.baselines_uniform import InterpolatedCosts, interpolate_linear, uniform_grid  # noqa: F401
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json, sha256_file
-from megapuzzle.mip_stage_runs import require_fusion_inputs
+from megapuzzle.stages.mip.runs import require_fusion_inputs
 
 log = logging.getLogger(__name__).info
 
@@ -88,8 +88,8 @@ class SearchContext:
     run: RunDir
     parent: Architecture
     mcfg: Any            # MIPConfig with throughput_x = the target
-    sc: Any              # mip_stage.ScenarioCosts
-    cands: Any           # mip_stage.Candidates (every library pair per layer, with scores)
+    sc: Any              # stages.mip.mip.ScenarioCosts
+    cands: Any           # stages.mip.mip.Candidates (every library pair per layer, with scores)
     parent_tps: dict[int, float]
     problems: dict[int, Any]  # batch size -> MIPProblem over the library candidates, budgets at the target
     parent_choice: list[int]
@@ -103,7 +103,7 @@ class SearchContext:
 
     def assess(self, layers: list[LayerArch]) -> dict[int, tuple[bool, float]]:
         """Per batch size: (meets every budget row of the MIP, predicted speedup over the parent)."""
-        from megapuzzle.mip_stage import Candidates, build_problem
+        from megapuzzle.stages.mip.mip import Candidates, build_problem
 
         L = self.parent.num_layers
         single = Candidates([[la] for la in layers], [[0.0] for _ in layers])
@@ -147,7 +147,7 @@ class SearchContext:
 
 def mip_config(cfg: dict, throughput_x: float):
     """The config's mip: section with throughput_x = the target (an absolute `throughput` dropped)."""
-    from megapuzzle.mip_stage import MIPConfig
+    from megapuzzle.stages.mip.mip import MIPConfig
 
     if not throughput_x or throughput_x <= 0:
         raise UserError(f"--throughput-x must be positive, got {throughput_x}")
@@ -156,9 +156,9 @@ def mip_config(cfg: dict, throughput_x: float):
 
 def load_context(run_dir: str | Path, cfg: dict, throughput_x: float) -> SearchContext:
     from megapuzzle.checkpoints.canonical import load_arch, require_parent
-    from megapuzzle.cost_table import load_costs
+    from megapuzzle.costs.table import load_costs
     from megapuzzle.library import BlockLibrary
-    from megapuzzle.mip_stage import ScenarioCosts, build_problem, library_candidates, load_scores
+    from megapuzzle.stages.mip.mip import ScenarioCosts, build_problem, library_candidates, load_scores
 
     run = RunDir(run_dir)
     mcfg = mip_config(cfg, throughput_x)
@@ -215,7 +215,7 @@ def select_uniform(ctx: SearchContext, space: SearchSpace, ffn_steps: int | None
 
 def _parent_model(arch: Architecture, tensors: dict):
     """A single-process (TP = PP = 1) Megatron GPTModel holding `tensors`, in eval mode."""
-    from megapuzzle.cost_runtime import ensure_runtime
+    from megapuzzle.costs.timing import ensure_runtime
     from megapuzzle.model import ModelOptions, build_gpt_model, load_canonical_into_model
 
     ensure_runtime(None)
@@ -357,8 +357,8 @@ def init_child_tensors(run: RunDir, parent_arch: Architecture, parent_tensors: d
 def ffn_channel_scores(run: RunDir, parent_arch: Architecture, parent_tensors: dict, layers: set[int],
                        bld_cfg) -> dict:
     """C_i per FFN channel of each layer in `layers` (megapuzzle.init), on BLD's calibration batches."""
-    from megapuzzle.bld_blocks import Teacher
-    from megapuzzle.bld_train import _calibrate
+    from megapuzzle.stages.bld.blocks import Teacher
+    from megapuzzle.stages.bld.train import _calibrate
     from megapuzzle.data.datasets import PackedSequenceDataset
 
     teacher = Teacher(_parent_model(parent_arch, parent_tensors), set(layers), set(layers))
@@ -405,18 +405,18 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
                        random_tries: int = 20000, random_band: float = 0.05, uniform_steps: int | None = 16) -> dict:
     """Pick the architecture, write mip/solutions.json + baseline.json + child/; returns the record."""
     from megapuzzle.checkpoints.canonical import load_checkpoint, save_checkpoint, tokenizer_path
-    from megapuzzle.realize import realize
+    from megapuzzle.stages.realize.realize import realize
 
     mcfg = mip_config(cfg, x)
     if method == "puzzle":
-        from megapuzzle.mip_stage import run_mip
+        from megapuzzle.stages.mip.mip import run_mip
 
         out = run_mip(child.root, mcfg)
         realize(child.root, 0)
         atomic_write_json(child.root / "baseline.json", {"method": "puzzle", "throughput_x": x})
         return out["solutions"][0]
     if method == "puzzle_fusion":  # the tiling MIP: single-layer candidates + fused runs of 2..max_run layers
-        from megapuzzle.mip_stage import run_mip
+        from megapuzzle.stages.mip.mip import run_mip
 
         max_run = require_fusion_inputs(base, cfg)
         out = run_mip(child.root, mcfg, fusion_max_run=max_run)
@@ -434,7 +434,7 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
         layers, info = select_uniform(ctx, SearchSpace.from_dict(cfg.get("search_space")), uniform_steps)
         reason = "uniform width: most parameters that meet the target"
     elif method == "depth":
-        from megapuzzle.score import ScoreConfig
+        from megapuzzle.stages.score.score import ScoreConfig
 
         s = section(cfg, "score", ScoreConfig)
         _, pt, _ = load_checkpoint(base.parent)
@@ -457,7 +457,7 @@ def select_and_realize(base: RunDir, child: RunDir, cfg: dict, method: str, x: f
         "solutions": [rec]})  # objective None when a variant has no library score
     atomic_write_json(child.root / "baseline.json", {"method": method, "throughput_x": x, "reason": reason, **info})
     if method in ("uniform", "depth"):  # the init from the parent, not BLD blocks
-        from megapuzzle.bld import BLDConfig
+        from megapuzzle.stages.bld.bld import BLDConfig
 
         pa, pt, _ = load_checkpoint(base.parent)
         tensors = init_child_tensors(base, pa, pt, layers, section(cfg, "bld", BLDConfig))
@@ -482,8 +482,9 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
               uniform_steps: int | None = 16) -> dict:
     """select (+ realize) -> gkd -> evaluate in OUT, skipping stages OUT's manifest.json marks done
     for the same key; returns {"method", "throughput_x", "dir", "record", "eval", "stages"}."""
-    from megapuzzle.evaluate import EvaluateConfig, run_evaluate
-    from megapuzzle.gkd import GKDConfig, run_gkd
+    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, run_evaluate
+    from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
+    from megapuzzle.stages.runner import Step, run_steps
 
     if method not in ALL_METHODS:
         raise UserError(f"unknown method {method!r}; use one of {', '.join(ALL_METHODS)}")
@@ -516,32 +517,20 @@ def run_child(run_dir: str | Path, cfg: dict, method: str, x: float, out: str | 
                     "stages": {}}
         atomic_write_json(mf_path, manifest)
 
-    def step(name: str, fn) -> None:
-        st = manifest["stages"].get(name, {})
-        if st.get("status") == "done":
-            log(f"[baseline] {method} @ {x}x: {name} done - skipped")
-            return
-        t0 = time.perf_counter()
-        manifest["stages"][name] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_json(mf_path, manifest)
-        res = fn()
-        manifest["stages"][name] = {"status": "done", "wall_s": round(time.perf_counter() - t0, 2),
-                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": res}
-        for later in stages[stages.index(name) + 1:]:  # their input changed
-            manifest["stages"].pop(later, None)
-        atomic_write_json(mf_path, manifest)
-
-    step("select", lambda: select_and_realize(base, child, cfg, method, x, seed=seed, random_tries=random_tries,
-                                              random_band=random_band, uniform_steps=uniform_steps))
-    if stages.index(until) >= 1:
-        step("gkd", lambda: {k: v for k, v in run_gkd(child.root, section(cfg, "gkd", GKDConfig),
-                                                       progress=False).items() if k in ("steps", "tokens", "final")})
-    if stages.index(until) >= 2:
-        step("evaluate", lambda: {"speedup": run_evaluate(child.root, section(cfg, "evaluate", EvaluateConfig))["speedup"]})
+    steps = [Step("select", key_src, lambda: select_and_realize(
+                 base, child, cfg, method, x, seed=seed, random_tries=random_tries, random_band=random_band,
+                 uniform_steps=uniform_steps)),
+             Step("gkd", {"gkd": cfg.get("gkd")}, lambda: {
+                 k: v for k, v in run_gkd(child.root, section(cfg, "gkd", GKDConfig), progress=False).items()
+                 if k in ("steps", "tokens", "final")}),
+             Step("evaluate", {"evaluate": cfg.get("evaluate")}, lambda: {
+                 "speedup": run_evaluate(child.root, section(cfg, "evaluate", EvaluateConfig))["speedup"]})]
+    run_steps(mf_path, manifest, steps, until=until, label=f"[baseline] {method} @ {x}x: ")
     ev = child.root / "eval.json"
     return {"method": method, "throughput_x": float(x), "dir": str(child.root),
             "record": manifest["stages"]["select"]["result"],
-            "eval": json.loads(ev.read_text()) if ev.is_file() and "evaluate" in manifest["stages"] else None,
+            "eval": json.loads(ev.read_text()) if ev.is_file() and manifest["stages"].get("evaluate", {}).get("status") == "done"
+            else None,
             "stages": {k: v.get("wall_s") for k, v in manifest["stages"].items()}}
 
 

@@ -39,7 +39,7 @@ from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.config.gkd import DEFAULT_STEPS, GKDConfig  # noqa: F401 (the stage's config)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
-from megapuzzle.gkd_trainers import TRAINERS, legacy_trainer, make_trainer, resolve_trainer, resume_point
+from megapuzzle.stages.gkd.trainers import TRAINERS, legacy_trainer, make_trainer, resolve_trainer, resume_point
 from megapuzzle.metrics import heldout_metrics
 from megapuzzle.train.distill import distill_terms
 
@@ -172,7 +172,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     load_canonical_into_model(parent, tensors, parent_arch)
     parent.eval().requires_grad_(False)
     if cfg.fp8:
-        from megapuzzle.cost_runtime import _FP8_RECIPES
+        from megapuzzle.costs.timing import _FP8_RECIPES
 
         opts_child = dataclasses.replace(opts, extra={"fp8_recipe": _FP8_RECIPES[cfg.fp8_recipe]})
     child = build_gpt_model(child_arch, params_dtype=dtype, fp8=cfg.fp8, options=opts_child if cfg.fp8 else opts)
@@ -182,7 +182,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     trainer = make_trainer(trainer_name, child, cfg, info, state_dir)
     model = trainer.model  # Megatron's DDP wrapper with the megatron trainer, else the child itself
     if info.pp_size > 1:
-        from megapuzzle import gkd_pipeline
+        from megapuzzle.stages.gkd import pipeline as gkd_pipeline
 
         evaluate = gkd_pipeline.evaluate_heldout_pp
     else:

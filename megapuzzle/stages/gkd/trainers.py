@@ -80,7 +80,7 @@ class LocalTrainer:
     safetensors (megapuzzle.train.state), bitwise on resume."""
 
     def __init__(self, model, cfg, info, state_dir: Path):
-        from megapuzzle.train_parent import _param_groups
+        from megapuzzle.stages.parent.train_parent import _param_groups
 
         self.model, self.cfg, self.info, self.state_dir = model, cfg, info, state_dir
         self.params = dict(model.named_parameters())
@@ -98,7 +98,7 @@ class LocalTrainer:
         from megapuzzle.train.schedule import set_lr
 
         if self.info.pp_size > 1:
-            from megapuzzle.gkd_pipeline import allreduce_tied_embedding_grads
+            from megapuzzle.stages.gkd.pipeline import allreduce_tied_embedding_grads
 
             allreduce_tied_embedding_grads(self.model)
         if self.info.dp_size > 1:

@@ -114,7 +114,7 @@ class ScenarioCosts:
         return fn("prefill", b, P) + sum(fn("decode", b, P + t) for t in range(G - 1))
 
     def variant_time(self, v, b: int) -> float:
-        from megapuzzle.cost_table import variant_cost
+        from megapuzzle.costs.table import variant_cost
 
         key = (v, b)
         if key not in self._cache:
@@ -122,7 +122,7 @@ class ScenarioCosts:
         return self._cache[key]
 
     def fixed_time(self, b: int, num_layers: int) -> float:
-        from megapuzzle.cost_table import fixed_runtime
+        from megapuzzle.costs.table import fixed_runtime
 
         return self._gen(lambda ph, bb, s: fixed_runtime(self.costs, num_layers, ph, bb, s, source=self.source), b)
 
@@ -224,7 +224,7 @@ def solution_record(parent: Architecture, cands: Candidates, sol, sc: ScenarioCo
 
 def run_mip(run_dir: str | Path, cfg: MIPConfig, *, fusion_max_run: int = 1) -> dict[str, Any]:
     from megapuzzle.checkpoints.canonical import load_arch, require_parent
-    from megapuzzle.cost_table import load_costs
+    from megapuzzle.costs.table import load_costs
     from megapuzzle.library import BlockLibrary
     from megapuzzle.mip import InfeasibleBudgetError, MIPError, pareto_sweep, solve_diverse, solve_over_batches
 
@@ -245,7 +245,7 @@ def run_mip(run_dir: str | Path, cfg: MIPConfig, *, fusion_max_run: int = 1) -> 
         + (f"{cfg.throughput:.1f} tokens/s" if cfg.throughput else f"{cfg.throughput_x}x the parent" if cfg.throughput_x
            else "none") + f" (scenario prefill {cfg.prefill_len} + gen {cfg.gen_len}, costs: {cfg.cost_source})")
     if fusion_max_run > 1:  # candidates covering runs of layers (FFN Fusion): the tiling MIP
-        from megapuzzle.mip_stage_runs import run_mip_with_runs
+        from megapuzzle.stages.mip.runs import run_mip_with_runs
 
         out = run_mip_with_runs(run, parent, cands, sc, cfg, batches, parent_tps, target, build_problem,
                                 fusion_max_run)

@@ -19,12 +19,12 @@ against the built model). Method (docs/design.md, "Where the time goes": measure
   models with 1 and `stack_layers` empty layers;
 * the whole parent is measured too and compared with the sum of its parts (costs["check"]).
 
-Runtime: Megatron-core GPTModel with its static-batching KV cache (megapuzzle.cost_runtime
+Runtime: Megatron-core GPTModel with its static-batching KV cache (megapuzzle.costs.timing
 says why); `measure_model_throughput` uses the same. Measuring is resumable: every finished
 (entry, pass) goes to RUN/state/measure_partial.json, and a re-run with the same settings
 skips it (raising `passes` later only measures the new passes).
 Analytic roofline tables for named GPUs (megapuzzle.roofline) are added under costs["roofline"].
-Readers: megapuzzle.cost_table (re-exported here).
+Readers: megapuzzle.costs.table (re-exported here).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Callable
 from megapuzzle.train import faults
 from megapuzzle.config.measure import MeasureConfig  # noqa: F401 (the stage's config)
 from megapuzzle.arch import Architecture, AttentionVariant, FFNVariant, LayerArch, SearchSpace, empty_layer
-from megapuzzle.cost_table import (  # noqa: F401  (re-exported: the accessors live there, torch-free)
+from megapuzzle.costs.table import (  # noqa: F401  (re-exported: the accessors live there, torch-free)
     FORMAT,
     cost_table,
     fixed_runtime,
@@ -54,7 +54,7 @@ from megapuzzle.cost_table import (  # noqa: F401  (re-exported: the accessors l
     variant_key,
     variant_memory,
 )
-from megapuzzle.cost_state import MeasurePartial, search_space_variants  # noqa: F401  (re-exported)
+from megapuzzle.stages.measure.state import MeasurePartial, search_space_variants  # noqa: F401  (re-exported)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 
@@ -93,7 +93,7 @@ class _Measurer:
     as {key: {phase: [[[seconds per sample] per seq] per batch]}}."""
 
     def __init__(self, parent: Architecture, cfg: MeasureConfig, dtype):
-        from megapuzzle.cost_runtime import GPTRunner
+        from megapuzzle.costs.timing import GPTRunner
 
         self.parent, self.cfg, self.k = parent, cfg, cfg.stack_layers
         self.elem = _ELEM_BYTES[str(dtype).replace("torch.", "")]
@@ -113,7 +113,7 @@ class _Measurer:
         return fn
 
     def time(self, fns, runner) -> list[list[float]]:
-        from megapuzzle.cost_runtime import time_interleaved
+        from megapuzzle.costs.timing import time_interleaved
 
         c = self.cfg
         return time_interleaved(fns, repeats=c.repeats, warmup=c.warmup, min_sample_s=c.min_sample_s,
@@ -181,7 +181,7 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
 
     import torch
 
-    from megapuzzle import cost_runtime as rt
+    from megapuzzle.costs import timing as rt
 
     rt.preflight(cfg.fp8, cfg.fp8_recipe)
     if cfg.clock == "cpu" and torch.cuda.is_available():
@@ -234,7 +234,7 @@ def measure_costs(parent: Architecture, cfg: MeasureConfig | None = None, *, spa
 def assemble_costs(parent: Architecture, cfg: MeasureConfig, partial: MeasurePartial, attention, ffn,
                    settings: dict[str, Any], *, threads: int, dtype_name: str, precision: str) -> dict[str, Any]:
     """The costs.json dict from the measured samples: table, parent check, roofline tables."""
-    from megapuzzle.cost_runtime import RUNTIME_NAME
+    from megapuzzle.costs.timing import RUNTIME_NAME
     from megapuzzle.roofline import roofline_table
 
     elem = _ELEM_BYTES[dtype_name]

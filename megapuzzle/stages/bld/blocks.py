@@ -2,7 +2,7 @@
 
 Teacher: the parent GPTModel (TP / PP-sharded like any Megatron model). One forward per batch
 runs the embedding (first stage; later stages receive the previous stage's hidden state through
-megapuzzle.bld_pipeline's relay) and this stage's decoder layers up to the deepest layer this
+megapuzzle.stages.bld.pp_relay's relay) and this stage's decoder layers up to the deepest layer this
 rank trains (all of them when a later stage needs the boundary state, which is then sent on),
 and records per layer the residual stream entering it (x), after its attention (m, the input of
 `pre_mlp_layernorm`) and leaving it (y). No logits: BLD never needs them.
@@ -70,7 +70,7 @@ class Teacher:
 
     def __init__(self, model, layers: set[int], mid_layers: set[int], relay=None):
         """`layers`: record x / y there; `mid_layers`: also m. `relay` (PP > 1): a
-        megapuzzle.bld_pipeline.PipelineRelay that receives this stage's input (non-first stages)
+        megapuzzle.stages.bld.pp_relay.PipelineRelay that receives this stage's input (non-first stages)
         and sends its output on (while a later stage needs it)."""
         self.model = unwrap_model(model)
         self.relay = relay
@@ -146,7 +146,7 @@ def build_layer(arch1: Architecture, tp: int, fp8_recipe: str | None = None,
     # weights are loaded right after, so skip Megatron's random init
     opts = ModelOptions(perform_initialization=False, use_te=te, params_dtype=params_dtype)
     if fp8_recipe is not None:
-        from megapuzzle.cost_runtime import _FP8_RECIPES  # our recipe name -> Megatron's fp8_recipe
+        from megapuzzle.costs.timing import _FP8_RECIPES  # our recipe name -> Megatron's fp8_recipe
 
         # amax reduced over the TP group only: data-parallel ranks train other blocks
         opts = ModelOptions(perform_initialization=False, use_te=te, fp8=True, params_dtype=params_dtype,

@@ -1,4 +1,4 @@
-"""GKD under pipeline parallelism (gkd.pipeline_parallel > 1): the pieces `megapuzzle.gkd` uses.
+"""GKD under pipeline parallelism (gkd.pipeline_parallel > 1): the pieces `megapuzzle.stages.gkd.gkd` uses.
 
 Child and parent have the same layer count, so Megatron's pipeline split puts layer i of both on
 the same stage and every hidden-state comparison is stage-local. Per step (one rank's share of
@@ -18,7 +18,7 @@ the global batch, in micro-batches):
 The reported terms are per-stage partial sums (zeros for the layers / logits a stage lacks),
 summed over the pipeline group at log time, so they are the PP = 1 numbers. Gradients of the
 tied embedding (first and last stage copies) are all-reduced over Megatron's embedding group and
-the grad norm runs over all stages (`megapuzzle.gkd_trainers.tp_grad_norm`), as `finalize_model_grads`
+the grad norm runs over all stages (`megapuzzle.stages.gkd.trainers.tp_grad_norm`), as `finalize_model_grads`
 and Megatron's clip do.
 """
 
@@ -146,7 +146,7 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
 
 @torch.no_grad()
 def evaluate_heldout_pp(child, parent, heldout, cfg, info) -> dict[str, float]:
-    """megapuzzle.gkd.evaluate_heldout under PP: both models forward-only through the pipeline,
+    """megapuzzle.stages.gkd.gkd.evaluate_heldout under PP: both models forward-only through the pipeline,
     each stage sums its layers' cosine terms, the last stage KL / LM / parent LM; the sums are
     all-reduced over the pipeline group, then the data-parallel group."""
     was = child.training

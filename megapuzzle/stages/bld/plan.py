@@ -1,6 +1,6 @@
 """The BLD plan: its config (the `bld:` section), the blocks a search space asks for, and how
-they split over ranks. Pure bookkeeping, no training (megapuzzle.bld runs the stage,
-megapuzzle.bld_train one rank's loop); both import this, so neither imports the other."""
+they split over ranks. Pure bookkeeping, no training (megapuzzle.stages.bld.bld runs the stage,
+megapuzzle.stages.bld.train one rank's loop); both import this, so neither imports the other."""
 
 from __future__ import annotations
 

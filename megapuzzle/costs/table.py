@@ -167,7 +167,7 @@ def predict_runtime(costs: dict[str, Any], arch: Architecture, batch: int, seq: 
 
 def predict_generation_time(costs: dict[str, Any], arch: Architecture, batch: int, prefill_len: int,
                             gen_len: int, *, source: str | None = None) -> dict[str, float]:
-    """What megapuzzle.cost_runtime.measure_model_throughput measures, predicted: one prefill of
+    """What megapuzzle.costs.timing.measure_model_throughput measures, predicted: one prefill of
     `prefill_len` tokens (giving the first new token), then gen_len - 1 decode steps with
     prefill_len, prefill_len + 1, ... tokens cached."""
     if gen_len < 1:

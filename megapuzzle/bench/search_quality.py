@@ -5,17 +5,17 @@
         --out benchmarks/results/search_quality/stdlib [--targets 1.2 1.4 1.6 1.8 2.0 2.4 2.8 3.2] \\
         [--gkd-steps 60] [--work-dir runs/cpu_demo_sq_bench] [--methods puzzle uniform ...] [--threads 1]
 
-Sweep: every method (METHOD_INFO; puzzle = the MIP through mip_stage.run_mip; puzzle_fusion = the
+Sweep: every method (METHOD_INFO; puzzle = the MIP through stages.mip.mip.run_mip; puzzle_fusion = the
 tiling MIP with fused-run candidates, from a base run with run blocks (tools/add_fusion_inputs.py)
 and a config with search_space.fusion_max_run >= 2; uniform, depth, random, greedy =
-megapuzzle.baselines) is asked for a child at each target, in increasing
+megapuzzle.bench.baselines) is asked for a child at each target, in increasing
 order, target-major (so an interrupted sweep has every method's low targets). A method stops at
 the first target its selection cannot meet; the last target it met is recorded as its max.
 A selection that picks the same architecture as the method's previous target is not trained
 again (the row says `same as`). Every child gets the same GKD (the config's gkd: section,
 with --gkd-steps overriding its steps for the whole sweep) and the same evaluate.
 
-Comparison (megapuzzle.bench_frontier): a method's quality at measured speed s is the best of
+Comparison (megapuzzle.bench.frontier): a method's quality at measured speed s is the best of
 its children whose measured speedup is >= s (a monotone frontier envelope). The table gives
 that at a grid of speeds, after GKD and before GKD (the realized child), and per method the
 measured-speed range where it is best. WORK defaults to RUN_sq_bench next to RUN (RUN itself is
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megapuzzle.bench_frontier import best_ranges, envelope_steps, equal_speed_table, fmt_ranges, speed_grid
+from megapuzzle.bench.frontier import best_ranges, envelope_steps, equal_speed_table, fmt_ranges, speed_grid
 from megapuzzle.config import load_config
 from megapuzzle.errors import UserError
 from megapuzzle.logs import prefixed
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__).info
 
 BENCHMARKS = ("search-quality",)
 # every method the bench can sweep: (plot colour, marker, what it is). A new method needs an entry
-# here and in megapuzzle.baselines.ALL_METHODS / run_child.
+# here and in megapuzzle.bench.baselines.ALL_METHODS / run_child.
 METHOD_INFO = {
     "puzzle": ("tab:red", "*", "Puzzle: the MIP over the BLD library"),
     "greedy": ("tab:purple", "D", "greedy on the same library and scores"),
@@ -292,7 +292,7 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
                        work_dir: str | Path | None = None, methods=DEFAULT_METHODS, seed: int = 0,
                        gkd_steps: int | None = None, uniform_steps: int | None = 16,
                        command: str | None = None) -> dict:
-    from megapuzzle.baselines import ALL_METHODS, run_child
+    from megapuzzle.bench.baselines import ALL_METHODS, run_child
     from megapuzzle.mip import InfeasibleBudgetError
 
     cfg = sweep_config(load_config(config), gkd_steps)

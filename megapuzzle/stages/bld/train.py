@@ -1,4 +1,4 @@
-"""One BLD rank's training (megapuzzle.bld decides, this trains): build the teacher and the
+"""One BLD rank's training (megapuzzle.stages.bld.bld decides, this trains): build the teacher and the
 rank's student blocks, initialise them from the parent (FFN channel calibration for pruned
 MLPs), measure the init NMSE, train every block in lockstep on the same global batches
 (one teacher forward per batch, one backward per block, a Megatron mixed-precision AdamW per
@@ -8,7 +8,7 @@ library.
 
 Resume: a rank restarts from its last checkpoint when the checkpoint belongs to the same plan
 (signature + planned keys). TP ranks (and with PP > 1 every rank of the pipeline,
-megapuzzle.bld_pipeline) agree on the step or all restart. With PP > 1 every stage of a
+megapuzzle.stages.bld.pp_relay) agree on the step or all restart. With PP > 1 every stage of a
 pipeline up to the deepest one with work runs the same teacher passes (relaying the boundary
 hidden state), whether it trains blocks or not.
 """
@@ -25,7 +25,7 @@ import torch
 
 from megapuzzle.train import faults
 from megapuzzle.arch import Architecture
-from megapuzzle.bld_plan import BLDConfig, BlockSpec, tensor_sig
+from megapuzzle.stages.bld.plan import BLDConfig, BlockSpec, tensor_sig
 from megapuzzle.checkpoints.canonical import first_dtype
 from megapuzzle.config import RunDir
 from megapuzzle.fileio import save_safetensors_atomic
@@ -126,11 +126,11 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
                lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str],
                progress: bool = True, role=None) -> dict:
     """Train this rank's blocks in lockstep and write them to the library. `role` (PP > 1): this
-    rank's megapuzzle.bld_pipeline.PipelineRole; every rank of a pipeline with work calls this,
+    rank's megapuzzle.stages.bld.pp_relay.PipelineRole; every rank of a pipeline with work calls this,
     `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work)."""
     from tqdm import tqdm
 
-    from megapuzzle.bld_blocks import StudentBlock, Teacher
+    from megapuzzle.stages.bld.blocks import StudentBlock, Teacher
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
@@ -164,7 +164,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
              and b.variant.ffn.kind_spec.needs_calibration(arch.layers[b.layer].ffn, b.variant.ffn)}
     relay = None
     if role is not None and role.active:
-        from megapuzzle.bld_pipeline import PipelineRelay
+        from megapuzzle.stages.bld.pp_relay import PipelineRelay
 
         relay = PipelineRelay(role, arch.hidden_size, model.config.params_dtype, next(model.parameters()).device)
     teacher = Teacher(model, {b.layer for b in mine}, {b.layer for b in mine if b.kind == "ffn"} | prune, relay)
@@ -180,7 +180,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     if role is not None:  # the whole pipeline (TP x PP of this replica) starts at one step
         from megatron.core import parallel_state as ps
 
-        from megapuzzle.bld_pipeline import agree_on_step, any_flags
+        from megapuzzle.stages.bld.pp_relay import agree_on_step, any_flags
 
         group = ps.get_model_parallel_group()
         step = agree_on_step((saved[1] if resume else -1) if mine else None, group)

@@ -1,4 +1,4 @@
-"""Uniform width at any size (megapuzzle.baselines' `uniform`): the settings it may use in every
+"""Uniform width at any size (megapuzzle.bench.baselines' `uniform`): the settings it may use in every
 layer, and the costs of FFN widths costs.json never measured (linear in the width between the
 measured ones). Torch-free."""
 
@@ -45,7 +45,7 @@ class InterpolatedCosts:
 
     def _measured_mlp(self) -> list[int]:
         if self._mlp is None:
-            from megapuzzle.cost_table import cost_table
+            from megapuzzle.costs.table import cost_table
 
             self._mlp = sorted(FFNVariant.from_name(e["name"]).intermediate_size
                                for e in cost_table(self.sc.costs, self.sc.source)["variants"].values()

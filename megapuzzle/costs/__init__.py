@@ -1,0 +1,1 @@
+"""Variant costs shared by the stages: the cost table (costs.json) and timing harness."""

@@ -1,0 +1,1 @@
+"""Stage `bld`: child initialisation + blockwise local distillation into the block library."""

@@ -1,0 +1,1 @@
+"""Stage `evaluate`: parent vs child quality and measured speed."""

@@ -1,0 +1,1 @@
+"""Stage `gkd`: global knowledge distillation of the child from the parent."""

@@ -1,0 +1,1 @@
+"""Stage `measure`: per-variant runtime and memory costs."""

@@ -1,0 +1,1 @@
+"""Stage `mip`: pick one variant per layer (or run) under the budgets."""

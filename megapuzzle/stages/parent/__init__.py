@@ -1,0 +1,1 @@
+"""Stage `parent`: train the embedded parent (or import one)."""

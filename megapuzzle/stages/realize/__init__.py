@@ -1,0 +1,1 @@
+"""Stage `realize`: stitch a solution's blocks into a child checkpoint."""

@@ -1,0 +1,1 @@
+"""Stage `score`: replace-1-block scoring of every library block."""
