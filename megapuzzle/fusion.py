@@ -159,3 +159,58 @@ def fuse_state_dict(arch: Architecture, tensors: Mapping[str, torch.Tensor], run
                     ) -> tuple[Architecture, dict[str, torch.Tensor]]:
     """In-memory version for small models and tests."""
     return fused_arch(arch, runs), dict(iter_fused_tensors(arch, tensors, runs))
+
+
+# ----------------------------------------------------------------------------- one run as a search block
+
+FFN_NAMES = ("post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+"""Layer-local names of an FFN subblock: what a fused-run block stores and trains."""
+
+
+def run_block_layer(parent: Architecture, i: int, j: int) -> LayerArch:
+    """The replacement layer of run [i, j]: the parent's attention at i, an MLP of the summed FFN width."""
+    if not 0 <= i < j < parent.num_layers:
+        raise UserError(f"run [{i}, {j}] is not a range of at least two of the parent's {parent.num_layers} layers")
+    widths = [parent.layers[k].ffn.intermediate_size for k in range(i, j + 1) if parent.layers[k].ffn.parent_like]
+    if not widths:
+        raise UserError(f"run [{i}, {j}] has no MLP to fuse")
+    return LayerArch(parent.layers[i].attention, FFNVariant("mlp", sum(widths)))
+
+
+def run_arch(parent: Architecture, i: int, j: int, layer: LayerArch) -> Architecture:
+    """The parent with layers i..j replaced by `layer` (at i) and no-op / no-op layers."""
+    layers = list(parent.layers)
+    layers[i] = layer
+    for k in range(i + 1, j + 1):
+        layers[k] = LayerArch(AttentionVariant("no_op"), FFNVariant("no_op"))
+    return parent.with_layers(layers)
+
+
+def fold_run(parent: Architecture, tensors: Mapping[str, torch.Tensor], i: int, j: int,
+             ffn_locals: Sequence[Mapping[str, torch.Tensor]] | None = None
+             ) -> tuple[LayerArch, dict[str, torch.Tensor]]:
+    """(layer, layer-local FFN tensors) of run [i, j]'s block: the fold of the parent's FFNs i..j, or
+    of `ffn_locals` (per MLP layer of the run, in order: a narrower variant's library blocks; the
+    width is then their sum). Reads only those FFN tensors from `tensors` (a lazy reader is fine)."""
+    if ffn_locals is None:
+        layer = run_block_layer(parent, i, j)
+        ffn_locals = [{n: tensors[f"model.layers.{k}.{n}"] for n in FFN_NAMES}
+                      for k in range(i, j + 1) if parent.layers[k].ffn.parent_like]
+    else:
+        widths = [int(f["mlp.gate_proj.weight"].shape[0]) for f in ffn_locals]
+        layer = LayerArch(parent.layers[i].attention, FFNVariant("mlp", sum(widths)))
+    folded = fold_ffns([tuple(f[n] for n in FFN_NAMES) for f in ffn_locals])
+    return layer, dict(zip(FFN_NAMES, folded))
+
+
+def init_run_block(parent: Architecture, tensors: Mapping[str, torch.Tensor], i: int, j: int,
+                   ffn_locals: Sequence[Mapping[str, torch.Tensor]] | None = None
+                   ) -> tuple[LayerArch, dict[str, torch.Tensor]]:
+    """(layer, layer-local canonical tensors) of run [i, j]: attention i copied, FFNs i..j folded
+    (fold_run). The whole replacement layer, for references and tests."""
+    p = f"model.layers.{i}."
+    local = {n[len(p):]: tensors[n] for n in tensors.keys() if n.startswith(p) and
+             (n.startswith(p + "self_attn.") or n == p + "input_layernorm.weight")}
+    layer, ffn = fold_run(parent, tensors, i, j, ffn_locals)
+    local.update(ffn)
+    return layer, local

@@ -53,7 +53,7 @@ def _plan_for_ranks(state_root: Path, todo: list[BlockSpec], arch: Architecture,
                 return assign
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
-    assign = [split_work([b for b in todo if b.layer in rng], arch, dp) for rng in stages]
+    assign = [split_work([b for b in todo if b.end in rng], arch, dp) for rng in stages]  # a run: its last layer's
     atomic_write_json(f, {"signature": sig, "dp_size": dp, "assign": assign[0]} if pp == 1 else
                       {"signature": sig, "dp_size": dp, "pp_size": pp, "assign": assign})
     return assign

@@ -84,7 +84,7 @@ class Teacher:
         # A pre-hook on pre_mlp_layernorm sees exactly the residual after attention. Students
         # share these modules (attention variants run the frozen parent FFN), so the hook only
         # records while the teacher itself is running.
-        for i in self.mid_layers:
+        for i in self.mid_layers & set(by_index):  # a run block's first layer may be an earlier stage's
             by_index[i].pre_mlp_layernorm.register_forward_pre_hook(self._hook(i))
 
     def _hook(self, i: int):
@@ -104,14 +104,18 @@ class Teacher:
         if getattr(m, "pre_process", True):  # first pipeline stage (or no PP): embed
             pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
             h = m.embedding(input_ids=tokens, position_ids=pos)  # [s, b, h], TP-reduced
-        else:  # the previous stage's boundary hidden state
+        else:  # the previous stage's boundary hidden state (+ the streams carried for run blocks)
             h = self.relay.recv(tokens.shape[1], tokens.shape[0])
+            carried = self.relay.recv_carry(tokens.shape[1], tokens.shape[0])
         rot = None
         if getattr(m, "rotary_pos_emb", None) is not None:  # on every stage: computed locally
             rot = m.rotary_pos_emb(m.rotary_pos_emb.get_rotary_seq_len(None, m.decoder, h, m.config, None))
         first, send = min(self.by_index), self.relay is not None and self.relay.send_next
         last = max(self.by_index) if send else max(self.layers | self.mid_layers, default=first - 1)
         out = TeacherOutputs({}, {}, {}, rot)
+        if not getattr(m, "pre_process", True):
+            for i, (x, mid) in carried.items():
+                out.x[i], out.m[i] = x, mid
         self._mid = out.m
         try:
             for i in range(first, last + 1):
@@ -125,6 +129,9 @@ class Teacher:
             self._mid = None
         if send:
             self.relay.send(h)
+            for i in self.relay.role.carry_out:
+                self.relay.send(out.x[i])
+                self.relay.send(out.m[i])
         return out
 
 
@@ -172,14 +179,16 @@ class StudentBlock(torch.nn.Module):
 
     def __init__(self, key: str, kind: str, layer_index: int, parent: Architecture, variant: LayerArch,
                  teacher: Teacher | None, tp: int, fp8_recipe: str | None = None,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, last: int | None = None):
         """`kind` attention | ffn | layer; `teacher` is needed only for attention blocks (their
         frozen FFN is the teacher's). kind "layer" with a full LayerArch builds and loads the
         whole layer (scoring uses that for any block plus the parent's other subblock).
         `fp8_recipe`: build with FP8 GEMMs and run forward under fp8 autocast (see build_layer).
-        `params_dtype`: the layer's parameter dtype (the teacher's, for attention blocks)."""
+        `params_dtype`: the layer's parameter dtype (the teacher's, for attention blocks).
+        `last`: a fused-run block's last layer (its target is the parent's output there)."""
         super().__init__()
         self.key, self.kind, self.layer_index = key, kind, layer_index
+        self.last = layer_index if last is None else last
         self.variant = variant
         if kind == "attention":
             self.own = LayerArch(variant.attention, NO_FFN)

@@ -26,6 +26,14 @@ class BlockSpec:
     """attention blocks: (variant, parent FFN); ffn blocks: (parent attention, variant); layer: the pair."""
     parent_own: bool
     """The parent's own subblock(s): written from the parent's tensors, never trained."""
+    last: int | None = None
+    """A fused-run block (megapuzzle.fusion_blocks, kind ffn): it replaces layers `layer`..`last`,
+    learning the parent's stream out of `last` from the stream into `layer`. None: one layer."""
+
+    @property
+    def end(self) -> int:
+        """The layer whose output the block learns."""
+        return self.layer if self.last is None else self.last
 
     def num_params(self, arch: Architecture) -> int:
         a = arch.attention_params(self.variant.attention) if self.kind != "ffn" else 0

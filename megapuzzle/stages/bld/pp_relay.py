@@ -33,6 +33,11 @@ class PipelineRole:
     """This rank's pipeline stage."""
     deepest: int
     """The deepest stage of this pipeline with blocks to train (every stage up to it takes part)."""
+    carry_in: tuple[int, ...] = ()
+    """Layers of earlier stages whose input (x) and post-attention (m) streams this stage receives
+    after the boundary state: fused-run blocks trained here that start on an earlier stage."""
+    carry_out: tuple[int, ...] = ()
+    """Likewise, the layers whose x and m this stage sends on (its own or received)."""
 
     @property
     def active(self) -> bool:
@@ -46,6 +51,19 @@ class PipelineRole:
     @property
     def send_next(self) -> bool:
         return self.stage < self.deepest
+
+
+def run_carries(assign: list[list[list[str]]], todo: set[str], dp_rank: int, first_layer: dict[str, int],
+                stages: list[range]) -> list[tuple[int, ...]]:
+    """Per stage, the layers whose x / m streams it sends to the next stage: the first layers of
+    fused-run blocks (`first_layer`: key -> layer) trained on a later stage of replica `dp_rank`
+    (a run block trains on the stage of its last layer) that start at or before this stage."""
+    out = []
+    for s in range(len(stages)):
+        later = {first_layer[k] for t in range(s + 1, len(stages)) for k in todo & set(assign[t][dp_rank])
+                 if k in first_layer}
+        out.append(tuple(sorted(i for i in later if i < stages[s].stop)))
+    return out
 
 
 def deepest_stage(assign: list[list[list[str]]], todo: set[str], dp_rank: int) -> int:
@@ -73,6 +91,10 @@ class PipelineRelay:
         h = torch.empty(seq_len, batch, self.hidden, dtype=self.dtype, device=self.device)
         dist.recv(h, src=self.prev)
         return h
+
+    def recv_carry(self, seq_len: int, batch: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The carried (x, m) of `role.carry_in`, received right after the boundary state."""
+        return {i: (self.recv(seq_len, batch), self.recv(seq_len, batch)) for i in self.role.carry_in}
 
     def send(self, h: torch.Tensor) -> None:
         if h.dtype != self.dtype:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from megapuzzle.train import faults
 from megapuzzle.arch import Architecture
 from megapuzzle.stages.bld.plan import BLDConfig, BlockSpec, tensor_sig
 from megapuzzle.checkpoints.canonical import first_dtype
@@ -62,10 +61,11 @@ def _tp_agree(value: int) -> bool:
 
 
 def _nmse_terms(student, t) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of squared errors, sum of squared targets) on the layer's update o = out - in."""
+    """(sum of squared errors, sum of squared targets) on the layer's update o = out - in (a
+    fused-run block: on the run's update, the stream out of its last layer minus the one into its first)."""
     i = student.layer_index
     x = t.x[i].float()  # in fp32 whatever the params' dtype: bf16 differences would lose the small updates
-    target = t.y[i].float() - x
+    target = t.y[student.last].float() - x
     err = (student(t).float() - x) - target
     return err.pow(2).sum(), target.pow(2).sum()
 
@@ -124,18 +124,19 @@ def _resume_point(state_dir: Path, keys_sig: str, mine: list[BlockSpec], steps: 
 
 def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: dict, mine: list[BlockSpec],
                lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str],
-               progress: bool = True, role=None) -> dict:
+               progress: bool = True, role=None, init=None) -> dict:
     """Train this rank's blocks in lockstep and write them to the library. `role` (PP > 1): this
     rank's megapuzzle.stages.bld.pp_relay.PipelineRole; every rank of a pipeline with work calls this,
-    `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work)."""
-    from tqdm import tqdm
-
+    `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work).
+    `init(b)` -> (layer-local tensors, method): how blocks start when not the parent's usual init
+    (fused-run blocks: the fold, megapuzzle.fusion_blocks); `lib` is then where they are written."""
     from megapuzzle.stages.bld.blocks import StudentBlock, Teacher
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import load_canonical_into_model
     from megapuzzle.train.block_optimizer import BlockOptimizers
+    from megapuzzle.train.loop import TrainLoop
     from megapuzzle.train.schedule import LRSchedule
     from megapuzzle.train.state import load_train_state, save_train_state
     from megapuzzle.train.train_logger import TrainLogger
@@ -160,16 +161,18 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     model = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
     if role is None or role.active:
         load_canonical_into_model(model, parent_tensors, arch)
-    prune = {b.layer for b in mine if b.kind != "attention"
+    prune = {b.layer for b in mine if b.kind != "attention" and b.last is None
              and b.variant.ffn.kind_spec.needs_calibration(arch.layers[b.layer].ffn, b.variant.ffn)}
     relay = None
     if role is not None and role.active:
         from megapuzzle.stages.bld.pp_relay import PipelineRelay
 
         relay = PipelineRelay(role, arch.hidden_size, model.config.params_dtype, next(model.parameters()).device)
-    teacher = Teacher(model, {b.layer for b in mine}, {b.layer for b in mine if b.kind == "ffn"} | prune, relay)
+    carry = set(role.carry_out) if role is not None else set()  # streams a later stage's run blocks need
+    teacher = Teacher(model, {b.layer for b in mine} | {b.end for b in mine} | carry,
+                      {b.layer for b in mine if b.kind == "ffn"} | prune | carry, relay)
     fp8 = cfg.fp8_recipe if cfg.fp8 else None
-    students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size, fp8, dtype)
+    students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size, fp8, dtype, b.last)
                 for b in mine]
     spec = {b.key: b for b in mine}
     named = {f"{s.key}/{n}": p for s in students for n, p in s.trainable().items()}
@@ -212,7 +215,8 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
         scores = _calibrate(teacher, train, cfg, arch, parent_tensors, prune) if any_prune else {}
         tim["calibration_s"] = time.perf_counter() - t
         for s in students:
-            tensors, methods[s.key] = _init_tensors(arch, spec[s.key], parent_tensors, scores)
+            tensors, methods[s.key] = (_init_tensors(arch, spec[s.key], parent_tensors, scores) if init is None
+                                       else init(spec[s.key]))
             s.load_canonical(tensors)
         if opt is not None:
             opt.reload_model_params()  # the fp32 master weights start from the init just loaded
@@ -227,23 +231,19 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     sched = LRSchedule(cfg.lr, max(total, 1), min(cfg.warmup, max(total - 1, 0)), cfg.min_lr)
     tb = rd.tb / "bld" / (f"dp{info.dp_rank:03d}" if role is None else f"dp{info.dp_rank:03d}_pp{info.pp_rank:03d}")
     logger = TrainLogger(tb, total, prefix="bld/", enabled=leader and bool(mine))
-    bar = tqdm(total=total, initial=start, desc="bld", unit="step", disable=not (progress and main))
     if leader and start == 0:
         for k, v in init_nmse.items():
             logger.scalar(f"eval_nmse/{k}", v, 0)
-    last_log, window = start, {s.key: [] for s in trainable}
-    for step in range(start, total):
-        if faults.reached("bld", step):
-            bar.close()
-            logger.close()
-            return {"stopped_at": step, "resumed_from": start if resume else None, "timings": tim}
-        tokens = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1]  # same batch on every rank
+    window: dict[str, list[float]] = {s.key: [] for s in trainable}
+
+    def step(i: int, lr: float) -> dict:
+        tokens = train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1]  # same batch on every rank
         t = time.perf_counter()
         tout = teacher.forward(tokens)  # PP: a relay-only stage just passes the boundary state on
         t1 = time.perf_counter()
         norms = []
         if trainable:
-            opt.set_lr(sched(step))
+            opt.set_lr(lr)
             for s in trainable:  # one backward per block: no graph spans two blocks, activations freed early
                 num, den = _nmse_terms(s, tout)
                 loss = num / den
@@ -253,19 +253,23 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
             opt.zero_grad()
         tim["teacher_s"] += t1 - t
         tim["students_s"] += time.perf_counter() - t1
-        bar.update(1)
-        if ((step + 1) % cfg.log_every == 0 or step + 1 == total) and window:
-            means = {k: sum(v) / len(v) for k, v in window.items()}
-            done = step + 1 - last_log
-            logger.log(step + 1, done * cfg.tokens_per_step,
-                       {"nmse mean": sum(means.values()) / len(means), "nmse max": max(means.values()),
-                        "lr": sched(step), "grad norm max": max(norms)}, console=main, iters=done)
-            for k, v in means.items():
-                logger.scalar(f"nmse/{k}", v, step + 1)
-            last_log, window = step + 1, {k: [] for k in window}
-        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total) and mine:
-            save_train_state(state_dir, step + 1, named, opt, extra)
-    bar.close()
+        return {"grad norm max": max(norms)} if norms else {}
+
+    def block_means(n: int, done: int) -> dict | None:
+        if not window:
+            return None  # no block of its own trains here: nothing to log
+        means = {k: sum(v) / len(v) for k, v in window.items()}
+        for v in window.values():
+            v.clear()
+        return {"nmse mean": sum(means.values()) / len(means), "nmse max": max(means.values()),
+                **loop.last, **{f"nmse/{k}": v for k, v in means.items()}}
+
+    loop = TrainLoop("bld", total, sched, logger, cfg.log_every, cfg.checkpoint_every, cfg.tokens_per_step,
+                     console=main, progress=progress and main)
+    save = (lambda n: save_train_state(state_dir, n, named, opt, extra)) if mine else None
+    stopped = loop.run(start, step, save=save, window=block_means)
+    if stopped is not None:
+        return {"stopped_at": stopped, "resumed_from": start if resume else None, "timings": tim}
 
     t = time.perf_counter()
     final = evaluate(teacher, students, heldout, cfg)

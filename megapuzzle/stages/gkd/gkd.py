@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megapuzzle.train import faults
 from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, first_dtype
 from megapuzzle.config import RunDir, load_config, section, section_dict
 from megapuzzle.config.gkd import DEFAULT_STEPS, GKDConfig  # noqa: F401 (the stage's config)
@@ -103,8 +102,6 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     """Distil RUN/parent into RUN/child; returns result.json's content ({} on ranks > 0).
     Under `faults.kill_after("gkd", n)` (tests) it returns {"stopped_at": n} without saving,
     like a kill between checkpoints."""
-    from tqdm import tqdm
-
     from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, tokenizer_path, require_parent
     from megapuzzle.data.datasets import PackedSequenceDataset
     from megapuzzle.model.config import ModelOptions
@@ -112,6 +109,7 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     from megapuzzle.model.weights import load_canonical_into_model, write_checkpoint_from_model
     from megapuzzle.runtime.distributed import init_distributed
     from megapuzzle.runtime.dtypes import resolve_dtype
+    from megapuzzle.train.loop import TrainLoop
     from megapuzzle.train.schedule import LRSchedule
     from megapuzzle.train.train_logger import TrainLogger
 
@@ -208,19 +206,15 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     if main and start == 0:
         for k in ("kl", "cosine", "lm_loss", "loss"):
             logger.scalar(f"heldout/{k}", initial[k], 0)
-    bar = tqdm(total=total, initial=start, desc="gkd", unit="step", disable=not (progress and main))
     dev = next(child.parameters()).device
     w = {"cosine": cfg.cosine_weight, "kl": cfg.kl_weight, "lm": cfg.lm_weight}
     # interval sums on the device (no host sync per step): loss terms, grad norm, per-layer cosine
     nt = len(TERMS)
     window = torch.zeros(nt + 1 + child_arch.num_layers, dtype=torch.float64, device=dev)
-    last_log, n_micro = start, local_batch // micro
-    for step in range(start, total):
-        if faults.reached("gkd", step):
-            bar.close()
-            logger.close()
-            return {"stopped_at": step}
-        batch = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
+    n_micro = local_batch // micro
+
+    def step(i: int, lr: float) -> None:
+        batch = train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
         trainer.zero_grad()
         if info.pp_size > 1:  # Megatron's 1F1B schedule; each stage adds its share to the window
             gkd_pipeline.train_microbatches(model, parent, batch.to(dev), micro, cfg, w, window, nt)
@@ -232,35 +226,33 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
                     (m["loss"] / n_micro).backward()
                 window[:nt] += torch.stack([m[k].detach() for k in TERMS]).double() / n_micro
                 window[nt + 1:] += terms["cosine"].detach().mean(dim=(1, 2)).double() / n_micro
-        window[nt] += trainer.step(sched(step))
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            done = step + 1 - last_log
-            avg = window / done
-            if info.pp_size > 1:  # each stage holds the terms of its own layers (and the last the KL / LM)
-                from megatron.core import parallel_state as ps
+        window[nt] += trainer.step(lr)
 
-                dist.all_reduce(avg, group=ps.get_pipeline_model_parallel_group())
-                avg[nt] = window[nt] / done
-            if info.dp_size > 1:  # the loss terms of the global batch (the grad norm is global already)
-                from megatron.core import parallel_state as ps
+    def report(n: int, done: int) -> dict[str, float]:
+        avg = window / done
+        if info.pp_size > 1:  # each stage holds the terms of its own layers (and the last the KL / LM)
+            from megatron.core import parallel_state as ps
 
-                dist.all_reduce(avg, group=ps.get_data_parallel_group())
-                avg /= info.dp_size
-                avg[nt] = window[nt] / done
-            avg = avg.tolist()
-            row = {"step": step + 1, **dict(zip(TERMS, avg)), "lr": sched(step), "grad_norm": avg[nt]}
-            history.append(row)
-            logger.log(step + 1, done * cfg.tokens_per_step,
-                       {"loss": row["loss"], "cosine loss": row["cosine"], "kl loss": row["kl"],
-                        "lm loss": row["lm"], "lr": row["lr"], "grad norm": row["grad_norm"]}, iters=done)
-            for i, v in enumerate(avg[nt + 1:]):
-                logger.scalar(f"cosine/layer_{i:03d}", v, step + 1)
-            window.zero_()
-            last_log = step + 1
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
-            trainer.save(step + 1, extra)
-    bar.close()
+            dist.all_reduce(avg, group=ps.get_pipeline_model_parallel_group())
+            avg[nt] = window[nt] / done
+        if info.dp_size > 1:  # the loss terms of the global batch (the grad norm is global already)
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(avg, group=ps.get_data_parallel_group())
+            avg /= info.dp_size
+            avg[nt] = window[nt] / done
+        avg = avg.tolist()
+        window.zero_()
+        row = {"step": n, **dict(zip(TERMS, avg)), "lr": sched(n - 1), "grad_norm": avg[nt]}
+        history.append(row)
+        return {"loss": row["loss"], "cosine loss": row["cosine"], "kl loss": row["kl"], "lm loss": row["lm"],
+                "grad norm": row["grad_norm"], **{f"cosine/layer_{i:03d}": v for i, v in enumerate(avg[nt + 1:])}}
+
+    loop = TrainLoop("gkd", total, sched, logger, cfg.log_every, cfg.checkpoint_every, cfg.tokens_per_step,
+                     progress=progress and main)
+    stopped = loop.run(start, step, save=lambda n: trainer.save(n, extra), window=report)
+    if stopped is not None:
+        return {"stopped_at": stopped}
 
     final = evaluate(model, parent, heldout, cfg, info)
     out = run.gkd / "checkpoint"

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from megapuzzle.train import faults
 from megapuzzle.config.parent import ParentConfig  # noqa: F401 (the stage's config)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
@@ -131,6 +130,7 @@ def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, th
     from megapuzzle.model.gpt import build_gpt_model
     from megapuzzle.model.weights import gather_canonical_from_model
     from megapuzzle.runtime.distributed import init_distributed
+    from megapuzzle.train.loop import TrainLoop
     from megapuzzle.train.schedule import LRSchedule, set_lr
     from megapuzzle.train.state import load_train_state, save_train_state
     from megapuzzle.train.train_logger import TrainLogger
@@ -175,13 +175,10 @@ def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, th
     dp_group = _dp_group()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     model.train()
-    loss_val = float("nan")
-    last_log = start
-    for step in range(start, cfg.steps):
-        if faults.reached("train-parent", step):
-            return {"stopped_at": step}  # tests: behave like a kill (no save)
-        batch = train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
-        set_lr(opt, sched(step))
+
+    def step(i: int, lr: float) -> dict:
+        batch = train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
+        set_lr(opt, lr)
         tokens, labels = batch[:, :-1], batch[:, 1:]
         pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
         loss = model(tokens, pos, None, labels=labels).float().mean()
@@ -194,14 +191,14 @@ def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, th
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_val = loss.item()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            done = (step + 1) - last_log
-            logger.log(step + 1, tokens_per_step * done,
-                       {"lm loss": loss_val, "lr": sched(step), "grad norm": gnorm}, iters=done)
-            last_log = step + 1
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_train_state(state_dir, step + 1, params, opt, {"loss": loss_val})
+        return {"lm loss": loss.item(), "grad norm": gnorm}
+
+    loop = TrainLoop("train-parent", cfg.steps, sched, logger, cfg.log_every, cfg.checkpoint_every, tokens_per_step)
+    stopped = loop.run(start, step, save=lambda n: save_train_state(state_dir, n, params, opt,
+                                                                    {"loss": loop.last["lm loss"]}))
+    if stopped is not None:
+        return {"stopped_at": stopped}  # tests: behave like a kill (no save)
+    loss_val = loop.last.get("lm loss", float("nan"))
     heldout_loss, n_eval = evaluate_lm_loss(model, heldout, cfg)
     canonical = gather_canonical_from_model(model, arch)
     result = None

@@ -11,7 +11,9 @@ Why it is fast (docs/design.md, "Scoring dominates naive pipelines"): the parent
 every layer input and its log-probabilities are computed once per batch and kept; a block at
 layer l then runs only its own layer and the parent's layers l+1..L-1 plus the head, and all
 candidates of one layer go through those shared layers stacked into one batch.
-`naive=True` (benchmarks only) re-runs the whole model per candidate instead.
+`naive=True` (benchmarks only) re-runs the whole model per candidate instead. A fused-run block
+(`BlockRef.last`, megapuzzle.fusion_blocks.score_runs) runs on the stream entering its first
+layer and continues after its last.
 
 Resumable: each rank appends finished blocks to RUN/state/score/rank{r}.json (atomic); a
 restart skips them. Rank 0 merges all ranks' files into scores.json.
@@ -52,6 +54,13 @@ class BlockRef:
     key: str
     layer: int
     la: LayerArch  # the whole layer the block makes (its own subblock + the parent's other one)
+    last: int | None = None
+    """A fused-run block (megapuzzle.fusion_blocks): it replaces layers layer..last; its FFN is
+    the library's block, its attention the parent's at `layer`. None: one layer."""
+
+    @property
+    def end(self) -> int:
+        return self.layer if self.last is None else self.last
 
 
 def library_blocks(parent, library) -> list[BlockRef]:
@@ -112,7 +121,7 @@ def block_layer_module(parent, ref: BlockRef, library, parent_tensors, tp: int,
     from megapuzzle.stages.bld.blocks import StudentBlock
     from megapuzzle.init import attention_part, ffn_part, local_layer_tensors
 
-    kind = ref.key.split(".")[1]
+    kind = ref.key.split(".")[1] if ref.last is None else "ffn"
     parent_local = local_layer_tensors(parent_tensors, ref.layer)
     local = dict(ffn_part(parent_local) if kind == "attention" else
                  attention_part(parent_local) if kind == "ffn" else {})
@@ -172,9 +181,9 @@ def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], b
     shared suffix. naive=True: the whole model per candidate per batch (the benchmark's baseline)."""
     runner = ParentRunner(model)
     todo = [r for r in refs if r.key not in done]
-    by_layer: dict[int, list[BlockRef]] = {}
+    by_layer: dict[tuple[int, int], list[BlockRef]] = {}  # by (first, last) layer: one shared suffix each
     for r in todo:
-        by_layer.setdefault(r.layer, []).append(r)
+        by_layer.setdefault((r.layer, r.end), []).append(r)
     results = dict(done)
     per_pass = 1 if naive else cfg.candidates_per_pass
     # Parent passes are kept for one group of batches at a time (score.cache_gb); every block
@@ -187,8 +196,8 @@ def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], b
         last = g0 + per_group >= len(batches)
         passes = None if naive else [parent_pass(runner, t) for t in group_batches]
         n_tok += sum(t[:, 1:].numel() for t in group_batches)
-        for layer in sorted(by_layer):
-            group = by_layer[layer]
+        for layer, end in sorted(by_layer):
+            group = by_layer[layer, end]
             for c0 in range(0, len(group), per_pass):
                 chunk = group[c0:c0 + per_pass]
                 modules = [block_layer_module(parent, r, library, parent_tensors, tp, runner.dtype) for r in chunk]
@@ -198,12 +207,14 @@ def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], b
                         h, _ = runner.embed(tokens[:, :-1])
                         for i in range(layer):
                             h, _ = runner.layers[i](hidden_states=h, attention_mask=None, rotary_pos_emb=pp.rot)
-                        outs = [runner.run_from(h, layer, pp.rot, first_layer=modules[0])]
+                        outs = [runner.run_from(h, layer, pp.rot, first_layer=modules[0]) if end == layer else
+                                runner.run_from(modules[0](hidden_states=h, attention_mask=None,
+                                                           rotary_pos_emb=pp.rot)[0], end + 1, pp.rot)]
                     else:
                         pp = passes[bi]
                         ys = [mod(hidden_states=pp.streams[layer], attention_mask=None, rotary_pos_emb=pp.rot)[0]
                               for mod in modules]
-                        lp = runner.run_from(torch.cat(ys, dim=1), layer + 1, pp.rot)  # [n*b, s, V]
+                        lp = runner.run_from(torch.cat(ys, dim=1), end + 1, pp.rot)  # [n*b, s, V]
                         outs = list(lp.split(pp.targets.shape[0], dim=0))
                     for r, lp in zip(chunk, outs):
                         s = sums[r.key]
