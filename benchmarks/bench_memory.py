@@ -14,7 +14,8 @@ rank, at exit) and the bytes of model weights that rank owns:
   blocks into the library layer by layer; no student trains, so this is the read path only);
 * `score` (bf16 weights, KL in fp32) under torchrun at TP x PP = 1x1, 2x1 and 1x2 (`score --tp --pp`;
   each pipeline stage builds and reads only its own layers);
-* `evaluate` (bf16 quality and timing) at TP = 1 and 2 (`evaluate --tp`); it has no PP;
+* `evaluate` (bf16 quality and timing) at every layout (`evaluate --tp --pp`: parent and child on
+  one TP x PP layout);
 * `bld` with trained students: two per layer (GQA with half the parent's KV heads, and a SwiGLU at
   25 % of the parent's width), 2 steps, bf16 params under Megatron's mixed-precision optimizer
   (fp32 master weights, main grads and AdamW moments: the recipes' 20 B per trainable parameter),
@@ -232,13 +233,13 @@ def main() -> int:
         if not a.gkd_only:
             for lay in a.layouts.split(","):
                 tp, pp = (int(x) for x in lay.split("x"))
-                if pp > 1:  # evaluate has no PP; a "1x2" would be two identical TP=1 processes
-                    continue
-                res = run_ranks(work, f"evaluate_{lay}", tp, ["evaluate", "--run-dir", str(run), "--config", str(cfg),
-                                                               "--child", str(run / "parent"), "--tp", str(tp)])
+                res = run_ranks(work, f"evaluate_{lay}", tp * pp, ["evaluate", "--run-dir", str(run), "--config",
+                                                                    str(cfg), "--child", str(run / "parent"),
+                                                                    "--tp", str(tp), "--pp", str(pp)])
                 for rr in res:
+                    st = rr["rank"] // tp  # ranks are TP-fastest
                     rows.append(("evaluate (parent vs itself)", lay, rr["rank"], rr,
-                                 owned_bytes(arch, tp, 2, replicas=2), None, "", "evaluate"))
+                                 owned_bytes(arch, tp, 2, replicas=2, pp=pp, stage=st), None, "", "evaluate"))
             (r,) = run_ranks(work, "export", 1, ["export-hf", "--checkpoint", str(run / "parent"), "--out",
                                                   str(work / "export"), "--dtype", "bf16", "--max-shard-size",
                                                   a.max_shard_size])
@@ -289,9 +290,6 @@ Misses, each with its cause (not rows of this table):
   gkd is measured at every layout at the `mid` shape instead (0.62B: hidden 2048, 8 layers, vocab 32k;
   memory_mid.md, 1x1 peak 13.2 GiB for 11.5 GiB owned, all within target) and at `small`
   (memory_small.md); the memory model (megapuzzle.memory_model) scales its coefficient from `mid`.
-* evaluate at 1x2: evaluate has no PP (`evaluate --tp N` splits both models over TP; the 2x1 rows).
-  `megapuzzle run` and slurm/evaluate.sbatch still launch it as one process, which is why evaluate
-  does not fit one H100 at 70B and 405B (tests/test_examples.py, MISSES).
 
 The figures are stored machine-readably in memory.json (same rows); megapuzzle.memory_model fits
 bytes added per owned byte and the baseline to them and tests/test_examples.py scales them to the

@@ -164,9 +164,19 @@ def _stage_gkd(run: RunDir, cfg: dict) -> dict:
 
 
 def _stage_evaluate(run: RunDir, cfg: dict) -> dict:
-    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, run_evaluate
+    from megapuzzle.config.evaluate import EvaluateConfig
+    from megapuzzle.launch import launched_world, torchrun
 
-    return _jsonable(run_evaluate(run.root, section(cfg, "evaluate", EvaluateConfig)))
+    e = section(cfg, "evaluate", EvaluateConfig)
+    n = e.tensor_parallel * e.pipeline_parallel
+    if n > 1 and launched_world() == 1:  # one process here: evaluate gets its TP x PP ranks from torchrun
+        conf = run.state / "evaluate" / "config.json"  # the section the ranks read (json is yaml)
+        atomic_write_json(conf, {"evaluate": cfg.get("evaluate") or {}})
+        torchrun(n, ["evaluate", "--config", str(conf), "--run-dir", str(run.root)], what="evaluate")
+        return json.loads((run.root / "eval.json").read_text())
+    from megapuzzle.stages.evaluate.evaluate import run_evaluate
+
+    return _jsonable(run_evaluate(run.root, e))
 
 
 def _stage_export(run: RunDir, cfg: dict) -> dict:

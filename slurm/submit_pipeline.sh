@@ -21,6 +21,8 @@
 #   MP_BLD_NODES (1)  nodes per BLD task (a teacher larger than one node: TP x PP over several nodes)
 #   MP_SCORE_NODES (1)  nodes per score task and for the merge (a parent larger than one node:
 #              score.tensor_parallel x score.pipeline_parallel over several nodes)
+#   MP_EVALUATE_NODES (1)  nodes of the evaluate job when the config splits it (evaluate.tensor_parallel x
+#              pipeline_parallel > 1: whole nodes, TP x PP x DP ranks); else evaluate takes one GPU
 #   MP_STAGES  the stages to submit (default: all, in the order above), e.g. MP_STAGES="mip realize gkd
 #              evaluate export" to redo the end of a run whose earlier stages are done
 #   MP_TIME_<STAGE>  time limit of that stage's jobs (default MP_TIME)
@@ -73,6 +75,11 @@ submit() {
 
 G=$MP_GPUS_PER_NODE
 ONE=$(( G > 0 ? 1 : 0 ))   # single-process stages take one GPU
+# evaluate split over TP x PP ranks (read here with the submitting shell's python3 + PyYAML)
+EVAL_MP=$(( $(python3 "$here/helpers.py" get "$CONFIG" evaluate.tensor_parallel 1) * \
+            $(python3 "$here/helpers.py" get "$CONFIG" evaluate.pipeline_parallel 1) ))
+EVAL_NODES=$(( EVAL_MP > 1 ? ${MP_EVALUATE_NODES:-1} : 1 ))
+EVAL_GPUS=$(( EVAL_MP > 1 ? G : ONE ))
 for stage in $STAGES; do
   case $stage in
     parent)   submit parent parent.sbatch 1 "$ONE" ;;
@@ -85,7 +92,7 @@ for stage in $STAGES; do
     mip)      submit mip mip.sbatch 1 0 ;;
     realize)  submit realize realize.sbatch 1 0 ;;
     gkd)      submit gkd gkd.sbatch "$MP_GKD_NODES" "$G" ;;
-    evaluate) submit evaluate evaluate.sbatch 1 "$ONE" ;;
+    evaluate) submit evaluate evaluate.sbatch "$EVAL_NODES" "$EVAL_GPUS" ;;
     export)   submit export export.sbatch 1 0 ;;
     *) echo "submit_pipeline: unknown stage '$stage' in MP_STAGES" >&2; exit 2 ;;
   esac

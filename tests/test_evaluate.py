@@ -158,3 +158,78 @@ def test_evaluate_tp2_quality_equals_tp1(run, tmp_path):
             for k, v in one[who].items():
                 assert r[who][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (who, k)
     assert json.loads((rd / "eval.json").read_text())["tensor_parallel"] == 2
+
+
+def _evaluate_pp(info, run_dir: str, child: str, cfg: dict) -> dict:
+    res = run_evaluate(run_dir, section(cfg, "evaluate", EvaluateConfig), child=child, **QUIET)
+    return {"quality": {w: {k: res[w][k] for k in ("lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens")}
+                        for w in ("parent", "child")},
+            "tokens_per_s": {w: res[w]["tokens_per_s"] for w in ("parent", "child")}}
+
+
+def _child_with_noise(rd):
+    """A child every layout can split (the run's own may hold kv-1 layers): the parent, perturbed."""
+    from megapuzzle.checkpoints.canonical import load_checkpoint, write_checkpoint
+
+    arch, t, _ = load_checkpoint(rd / "parent", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    write_checkpoint(rd / "child_tp", arch, ((n, t[n] + 0.02 * torch.randn(t[n].shape, generator=g)) for n in t))
+    return rd / "child_tp"
+
+
+def test_evaluate_pp2_quality_equals_pp1(run, tmp_path):
+    """evaluate.pipeline_parallel = 2: each rank builds one stage of parent and child, the quality
+    metrics equal PP=1's, and the timed generation passes through both stages."""
+    from _dist import run_distributed
+
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd)
+    child = _child_with_noise(rd)
+    (one,) = run_distributed(_evaluate_pp, world=1, args=(str(rd), str(child), CFG), timeout=600)
+    pp_cfg = {**CFG, "evaluate": {**CFG["evaluate"], "pipeline_parallel": 2}}
+    two = run_distributed(_evaluate_pp, world=2, pp=2, args=(str(rd), str(child), pp_cfg), timeout=600)
+    assert one["quality"]["child"]["kl_to_parent"] > 1e-4  # a real comparison, not the parent against itself
+    # Tolerance: the same fp32 GEMMs on other batch shapes (one sequence per micro-batch at PP=2)
+    # may sum in another order: |error| ~ eps32 * sqrt(K) per logit (K <= 4 x hidden = 256 here:
+    # 1.2e-7 * 16 ~ 2e-6 relative), averaged over tokens in fp64; no top-1 flip expected at 256
+    # tokens unless a logit margin is under ~1e-5 (then accuracy would move by 1/256 and fail).
+    for r in two:
+        for who in ("parent", "child"):
+            for k, v in one["quality"][who].items():
+                assert r["quality"][who][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (who, k)
+        assert min(r["tokens_per_s"].values()) > 0
+    ev = json.loads((rd / "eval.json").read_text())
+    assert (ev["tensor_parallel"], ev["pipeline_parallel"]) == (1, 2)
+    assert ev["config"]["pipeline_parallel"] == 2
+
+
+def _stage_params(info, run_dir: str) -> dict:
+    from megapuzzle.checkpoints.canonical import load_checkpoint
+    from megapuzzle.stages.evaluate.evaluate import _build
+    from megapuzzle.model import count_parameters
+
+    arch, tensors, _ = load_checkpoint(f"{run_dir}/parent", dtype=torch.float32)
+    m = _build(arch, tensors)
+    return {"params": count_parameters(m), "layers": [l.layer_number - 1 for l in m.decoder.layers],
+            "stage": info.pp_rank}
+
+
+def test_evaluate_pp2_rank_holds_only_its_stage(run):
+    """At PP=2 a rank's model (built the way evaluate builds it, from the lazy reader) holds its
+    stage's layers and, on the first / last stage, the embedding / final norm + output layer:
+    counted, not assumed."""
+    from _dist import run_distributed
+    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.model import stage_layer_ranges
+
+    arch = load_arch(run / "parent")
+    res = run_distributed(_stage_params, world=2, pp=2, args=(str(run),), timeout=600)
+    emb = arch.vocab_size * arch.hidden_size
+    for r, layers in zip(sorted(res, key=lambda r: r["stage"]), stage_layer_ranges(arch.num_layers, 2)):
+        assert r["layers"] == list(layers)
+        want = sum(arch.layer_params(i) for i in layers)
+        want += emb if r["stage"] == 0 else arch.hidden_size + emb  # last: final norm + output layer
+        assert r["params"] == want, r
+        assert r["params"] < 0.75 * arch.num_params()
+    # together the stages hold the whole model once (a tied head is the last stage's copy)
+    assert sum(r["params"] for r in res) == arch.num_params() + (emb if arch.tie_word_embeddings else 0)

@@ -65,9 +65,9 @@ def test_llama31_h100_recipes_fit(size):
     from megapuzzle.stages.score.score import ScoreConfig
 
     sc = ScoreConfig(**cfg["score"])
-    for stage in ("bld", "gkd", "score"):
+    for stage in ("bld", "gkd", "score", "evaluate"):
         tp, pp = ((sc.tensor_parallel, sc.pipeline_parallel) if stage == "score" else
-                  (cfg[stage]["tensor_parallel"], cfg[stage]["pipeline_parallel"]))
+                  (cfg[stage].get("tensor_parallel", 1), cfg[stage].get("pipeline_parallel", 1)))
         for a in attn:
             for f in ffn:
                 parent.with_layers([type(parent.layers[0])(a, f)] * parent.num_layers).validate_tensor_parallel(tp)
@@ -96,12 +96,9 @@ LAUNCH = {
 # (recipe, stage) -> cause: what the model predicts does NOT fit, and why. The test asserts these
 # miss (so a fix shows up here) and every other stage fits.
 MISSES = {
-    ("70b", "evaluate"): "the pipeline runs evaluate as one process on one GPU: parent + child in bf16 "
-                         "(evaluate --tp 8 fits)",
-    ("405b", "evaluate"): "the pipeline runs evaluate as one process on one GPU: parent + child in bf16",
-    ("405b", "evaluate --tp 8"): "an eighth of parent + child (165 GB) per GPU: evaluate has no PP",
-    ("8b", "evaluate"): "the parent's KV cache at the MIP's largest batch (256 x 2048 tokens, 69 GB) next to "
-                        "parent + child weights: evaluate times both models at the child's batch",
+    ("8b", "evaluate (TP 1 x PP 1)"): "the parent's KV cache at the MIP's largest batch (256 x 2048 tokens, "
+                                      "69 GB) next to parent + child weights: evaluate times both models at the "
+                                      "child's batch",
     ("70b", "gkd"): "gkd has no activation recompute: under 1F1B the first stage keeps PP micro-batches x its "
                     "layers' activations (all 80 layers' worth at 8192 tokens)",
     ("405b", "gkd"): "gkd has no activation recompute: under 1F1B the first stage keeps PP micro-batches x its "
@@ -117,7 +114,8 @@ def _predict_recipe(size: str) -> dict:
     from megapuzzle.model.config import stage_layer_ranges
     from megapuzzle.pipeline import ExportSection
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / f"llama31_{size}_h100.yaml")
+    recipe = Path(__file__).resolve().parents[1] / "examples" / f"llama31_{size}_h100.yaml"
+    cfg, cfg_text = load_config(recipe), recipe.read_text()
     launch = LAUNCH[size]
     mm = MemoryModel.from_results()
     parent = Architecture.from_hf_config({**COMMON, **LLAMA31[size]})
@@ -171,18 +169,21 @@ def _predict_recipe(size: str) -> dict:
     act = pp * per_stage * (layer_activation_bytes(tokens, h, tp) + 2 * tokens * h * 2) + 4 * tokens * v / tp * 4
     # measured at fp32 with local AdamW: owned there = parent + child + grad + 2 moments, all fp32
     out["gkd"] = mm.predict("gkd-fp32", state, activations=act)
-    # evaluate: one process, parent + child (quality_dtype bf16); then either the quality pass (fp32
-    # log-probs of both over the full vocabulary) or the speed pass (the parent's KV cache at the MIP's
-    # largest batch, 1024 + 1024 tokens), not both at once
+    # evaluate at the recipe's evaluate.tensor_parallel x pipeline_parallel (what `megapuzzle run` and
+    # evaluate.sbatch launch; whole nodes of 8 GPUs, MP_EVALUATE_NODES in the header): each rank holds its
+    # TP x PP share of parent + child (quality_dtype bf16); then either the quality pass (on the last
+    # stage: fp32 log-probs of the parent and one other model over the full vocabulary, TP-gathered) or
+    # the speed pass (its share of the parent's KV cache at the MIP's largest batch, 1024 + 1024
+    # tokens: its stage's layers, its KV heads), not both at once
     e, m = cfg["evaluate"], cfg["mip"]
+    tp, pp = e.get("tensor_parallel", 1), e.get("pipeline_parallel", 1)
+    nodes = -(-tp * pp // GPUS_PER_NODE)
+    assert tp * pp <= GPUS_PER_NODE or f"MP_EVALUATE_NODES={nodes}" in cfg_text.split("\nrun_dir:")[0]
     tokens = e.get("quality_batch_size", 8) * e["seq_len"]
     kv = parent.kv_cache_bytes_per_token() * max(m["batch_sizes"]) * (m["prefill_len"] + m["gen_len"])
-    out["evaluate"] = mm.predict("evaluate", (1 + launch["child"]) * max_weights_share(parent, 1, 1),
-                                 activations=max(2 * tokens * v * 4, kv))
-    # `evaluate --tp 8` (torchrun on one node; not yet what `megapuzzle run` / evaluate.sbatch launch):
-    # each rank an eighth of both models and of the KV cache; the gathered log-probs stay whole
-    out["evaluate --tp 8"] = mm.predict("evaluate", (1 + launch["child"]) * max_weights_share(parent, 8, 1),
-                                        activations=max(2 * tokens * v * 4, kv / 8))
+    kv_share = kv * max(len(r) for r in stage_layer_ranges(parent.num_layers, pp)) / parent.num_layers / tp
+    owned = (1 + launch["child"]) * max_weights_share(parent, tp, pp)
+    out[f"evaluate (TP {tp} x PP {pp})"] = mm.predict("evaluate", owned, activations=max(2 * tokens * v * 4, kv_share))
     return out
 
 

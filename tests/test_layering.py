@@ -28,7 +28,7 @@ TORCH_FREE = ("megapuzzle.arch", "megapuzzle.config", "megapuzzle.config.rules",
               "megapuzzle.config.evaluate", "megapuzzle.config.parent", "megapuzzle.config.pipeline",
               "megapuzzle.costs.table", "megapuzzle.mip", "megapuzzle.stages.mip.mip", "megapuzzle.roofline",
               "megapuzzle.arch_table", "megapuzzle.cli", "megapuzzle.pipeline", "megapuzzle.stages", "megapuzzle.stages.runner",
-              "megapuzzle.blocks", "megapuzzle.families")
+              "megapuzzle.blocks", "megapuzzle.families", "megapuzzle.launch")
 
 
 def _starts(mod: str, prefixes) -> bool:

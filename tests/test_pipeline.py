@@ -147,3 +147,31 @@ def test_cli_pipeline_and_slurm_read_one_stage_registry():
     assert default == [s.name for s in REGISTRY if s.sbatch]
     assert all((root / "slurm" / s.sbatch).is_file() for s in REGISTRY if s.sbatch)
     assert all(schema(s).SECTION == s.sections[-1] for s in REGISTRY if s.schema)
+
+
+def test_pipeline_launches_evaluate_on_its_pipeline_stages(full_run, tmp_path):
+    """evaluate.pipeline_parallel 2: `megapuzzle run` (one process here) launches evaluate under
+    torchrun on 2 ranks, one stage of parent and child each; the quality equals the PP=1 run's."""
+    run, _ = full_run
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd)
+    ref = json.loads((rd / "eval.json").read_text())
+    assert ref["pipeline_parallel"] == 1
+    cfg = yaml.safe_load(DEBUG.read_text())
+    cfg["evaluate"].update(pipeline_parallel=2, rounds=2)  # the timing runs through the stages; 2 rounds do
+    path = tmp_path / "pp2.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with captured() as lines:
+        run_pipeline(path, rd, only="evaluate")
+    assert any("[launch] evaluate: 2 processes" in l for l in lines)
+    ev = json.loads((rd / "eval.json").read_text())
+    assert (ev["tensor_parallel"], ev["pipeline_parallel"]) == (1, 2)
+    stage = json.loads((rd / "manifest.json").read_text())["stages"]["evaluate"]
+    assert stage["status"] == "done" and stage["result"]["pipeline_parallel"] == 2
+    print(f"evaluate at PP=2 (torchrun, 2 processes): {stage['wall_s']} s")
+    # fp32 either way; PP=2 runs one sequence per micro-batch: GEMM reduction order only (see
+    # tests/test_evaluate.py's PP=2 test for the bound)
+    for who in ("parent", "child"):
+        for k in ("lm_loss", "accuracy", "kl_to_parent", "top1_agreement", "tokens"):
+            assert ev[who][k] == pytest.approx(ref[who][k], rel=1e-5, abs=1e-6), (who, k)
+        assert ev[who]["tokens_per_s"] > 0

@@ -115,7 +115,10 @@ def test_pipeline_chain_completes_and_exports_a_child(slurm_env, tmp_path, capsy
     env = {**slurm_env, "MP_BLD_SHARDS": "2", "MP_SCORE_SHARDS": "2",
            # GKD with 2 processes: torchrun under srun, DP=2 over gloo (the multi-process launch path)
            "MP_CPU_PROCS_PER_NODE": "2"}
-    out = _run(["bash", str(SLURM / "submit_pipeline.sh"), str(DEBUG_CFG), str(run)], env=env, cwd=REPO)
+    cfg_path = tmp_path / "debug_eval_pp2.yaml"  # evaluate split over 2 pipeline stages (torchrun, 2 ranks)
+    cfg_path.write_text(yaml.safe_dump({**(c := yaml.safe_load(DEBUG_CFG.read_text())),
+                                        "evaluate": {**c["evaluate"], "pipeline_parallel": 2}}))
+    out = _run(["bash", str(SLURM / "submit_pipeline.sh"), str(cfg_path), str(run)], env=env, cwd=REPO)
     jobs = [line.split("\t") for line in (run / "slurm" / "jobs.tsv").read_text().splitlines()]
     stages = [s for s, _ in jobs]
     assert stages == ["parent", "bld", "bld-verify", "score", "score-merge", "measure", "mip", "realize", "gkd",
@@ -144,8 +147,11 @@ def test_pipeline_chain_completes_and_exports_a_child(slurm_env, tmp_path, capsy
     scores = json.loads((run / "scores.json").read_text())
     library = json.loads((run / "library" / "index.json").read_text())
     assert set(scores["blocks"]) == set(library["blocks"])
-    # GKD ran as 2 torchrun ranks
+    # GKD ran as 2 torchrun ranks, evaluate as 2 pipeline stages
     assert json.loads((run / "gkd" / "result.json").read_text())["world"] == {"tp": 1, "dp": 2}
+    assert json.loads((run / "eval.json").read_text())["pipeline_parallel"] == 2
+    log = next((run / "slurm" / "logs").glob("mp-evaluate_*.out")).read_text()
+    assert "[slurm] evaluate: world 2 = TP x PP 2 x DP 1" in log, log[-2000:]
 
 
 def _digest(p: Path) -> tuple[str, int]:

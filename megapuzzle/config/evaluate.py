@@ -6,6 +6,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from megapuzzle.config.rules import DTYPES, Flag, Integer, OneOf, Section
+from megapuzzle.errors import UserError
+
+
+def _vllm_whole_models(cfg) -> None:
+    """vLLM times whole models in one process: not with TP x PP > 1."""
+    if cfg.vllm and cfg.tensor_parallel * cfg.pipeline_parallel > 1:
+        raise UserError(f"evaluate.vllm times whole models in vLLM; set it false or tensor_parallel = "
+                        f"pipeline_parallel = 1 (got {cfg.tensor_parallel} x {cfg.pipeline_parallel})")
 
 
 @dataclass(frozen=True)
@@ -13,6 +21,7 @@ class EvaluateConfig(Section):
     """The `evaluate:` config section."""
 
     SECTION = "evaluate"
+    CHECKS = (_vllm_whole_models,)
 
     batch_size: Annotated[int, Integer()] | None = None
     """Sequences generated together when timing (None: the MIP's chosen batch size, else 1)."""
@@ -42,6 +51,12 @@ class EvaluateConfig(Section):
     quality_dtype: Annotated[str, OneOf(DTYPES)] = "float32"
     """Weights of the quality models: float32, bfloat16, or auto (bf16 on a GPU, fp32 on CPU);
     log-probs and KL are computed in fp32 either way."""
+    tensor_parallel: Annotated[int, Integer()] = 1
+    """TP size of parent and child (quality and timing); must divide every layer's KV heads.
+    `megapuzzle run` launches evaluate under torchrun when TP x PP > 1."""
+    pipeline_parallel: Annotated[int, Integer()] = 1
+    """PP size: each rank builds and reads only its stage's layers of both models, and the timed
+    generation passes through the stages in turn (world = TP x PP x DP processes)."""
     vllm: Annotated[bool, Flag()] | None = None
     """Also time parent and child in vLLM (its own environment; `rounds` ABBA rounds, random
     weights). None: when costs.json was measured in vLLM, so the MIP's engine is always timed."""

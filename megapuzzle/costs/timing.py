@@ -161,7 +161,7 @@ class GPTRunner:
         ctx.reset()
         out = self._forward(ctx, tokens, 0)
         ctx.sequence_len_offset = tokens.shape[1]
-        return out[:, -1]
+        return None if out is None else out[:, -1]
 
     def decode(self, ctx, tokens: torch.Tensor, advance: bool = True) -> torch.Tensor:
         """One step: tokens [b, 1] at position ctx.sequence_len_offset; logits [b, V]. With
@@ -170,7 +170,11 @@ class GPTRunner:
         out = self._forward(ctx, tokens, ctx.sequence_len_offset)
         if advance:
             ctx.sequence_len_offset += tokens.shape[1]
-        return out[:, -1]
+        return None if out is None else out[:, -1]
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of each sequence, [b, 1], from prefill's / decode's logits."""
+        return logits.argmax(-1, keepdim=True)
 
     def kv_cache_bytes_per_token(self, ctx) -> int:
         """Bytes Megatron allocated for K and V per cached token (after a forward on `ctx`)."""
@@ -203,6 +207,50 @@ class GPTRunner:
 
 
 # ----------------------------------------------------------------------------- timing
+
+class PipelineGPTRunner(GPTRunner):
+    """GPTRunner on this rank's pipeline stage (PP > 1): every step runs the stages in turn, the
+    hidden state [s, b, h] travels stage to stage (p2p), the last stage's logits pick the next
+    tokens and those (not the logits) go back to every stage, as a PP inference server does.
+    One micro-batch: the stages run one after the other, so a step costs the sum of the stages
+    plus PP - 1 hops, for parent and child alike. Logits are returned on the last stage only."""
+
+    def __init__(self, arch: Architecture, **kw):
+        from megatron.core import parallel_state as ps
+
+        super().__init__(arch, **kw)
+        self.ps = ps
+        self.first = ps.is_pipeline_first_stage(ignore_virtual=True)
+        self.last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.dtype = next(self.model.parameters()).dtype
+
+    def _forward(self, ctx, tokens: torch.Tensor, start: int) -> torch.Tensor | None:
+        import torch.distributed as dist
+
+        b, s = tokens.shape
+        if not self.first:
+            x = torch.empty((s, b, self.arch.hidden_size), dtype=self.dtype, device=self.device)
+            dist.recv(x, src=self.ps.get_pipeline_model_parallel_prev_rank())
+            self.model.set_input_tensor(x)
+        out = super()._forward(ctx, tokens, start)
+        if not self.last:
+            dist.send(out.contiguous(), dst=self.ps.get_pipeline_model_parallel_next_rank())
+            return None
+        return out
+
+    def greedy(self, logits: torch.Tensor | None) -> torch.Tensor:
+        import torch.distributed as dist
+
+        nxt = logits.argmax(-1, keepdim=True) if self.last else \
+            torch.empty((self.batch, 1), dtype=torch.long, device=self.device)
+        dist.broadcast(nxt, src=self.ps.get_pipeline_model_parallel_last_rank(),
+                       group=self.ps.get_pipeline_model_parallel_group())
+        return nxt
+
+    def context(self, batch: int, max_seq: int):
+        self.batch = batch
+        return super().context(batch, max_seq)
+
 
 def summarize(samples: list[float]) -> dict[str, float]:
     """Median and inter-quartile range (0 for fewer than 2 samples)."""
@@ -310,7 +358,11 @@ def measure_model_throughput(arch: Architecture, tensors_or_random: Mapping[str,
     ensure_runtime(threads)
     dt = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     tensors = None if tensors_or_random is None or isinstance(tensors_or_random, str) else tensors_or_random
-    runner = GPTRunner(arch, dtype=dt, fp8=fp8, fp8_recipe=fp8_recipe, tensors=tensors, seed=seed)
+    from megatron.core import parallel_state as ps
+
+    # PP > 1 (evaluate --pp): the stages of one model, the generation passing through them in turn
+    cls = PipelineGPTRunner if ps.get_pipeline_model_parallel_world_size() > 1 else GPTRunner
+    runner = cls(arch, dtype=dt, fp8=fp8, fp8_recipe=fp8_recipe, tensors=tensors, seed=seed)
     prompt = runner.tokens(batch, prefill_len, seed=seed + 1)
     ctx = runner.context(batch, prefill_len + gen_len)
     samples, out, _clock = [], None, CLOCKS[clock]
@@ -318,12 +370,12 @@ def measure_model_throughput(arch: Architecture, tensors_or_random: Mapping[str,
         for r in range(warmup + repeats):
             runner.sync()
             t0 = _clock()
-            nxt = runner.prefill(ctx, prompt).argmax(-1, keepdim=True)
+            nxt = runner.greedy(runner.prefill(ctx, prompt))
             runner.sync()
             t1 = _clock()
             gen = [nxt]
             for _ in range(gen_len - 1):
-                nxt = runner.decode(ctx, nxt).argmax(-1, keepdim=True)
+                nxt = runner.greedy(runner.decode(ctx, nxt))
                 gen.append(nxt)
             runner.sync()
             t2 = _clock()

@@ -18,10 +18,24 @@ another checkpoint). For parent and child, side by side:
 The scenario defaults to the MIP's (mip/solutions.json: its best batch size, prefill_len,
 gen_len), so the measured speedup checks the MIP's promise like for like.
 
-`--tp N` (under torchrun, N processes): parent and child are built tensor-parallel, each rank
-reading only its slices, so no rank holds a whole model; the quality metrics are the same as at
-TP=1 (the logits are gathered over the vocabulary before the fp32 log-softmax) and the speed is
-timed at TP=N (eval.json `tensor_parallel`). Rank 0 writes the outputs.
+Parallel (evaluate.tensor_parallel / pipeline_parallel, or --tp / --pp; world = TP x PP x DP):
+
+    torchrun --nproc-per-node 8 -m megapuzzle.cli evaluate --config CFG --run-dir RUN --tp 1 --pp 8
+    megapuzzle run CFG          # launches exactly that itself when evaluate's TP x PP > 1
+
+Parent and child are built on the same TP x PP layout; each rank builds only its pipeline stage's
+layers and reads only its stage's tensors, and of those its TP rows / columns, from the lazy
+checkpoint readers, so no rank holds a whole model. Quality: the held-out batches run through
+Megatron's forward-only pipeline schedule (one sequence per micro-batch); only the last stage
+gets the logits (gathered over the vocabulary before the fp32 log-softmax), holds one batch's
+log-probs of the parent and of one other model at a time, and sums the metrics, which then go to
+every rank; DP replicas split the batches. The metrics equal TP = PP = 1's up to fp32
+reduction order. Timing: the same layout, for parent and child alike (a PP model generates with
+the hidden state passed stage to stage and the next tokens sent back from the last stage; one
+micro-batch, so the stages run in turn): the measured speedup compares the two models on one
+deployment layout, which at PP > 1 is not the single-GPU deployment the MIP's costs describe
+(eval.json records `tensor_parallel` / `pipeline_parallel`). vLLM timing (evaluate.vllm) needs
+TP = PP = 1 and is refused otherwise. Rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -60,26 +74,63 @@ def _build(arch: Architecture, tensors, dtype: torch.dtype = torch.float32):
 def quality_metrics(parent, models: dict[str, Any], batches) -> dict[str, dict[str, float]]:
     """{name: lm_loss, accuracy, kl_to_parent, top1_agreement, tokens} on the same batches.
     The parent's log-probs are computed once per batch and every model compares against them;
-    a model that IS the parent gets exactly KL 0 and agreement 1."""
+    a model that IS the parent gets exactly KL 0 and agreement 1.
+
+    Under PP only the last stage gets the (TP-gathered) logits and sums the metrics; the sums go
+    to every rank at the end, so no rank holds more than one batch's logits of each model. Under
+    DP (world > TP x PP) each replica takes every DP-th batch and the sums are added up."""
+    from megatron.core import parallel_state as ps
+
     from megapuzzle.model import forward_logits
 
-    sums = {n: torch.zeros(4, dtype=torch.float64) for n in models}
-    tokens = 0
-    for batch in batches:
+    pp, dp = ps.get_pipeline_model_parallel_world_size(), ps.get_data_parallel_world_size()
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    mbs = 1 if pp > 1 else None  # one sequence per micro-batch: the stages work on different sequences
+    sums = torch.zeros(len(models), 4, dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    for batch in list(batches)[ps.get_data_parallel_rank()::dp]:
         inp, tgt = batch[:, :-1], batch[:, 1:]
-        lp = torch.log_softmax(forward_logits(parent, inp).float(), dim=-1)
-        p_top = lp.argmax(-1)  # token ids: top1_matches compares against them
-        for name, m in models.items():
-            lq = lp if m is parent else torch.log_softmax(forward_logits(m, inp).float(), dim=-1)
-            sums[name] += torch.stack([
-                nll_per_token(lq, tgt).sum(), top1_matches(lq, tgt).sum(),
-                kl_per_token(lp, lq).sum(), top1_matches(lq, p_top).sum()]).double()
         tokens += tgt.numel()
+        logits = forward_logits(parent, inp, micro_batch_size=mbs, broadcast=False)
+        lp = torch.log_softmax(logits.float(), dim=-1) if last else None
+        tgt = tgt.to(logits.device) if last else tgt
+        del logits
+        p_top = lp.argmax(-1) if last else None  # token ids: top1_matches compares against them
+        for i, m in enumerate(models.values()):
+            if m is parent:
+                lq = lp
+            else:
+                logits = forward_logits(m, inp, micro_batch_size=mbs, broadcast=False)
+                lq = torch.log_softmax(logits.float(), dim=-1) if last else None
+                del logits
+            if last:
+                sums[i] += torch.stack([
+                    nll_per_token(lq, tgt).sum(), top1_matches(lq, tgt).sum(),
+                    kl_per_token(lp, lq).sum(), top1_matches(lq, p_top).sum()]).double().cpu()
+            del lq
+        del lp
+    sums, tokens = _reduce_sums(sums, tokens)
     if not tokens:
         raise UserError("no held-out batch to evaluate on; lower evaluate.seq_len or add held-out data")
     return {n: {"lm_loss": s[0].item() / tokens, "accuracy": s[1].item() / tokens,
                 "kl_to_parent": s[2].item() / tokens, "top1_agreement": s[3].item() / tokens, "tokens": tokens}
-            for n, s in sums.items()}
+            for n, s in zip(models, sums)}
+
+
+def _reduce_sums(sums: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The last pipeline stage's metric sums on every stage, added up over the DP replicas."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    flat = torch.cat([sums.flatten(), tokens.reshape(1)]).to(dev)  # NCCL reduces device tensors
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(flat, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(flat, group=ps.get_data_parallel_group())
+    flat = flat.cpu()
+    return flat[:-1].reshape(sums.shape), int(flat[-1].item())
 
 
 # ----------------------------------------------------------------------------- speed + memory
@@ -160,9 +211,10 @@ def _chosen_solution(sols: dict | None, child: Architecture, meta: dict) -> tupl
 # ----------------------------------------------------------------------------- the stage
 
 def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None,
-                 tp: int = 1) -> dict:
+                 tp: int | None = None, pp: int | None = None) -> dict:
     """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content.
-    `tp` > 1: every model tensor-parallel over the TP group (torchrun); rank 0 writes."""
+    `tp` / `pp` (default: evaluate.tensor_parallel / pipeline_parallel): every model split over
+    the TP x PP ranks of a torchrun launch (world = TP x PP x DP); rank 0 writes."""
     from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, require_parent
     from megapuzzle.costs.timing import ensure_runtime, resolve_dtype
     from megapuzzle.costs.table import load_costs, predict_generation_time, throughput_settings
@@ -175,28 +227,36 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     if not is_checkpoint(child_dir):
         raise UserError(f"{child_dir} holds no child checkpoint; run `megapuzzle realize` (and `megapuzzle gkd`) first")
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
-    writer = True
-    if tp > 1:  # each rank builds its TP shard of every model (quality and timing)
-        from megapuzzle.runtime import init_distributed
+    tp = cfg.tensor_parallel if tp is None else tp
+    pp = cfg.pipeline_parallel if pp is None else pp
+    if tp * pp > 1:  # each rank builds its TP x PP shard of every model (quality and timing)
+        from megapuzzle.runtime import DistributedError, init_distributed
 
         if cfg.vllm:
-            raise UserError("evaluate.vllm times whole models in vLLM; run it at --tp 1")
-        info = init_distributed(tp=tp)
+            raise UserError(f"evaluate.vllm times whole models in vLLM; run it at tensor_parallel = "
+                            f"pipeline_parallel = 1, not {tp} x {pp}")
+        try:
+            info = init_distributed(tp=tp, pp=pp)
+        except DistributedError as e:
+            raise UserError(f"evaluate (tensor_parallel {tp}, pipeline_parallel {pp}): {e}") from None
         writer = info.rank == 0
     else:
-        ensure_runtime(None)  # single process, TP = 1: whole models, as the timing runtime serves them
+        ensure_runtime(None)  # TP = PP = 1: whole models, as the timing runtime serves them
+        writer = torch.distributed.get_rank() == 0  # (a torchrun launch: DP replicas)
     # lazy readers: each model reads its tensors one at a time, cast to its dtype
     parent_arch, parent_t, _ = load_checkpoint(require_parent(run), dtype=torch.float32)
     child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
     qdt = resolve_dtype(cfg.quality_dtype)
-    if tp > 1:
+    if tp * pp > 1:
         from megapuzzle.arch import ArchitectureError
+        from megapuzzle.model import ModelConfigError, pipeline_split
 
         for who, a in (("parent", parent_arch), ("child", child_arch)):
             try:
                 a.validate_tensor_parallel(tp)
-            except ArchitectureError as e:
-                raise UserError(f"evaluate --tp {tp}: the {who} cannot be split: {e}") from None
+                pipeline_split(a.num_layers, pp)
+            except (ArchitectureError, ModelConfigError) as e:
+                raise UserError(f"evaluate --tp {tp} --pp {pp}: the {who} cannot be split: {e}") from None
     if (child_arch.vocab_size, child_arch.hidden_size) != (parent_arch.vocab_size, parent_arch.hidden_size):
         raise UserError(f"{child_dir} does not share the parent's vocabulary / hidden size; it is no child of it")
 
@@ -226,7 +286,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     engine = (costs or {}).get("engine", "megatron")
     by_engine = {"megatron": measured}
     vllm_speed = None
-    if cfg.vllm or (cfg.vllm is None and engine == "vllm" and tp == 1):
+    if cfg.vllm or (cfg.vllm is None and engine == "vllm" and tp * pp == 1):
         from megapuzzle.serving.vllm_costs import measure_speedup_vllm
 
         vllm_speed = measure_speedup_vllm({"parent": parent_arch, "child": child_arch}, sc, rounds=cfg.rounds,
@@ -235,11 +295,15 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
         by_engine["vllm"] = vllm_speed["speedup"]
         log(f"[evaluate] vLLM {vllm_speed['vllm']}: parent {vllm_speed['parent']['tokens_per_s']:.1f}, child "
             f"{vllm_speed['child']['tokens_per_s']:.1f} tokens/s, speedup {vllm_speed['speedup']:.2f}x")
+    elif engine == "vllm" and tp * pp > 1:
+        log(f"[evaluate] costs.json was measured in vLLM, which times whole models: at TP {tp} x PP {pp} the "
+            f"speedup is measured in Megatron only")
     bpp = 1 if settings.get("fp8") else torch.empty((), dtype=resolve_dtype(settings["dtype"])).element_size()
     sols = _solutions(run)
     k, sol = _chosen_solution(sols, child_arch, child_meta)
     out: dict[str, Any] = {"config": section_dict(cfg), "scenario": sc, "timing": settings, "bytes_per_param": bpp,
-                           "tensor_parallel": tp, "parent_dir": str(run.parent), "child_dir": str(child_dir)}
+                           "tensor_parallel": tp, "pipeline_parallel": pp, "parent_dir": str(run.parent),
+                           "child_dir": str(child_dir)}
     for name, arch in (("parent", parent_arch), ("child", child_arch)):
         out[name] = {**quality[name], **memory(arch, sc, bpp), **speed[name]}
         if costs:
@@ -405,17 +469,20 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML with an evaluate: section (defaults otherwise)")
     p.add_argument("--run-dir", required=True, help="run directory (parent/, child/ or gkd/checkpoint, data/)")
     p.add_argument("--child", help="evaluate this checkpoint instead of RUN/gkd/checkpoint or RUN/child")
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel size (torchrun --nproc-per-node N): no rank holds a whole model")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel size (default: evaluate.tensor_parallel); torchrun TP x PP processes")
+    p.add_argument("--pp", type=int, default=None,
+                   help="pipeline-parallel size (default: evaluate.pipeline_parallel): each rank builds its stage")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     import os
 
     cfg = section(load_config(args.config) if args.config else {}, "evaluate", EvaluateConfig)
-    if args.tp < 1:
-        raise UserError(f"--tp must be >= 1, got {args.tp}")
-    run_evaluate(args.run_dir, cfg, child=args.child, tp=args.tp)
+    for flag, v in (("--tp", args.tp), ("--pp", args.pp)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    run_evaluate(args.run_dir, cfg, child=args.child, tp=args.tp, pp=args.pp)
     if int(os.environ.get("RANK", "0")) == 0:
         print(RunDir(args.run_dir).report.read_text())
     return 0
