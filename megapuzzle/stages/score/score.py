@@ -163,7 +163,6 @@ def cache_plan(arch: Architecture, cfg: ScoreConfig, dtype: torch.dtype, n_batch
     return per_batch, max(1, min(n_batches, int(cfg.cache_gb * (1 << 30)) // per_batch))
 
 
-@torch.no_grad()
 class _Skipped(torch.nn.Module):
     """A fused run's later layers in the naive path: the stream passes unchanged (a layer's call)."""
 
@@ -174,6 +173,7 @@ class _Skipped(torch.nn.Module):
 _SKIPPED = _Skipped()
 
 
+@torch.no_grad()
 def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], batches: list[torch.Tensor],
                  cfg: ScoreConfig, tp: int, done: dict[str, Any], on_done=None, naive: bool = False,
                  progress=None) -> dict[str, Any]:
