@@ -57,6 +57,15 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
         os.replace(tmp, out)
 
 
+def replace_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the directory `src` over `dst` atomically (a kill leaves the old copy or the new one)."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    replace_dir(tmp, dst)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

@@ -109,7 +109,7 @@ def _predict_recipe(size: str) -> dict:
                                          max_weights_share, weights_share)
     from megapuzzle.checkpoints.shards import parse_size
     from megapuzzle.model.config import stage_layer_ranges
-    from megapuzzle.pipeline import ExportSection
+    from megapuzzle.config.pipeline import ExportSection
 
     recipe = Path(__file__).resolve().parents[1] / "examples" / f"llama31_{size}_h100.yaml"
     cfg, cfg_text = load_config(recipe), recipe.read_text()

@@ -27,7 +27,7 @@ TORCH_FREE = ("megapuzzle.arch", "megapuzzle.config", "megapuzzle.config.rules",
               "megapuzzle.config.gkd", "megapuzzle.config.score", "megapuzzle.config.measure", "megapuzzle.config.mip",
               "megapuzzle.config.evaluate", "megapuzzle.config.parent", "megapuzzle.config.pipeline",
               "megapuzzle.costs.table", "megapuzzle.mip", "megapuzzle.stages.mip.mip", "megapuzzle.roofline",
-              "megapuzzle.arch_table", "megapuzzle.cli", "megapuzzle.pipeline", "megapuzzle.stages", "megapuzzle.stages.runner",
+              "megapuzzle.arch_table", "megapuzzle.cli", "megapuzzle.pipeline", "megapuzzle.stages", "megapuzzle.stages.runner", "megapuzzle.stages.bld",
               "megapuzzle.blocks", "megapuzzle.families", "megapuzzle.launch")
 
 

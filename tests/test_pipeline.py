@@ -140,6 +140,11 @@ def test_cli_pipeline_and_slurm_read_one_stage_registry():
     from megapuzzle.stages import STAGES as REGISTRY, schema
 
     assert [s[0] for s in STAGES] == [s.name for s in REGISTRY]
+    import importlib
+
+    # one package per stage, exposing its stage object, which `megapuzzle run` runs
+    assert all(importlib.import_module(f"megapuzzle.stages.{s.name}").STAGE is s for s in REGISTRY)
+    assert [fn for *_, fn in STAGES] == [s.run_stage for s in REGISTRY] and all(map(callable, [fn for *_, fn in STAGES]))
     assert all(COMMANDS[s.command][0] == s.module for s in REGISTRY)
     root = Path(__file__).resolve().parents[1]
     chain = (root / "slurm" / "submit_pipeline.sh").read_text()

@@ -4,7 +4,7 @@
     python tools/add_fusion_inputs.py CONFIG RUN
 
 CONFIG must set search_space.fusion_max_run > 1. Runs exactly what `megapuzzle run` adds for
-fusion (pipeline._stage_bld/_stage_score/_stage_measure) and nothing else:
+fusion (the bld / score / measure stages' run_stage) and nothing else:
   - fusion_blocks.run_bld: the run blocks -> RUN/library_runs (bld's settings)
   - fusion_blocks.score_runs: their replace-the-run scores (score's settings)
   - measure: costs.json with the fused widths; it resumes from RUN/state/measure_partial.json,
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from megapuzzle.errors import UserError
     from megapuzzle.fileio import atomic_write_json, sha256_file
     from megapuzzle.fusion_blocks import run_bld, score_runs
-    from megapuzzle.pipeline import _stage_measure
+    from megapuzzle.stages.measure import run_stage as run_measure
     from megapuzzle.stages.score.score import ScoreConfig
 
     logs.setup()
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     score_runs(run.root, section(cfg, "score", ScoreConfig))
     out["score_s"] = round(time.perf_counter() - t1, 1)
     t1 = time.perf_counter()
-    out["measure"] = _stage_measure(run, cfg)
+    out["measure"] = run_measure(run, cfg)
     out["measure_s"] = round(time.perf_counter() - t1, 1)
     after = {n: sha256_file(run.root / n) for n in before}
     if after != before:

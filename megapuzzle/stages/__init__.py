@@ -4,62 +4,20 @@ is launched. `megapuzzle run` (megapuzzle.pipeline), the CLI (megapuzzle.cli) an
 
 A stage is a function from files in the run directory to files in the run directory
 (docs/design.md); its command runs it alone, e.g. `megapuzzle bld --config CFG --run-dir RUN`.
+Each stage is a package here (megapuzzle/stages/<name>/) whose __init__ exposes STAGE: its
+config sections and schema, its command module (CLI arguments), its SLURM script, and
+`run_stage(RUN, cfg)`, what `megapuzzle run` does for it.
 Torch-free: `megapuzzle --help` and config validation answer in milliseconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from megapuzzle.stages import bld, data, evaluate, export, gkd, measure, mip, parent, realize, score
+from megapuzzle.stages.base import Stage
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    """Its key in RUN/manifest.json and in `megapuzzle run --only/--until`."""
-    sections: tuple[str, ...]
-    """The config sections it reads: a change to one re-runs it (and everything after it)."""
-    command: str
-    """The `megapuzzle` subcommand that runs it alone."""
-    module: str
-    """The module holding that command's add_cli_args / run_cli."""
-    summary: str
-    """One line for `megapuzzle --help`."""
-    sbatch: str | None = None
-    """Its SLURM job script under slurm/ (None: it runs inside another stage's job)."""
-    schema: str | None = None
-    """"module:Class" of its own config section (torch-free, megapuzzle/config/), validated before
-    the first stage of `megapuzzle run` starts."""
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("parent", ("parent",), "train-parent", "megapuzzle.stages.parent.train_parent",
-          "train the embedded parent (a small Llama) on the Python stdlib source", "parent.sbatch"),
-    Stage("data", ("parent", "data"), "prepare-data", "megapuzzle.data.prepare",
-          "tokenize text/jsonl (or the embedded corpus) into a Megatron indexed dataset"),
-    Stage("bld", ("search_space", "bld"), "bld", "megapuzzle.stages.bld.bld",
-          "child initialisation + blockwise local distillation into the block library",
-          "bld.sbatch", "megapuzzle.config.bld:BLDConfig"),
-    Stage("score", ("score",), "score", "megapuzzle.stages.score.score",
-          "replace-1-block scoring of every library block (KL, LM loss, top-k)",
-          "score.sbatch", "megapuzzle.config.score:ScoreConfig"),
-    Stage("measure", ("search_space", "measure"), "measure", "megapuzzle.stages.measure.measure",
-          "measured per-variant runtime + memory costs (and GPU roofline estimates)",
-          "measure.sbatch", "megapuzzle.config.measure:MeasureConfig"),
-    Stage("mip", ("mip",), "mip", "megapuzzle.stages.mip.mip",
-          "pick one variant per layer under throughput / latency / memory budgets",
-          "mip.sbatch", "megapuzzle.config.mip:MIPConfig"),
-    Stage("realize", ("realize",), "realize", "megapuzzle.stages.realize.realize",
-          "stitch a MIP solution's blocks into a child checkpoint", "realize.sbatch"),
-    Stage("gkd", ("gkd",), "gkd", "megapuzzle.stages.gkd.gkd",
-          "global knowledge distillation of the child from the parent",
-          "gkd.sbatch", "megapuzzle.config.gkd:GKDConfig"),
-    Stage("evaluate", ("evaluate",), "evaluate", "megapuzzle.stages.evaluate.evaluate",
-          "parent vs child: quality, measured throughput, report.md + pareto.png",
-          "evaluate.sbatch", "megapuzzle.config.evaluate:EvaluateConfig"),
-    Stage("export", ("export",), "export-hf", "megapuzzle.checkpoints.export_hf",
-          "megapuzzle checkpoint -> HF DeciLM (nemotron-nas) directory",
-          "export.sbatch", "megapuzzle.config.pipeline:ExportSection"),
-)
+STAGES: tuple[Stage, ...] = tuple(p.STAGE for p in (parent, data, bld, score, measure, mip, realize, gkd,
+                                                     evaluate, export))
 """Pipeline order."""
 
 TOOLS: dict[str, tuple[str, str]] = {
