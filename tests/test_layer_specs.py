@@ -62,7 +62,7 @@ def megatron_heterogeneous_spec():
 
     saved = ours.decoder_block_spec, bld.layer_spec
     ours.decoder_block_spec = lambda arch, config, use_te: get_gpt_heterogeneous_layer_spec(config, use_te=use_te)
-    bld.layer_spec = lambda arch, i, config, use_te: get_gpt_heterogeneous_layer_spec(config, use_te=use_te).layer_specs[i]
+    bld.layer_spec = lambda arch, i, config, use_te: get_gpt_heterogeneous_layer_spec(config, use_te).layer_specs[i]
     try:
         yield
     finally:
@@ -116,8 +116,8 @@ def tp1():
 RECORDED = {
     "tp1": {"structure": "8182bf22c0fd862b", "keys": "a1550823db2d8b76", "logits": "87c825162ae3ca0f",
             "students": "849d4f022f669cb8"},
-    "tp2": [{"structure": "a91b00e89cc5cf3f", "keys": keys, "logits": "dac8cd0841a29af7", "students": "4eddb2614ab0a7f5"}
-            for keys in ("a1550823db2d8b76", "c6901b79511a1ad7")],  # rank 0, rank 1 (their shards' offsets)
+    "tp2": [{"structure": "a91b00e89cc5cf3f", "keys": keys, "logits": "dac8cd0841a29af7",
+             "students": "4eddb2614ab0a7f5"} for keys in ("a1550823db2d8b76", "c6901b79511a1ad7")],  # rank 0, rank 1 (their shards' offsets)
 }
 RECORDED_ON = ("2.13.0+cpu", "AVX512")  # torch, CPU capability (one thread)
 

@@ -99,8 +99,9 @@ class GQAAttention(SizedKind):
         qkv, proj = linear_classes(use_te)
         qk_norm = qk_layernorm_class(config, use_te) if config.qk_layernorm else IdentityOp
         attn = ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
-                          submodules=SelfAttentionSubmodules(linear_qkv=qkv, core_attention=core_attention_class(use_te),
-                                                             linear_proj=proj, q_layernorm=qk_norm, k_layernorm=qk_norm))
+                          submodules=SelfAttentionSubmodules(
+                              linear_qkv=qkv, core_attention=core_attention_class(use_te), linear_proj=proj,
+                              q_layernorm=qk_norm, k_layernorm=qk_norm))
         return SubblockModules(pre_norm(config, use_te), attn, residual_add(),
                                fused_norm_keys(use_te, "input_layernorm.", "self_attention.linear_qkv."))
 

@@ -9,8 +9,8 @@ and records per layer the residual stream entering it (x), after its attention (
 
 Students: each block is a Megatron-core `TransformerLayer`, built from its kinds' modules for a
 1-layer architecture by the layer spec the parent's layers come from (megapuzzle.model.layer_specs,
-so TP shards it exactly as it shards the parent) and fed the teacher's RoPE table (same RoPE, llama3 scaling included). With fp8 they
-are built with FP8 GEMMs (TransformerEngine spec) and run under Megatron's fp8 autocast with a
+so TP shards it exactly as it shards the parent) and fed the teacher's RoPE table (same RoPE,
+llama3 scaling included). With fp8 they are built with FP8 GEMMs (TransformerEngine spec) and run under Megatron's fp8 autocast with a
 TP-only amax reduction (the ranks of a TP group run the same students; DP ranks do not):
 
 * attention variant (decoupled): TransformerLayer(variant attention, no-op FFN) whose FFN
