@@ -117,7 +117,8 @@ RECORDED = {
     "tp1": {"structure": "8182bf22c0fd862b", "keys": "a1550823db2d8b76", "logits": "87c825162ae3ca0f",
             "students": "849d4f022f669cb8"},
     "tp2": [{"structure": "a91b00e89cc5cf3f", "keys": keys, "logits": "dac8cd0841a29af7",
-             "students": "4eddb2614ab0a7f5"} for keys in ("a1550823db2d8b76", "c6901b79511a1ad7")],  # rank 0, rank 1 (their shards' offsets)
+             "students": "4eddb2614ab0a7f5"}
+            for keys in ("a1550823db2d8b76", "c6901b79511a1ad7")],  # rank 0, rank 1 (their shards' offsets)
 }
 RECORDED_ON = ("2.13.0+cpu", "AVX512")  # torch, CPU capability (one thread)
 
