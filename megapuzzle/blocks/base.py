@@ -5,9 +5,9 @@ A *kind* is one way to compute a subblock (attention or FFN) of a layer: `gqa`, 
 the kind: the variant's name and validation, its parameter count, its canonical tensors, its
 HF DeciLM `block_configs` entry (both ways) and Megatron-core's, the search space it offers,
 its roofline work and KV-cache bytes, its Megatron-core modules (`megatron_spec`), its Megatron
-weight mapping (with TP slicing) and its initialisation from the parent. Code outside `megapuzzle/blocks/` asks the kind
-(`megapuzzle.blocks.registry.kind_of(variant)`, or the variant's own delegating methods) and
-never compares kind names.
+weight mapping (with TP slicing) and its initialisation from the parent. Code outside
+`megapuzzle/blocks/` asks the kind (`megapuzzle.blocks.registry.kind_of(variant)`, or the
+variant's own delegating methods) and never compares kind names.
 
 This module and the kinds' name / size / json parts import no torch (`import megapuzzle.arch`
 stays torch-free); the torch parts (`init_from`) and Megatron's (`megatron_spec`) import lazily.
