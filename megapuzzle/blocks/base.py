@@ -4,19 +4,20 @@ A *kind* is one way to compute a subblock (attention or FFN) of a layer: `gqa`, 
 `no_op` attention; `mlp`, `linear`, `no_op` FFN. Its class owns everything that depends on
 the kind: the variant's name and validation, its parameter count, its canonical tensors, its
 HF DeciLM `block_configs` entry (both ways) and Megatron-core's, the search space it offers,
-its roofline work and KV-cache bytes, its Megatron weight mapping (with TP slicing) and its
-initialisation from the parent. Code outside `megapuzzle/blocks/` asks the kind
-(`megapuzzle.blocks.registry.kind_of(variant)`, or the variant's own delegating methods) and
-never compares kind names.
+its roofline work and KV-cache bytes, its Megatron-core modules (`megatron_spec`), its Megatron
+weight mapping (with TP slicing) and its initialisation from the parent. Code outside
+`megapuzzle/blocks/` asks the kind (`megapuzzle.blocks.registry.kind_of(variant)`, or the
+variant's own delegating methods) and never compares kind names.
 
 This module and the kinds' name / size / json parts import no torch (`import megapuzzle.arch`
-stays torch-free); the torch parts (`init_from`) import lazily.
+stays torch-free); the torch parts (`init_from`) and Megatron's (`megatron_spec`) import lazily.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 ATTENTION, FFN = "attention", "ffn"
@@ -76,6 +77,23 @@ class WeightEntry:
     """TP layout: rep (replicated), dim0 / dim1 (TP split along that dim), qkv, fc1."""
     num_kv: int = 0
     """KV heads (qkv only)."""
+
+
+@dataclass(frozen=True)
+class SubblockModules:
+    """What a kind builds in Megatron-core's TransformerLayer for its subblock
+    (`BlockKind.megatron_spec`): its part of `TransformerLayerSubmodules`."""
+
+    norm: Any
+    """The pre-norm slot (`input_layernorm` / `pre_mlp_layernorm`): a norm class in the local spec;
+    IdentityOp under TransformerEngine (the module's first linear holds the norm) or with no norm."""
+    module: Any
+    """The subblock's ModuleSpec (`self_attention` / `mlp`)."""
+    bda: Any
+    """The residual add after it (`self_attn_bda` / `mlp_bda`): get_bias_dropout_add, or
+    IdentityFuncOp for a subblock that computes nothing."""
+    keys_map: Mapping[str, str] = field(default_factory=dict)
+    """Its `sharded_state_dict_keys_map` entries (dist-checkpoint names of a local-spec norm)."""
 
 
 def first_present(params: Mapping[str, Any], *candidates: str) -> str:
@@ -201,9 +219,9 @@ class FFNVariant(_Variant):
 
 # ----------------------------------------------------------------------------- the kind interface
 
-class BlockKind:
-    """One subblock kind. Subclasses set the class attributes and override what differs;
-    the registry holds one instance of each (`registry.register`)."""
+class BlockKind(ABC):
+    """One subblock kind. Subclasses set the class attributes and override what differs (and
+    must implement `megatron_spec`); the registry holds one instance of each (`registry.register`)."""
 
     subblock: str = ""
     """`attention` or `ffn`."""
@@ -303,6 +321,16 @@ class BlockKind:
         """TransformerConfig fields this layer sets beyond what the heterogeneous json carries
         (applied per layer by megapuzzle.model.config); {} for all built-in kinds but `swa`."""
         return {}
+
+    # -- the Megatron-core modules (megapuzzle.model.layer_specs assembles a layer from its two kinds')
+    @abstractmethod
+    def megatron_spec(self, arch, v, config, use_te: bool) -> SubblockModules:
+        """This subblock's Megatron modules in a TransformerLayer built with `config` (the layer's
+        own TransformerConfig: `get_config_for_layer`, with `megatron_layer_overrides` applied):
+        the pre-norm, the ModuleSpec, the residual add. `use_te`: the TransformerEngine spec (the
+        norm fused into the first linear) instead of the local one (a separate norm module).
+        Imports Megatron lazily (`megapuzzle.blocks.megatron_modules` has the shared pieces); the
+        parameter names it gives are the ones `weight_entries` maps."""
 
     # -- search space
     def offered(self, space, parent, own) -> list:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .base import ATTENTION, ArchitectureError, SizedKind, InitError, WeightEntry, decilm_attention, first_present
+from .base import (ATTENTION, ArchitectureError, SizedKind, InitError, SubblockModules, WeightEntry, decilm_attention,
+                   first_present)
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +88,24 @@ class GQAAttention(SizedKind):
         # the new query against s cached keys + its own; s cached tokens read, the new one written
         return 4.0 * batch * nq * d * (seq + 1), batch * (seq + 1) * kv_row
 
-    # -- Megatron: linear_qkv fuses q/k/v per KV group; local spec: separate norm, TE: fused into qkv
+    # -- Megatron: causal SelfAttention (fused qkv, core attention, output projection); its KV groups
+    # come from the layer's config (num_query_groups, per layer from the heterogeneous json)
+    def megatron_spec(self, arch, v, config, use_te: bool) -> SubblockModules:
+        from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+        from megatron.core.transformer.enums import AttnMaskType
+
+        from .megatron_modules import IdentityOp, ModuleSpec, fused_norm_keys, linear_classes, pre_norm, residual_add
+
+        qkv, proj = linear_classes(use_te)
+        qk_norm = qk_layernorm_class(config, use_te) if config.qk_layernorm else IdentityOp
+        attn = ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                          submodules=SelfAttentionSubmodules(
+                              linear_qkv=qkv, core_attention=core_attention_class(use_te), linear_proj=proj,
+                              q_layernorm=qk_norm, k_layernorm=qk_norm))
+        return SubblockModules(pre_norm(config, use_te), attn, residual_add(),
+                               fused_norm_keys(use_te, "input_layernorm.", "self_attention.linear_qkv."))
+
+    # -- Megatron weights: linear_qkv fuses q/k/v per KV group; local spec: separate norm, TE: fused into qkv
     def weight_entries(self, params, mp, cp, v):
         return [
             WeightEntry(first_present(params, mp + "input_layernorm.weight",
@@ -103,6 +121,30 @@ class GQAAttention(SizedKind):
         if parent_v.kind == self.kind:
             return pool_kv_heads(local, parent_v.num_kv_heads, v.num_kv_heads, arch.kv_channels), "kv_mean_pool"
         return super().init_from(arch, parent_v, v, local, scores)
+
+
+def core_attention_class(use_te: bool):
+    """Megatron's softmax attention: TransformerEngine's fused kernels, or the local unfused one."""
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
+def qk_layernorm_class(config, use_te: bool):
+    """The Q / K norm of a family with qk_layernorm (Llama has none): TENorm from TE 1.9 on (before,
+    it hurt convergence there), else the local norm."""
+    from .megatron_modules import norm_class
+
+    if use_te:
+        from megatron.core.utils import is_te_min_version
+
+        if is_te_min_version("1.9.0"):
+            return norm_class(config, use_te=True)
+    return norm_class(config, use_te=False)
 
 
 # ----------------------------------------------------------------------------- init math (torch tensors,

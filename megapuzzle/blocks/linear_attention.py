@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .base import ATTENTION, LinearReplacement, WeightEntry, first_present
+from .base import ATTENTION, LinearReplacement, SubblockModules, WeightEntry, first_present
 from .gqa import GQAAttention
 
 if TYPE_CHECKING:
@@ -22,6 +22,11 @@ class LinearAttention(LinearReplacement):
 
     def offered(self, space, parent, own):
         return [self.variant()] if space.attention_linear and own.kind != self.kind else []
+
+    def megatron_spec(self, arch, v, config, use_te: bool) -> SubblockModules:
+        from .megatron_modules import linear_replacement
+
+        return linear_replacement(config, use_te, "linear_attn", "input_layernorm.", "self_attention.")
 
     def weight_entries(self, params, mp, cp, v):
         return [

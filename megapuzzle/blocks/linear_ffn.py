@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .base import FFN, LinearReplacement, WeightEntry, first_present
+from .base import FFN, LinearReplacement, SubblockModules, WeightEntry, first_present
 from .mlp import MLP
 
 if TYPE_CHECKING:
@@ -21,6 +21,11 @@ class LinearFFN(LinearReplacement):
 
     def offered(self, space, parent, own):
         return [self.variant()] if space.ffn_linear and own.kind != self.kind else []
+
+    def megatron_spec(self, arch, v, config, use_te: bool) -> SubblockModules:
+        from .megatron_modules import linear_replacement
+
+        return linear_replacement(config, use_te, "linear_mlp", "pre_mlp_layernorm.", "mlp.")
 
     def weight_entries(self, params, mp, cp, v):
         return [

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
 
-from .base import (FFN, FFN_MULT_ROUNDING, ArchitectureError, SizedKind, InitError, WeightEntry, decilm_ffn,
-                   ffn_mult_to_intermediate_size, first_present, intermediate_size_to_ffn_mult, round_up)
+from .base import (FFN, FFN_MULT_ROUNDING, ArchitectureError, SizedKind, InitError, SubblockModules, WeightEntry,
+                   decilm_ffn, ffn_mult_to_intermediate_size, first_present, intermediate_size_to_ffn_mult, round_up)
 
 if TYPE_CHECKING:
     import torch
@@ -72,7 +72,20 @@ class MLP(SizedKind):
         sizes |= set(space.ffn_sizes)
         return [self.variant(s) for s in sorted(sizes, reverse=True) if 0 < s < own.intermediate_size]
 
-    # -- Megatron: linear_fc1 is [gate; up] per TP shard; local spec: separate norm, TE: fused into fc1
+    # -- Megatron: MLP (fc1 -> SwiGLU -> fc2); its width comes from the layer's config (ffn_hidden_size,
+    # per layer from the heterogeneous json), the activation from the family's (gated_linear_unit)
+    def megatron_spec(self, arch, v, config, use_te: bool) -> SubblockModules:
+        from megatron.core.transformer.mlp import MLP as MegatronMLP
+        from megatron.core.transformer.mlp import MLPSubmodules
+
+        from .megatron_modules import ModuleSpec, fused_norm_keys, linear_classes, pre_norm, residual_add
+
+        fc1, fc2 = linear_classes(use_te)
+        mlp = ModuleSpec(module=MegatronMLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2))
+        return SubblockModules(pre_norm(config, use_te), mlp, residual_add(),
+                               fused_norm_keys(use_te, "pre_mlp_layernorm.", "mlp.linear_fc1."))
+
+    # -- Megatron weights: linear_fc1 is [gate; up] per TP shard; local spec: separate norm, TE: fused into fc1
     def weight_entries(self, params, mp, cp, v):
         return [
             WeightEntry(first_present(params, mp + "pre_mlp_layernorm.weight", mp + "mlp.linear_fc1.layer_norm_weight"),

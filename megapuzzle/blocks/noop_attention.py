@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ATTENTION, BlockKind
+from .base import ATTENTION, BlockKind, SubblockModules
 
 
 class NoOpAttention(BlockKind):
@@ -10,6 +10,11 @@ class NoOpAttention(BlockKind):
     kind = "no_op"
     identity = True
     block_config_flag = "no_op"
+
+    def megatron_spec(self, arch, v, config, use_te: bool) -> SubblockModules:
+        from .megatron_modules import identity
+
+        return identity()
 
     def offered(self, space, parent, own):
         return [self.variant()] if space.attention_no_op and own.kind != self.kind else []

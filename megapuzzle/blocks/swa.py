@@ -9,9 +9,10 @@ Where it is represented:
   the vLLM preset never offers it.
 * Megatron-core: the heterogeneous json has no per-layer window, so the kind asks for a per-layer
   TransformerConfig override (`megatron_layer_overrides`: `window_size = (w - 1, 0)`), which
-  megapuzzle.model.config applies in `get_config_for_layer`; Megatron's local attention then masks
-  with `get_sliding_window_causal_mask` (tests/test_swa.py); TE's attention takes the same field
-  (not yet run on a GPU).
+  megapuzzle.model.config applies in `get_config_for_layer`; its modules (`megatron_spec`) are
+  GQA's, after checking the layer's config carries the window. Megatron's local attention then
+  masks with `get_sliding_window_causal_mask` (tests/test_swa.py); TE's attention takes the same
+  field (not yet run on a GPU).
 * Weights: exactly GQA's (same tensors, same TP layout): the window changes the mask only.
 """
 
@@ -56,8 +57,17 @@ class SlidingWindowAttention(GQAAttention):
             raise ArchitectureError(f"{where}.window_length must be a positive int, got {w!r}")
         return self.variant(self.kv_heads_from_block_config(d, where, arch_dims), window=w)
 
+    # -- Megatron: GQA's modules; the window is a TransformerConfig field that Megatron's local and
+    # TE core attention read, so the kind sets it per layer and its spec checks the layer got it
     def megatron_layer_overrides(self, arch, v) -> dict:
         return {"window_size": (v.window - 1, 0), "window_attn_skip_freq": None}
+
+    def megatron_spec(self, arch, v, config, use_te: bool):
+        want = self.megatron_layer_overrides(arch, v)["window_size"]
+        if tuple(config.window_size or ()) != want:  # a config built without the overrides: full attention
+            raise ArchitectureError(f"{self.name(v)}: the layer config's window_size is {config.window_size}, not "
+                                    f"{want}; build it with megapuzzle.model.config.make_transformer_config")
+        return super().megatron_spec(arch, v, config, use_te)
 
     # -- search space: the parent's GQA with each window of `search_space.attention_windows`
     def offered(self, space, parent, own):

@@ -1,4 +1,4 @@
-"""Build Megatron-core's GPTModel for an Architecture, with its own heterogeneous layer spec."""
+"""Build Megatron-core's GPTModel for an Architecture, its layers from the block kinds' modules."""
 
 from __future__ import annotations
 
@@ -34,9 +34,8 @@ def build_gpt_model(arch: Architecture, *, tp: int | None = None, pp: int | None
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import (
-        get_gpt_heterogeneous_layer_spec,
-    )
+
+    from .layer_specs import decoder_block_spec
 
     if not ps.model_parallel_is_initialized():
         raise ModelConfigError("Megatron parallel state is not initialised; call "
@@ -62,10 +61,9 @@ def build_gpt_model(arch: Architecture, *, tp: int | None = None, pp: int | None
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
 
-    # Megatron's own heterogeneous spec is right for us as is: no-op subblocks become
-    # IdentityOp (no norm), linear ones a norm + ColumnParallelLinearGathered, GQA/MLP the
-    # standard local or TE modules. It slices itself to this PP stage's layers.
-    spec = get_gpt_heterogeneous_layer_spec(config, use_te=te)
+    # each layer from its two kinds' modules (no-op: IdentityOp, no norm; linear: norm +
+    # ColumnParallelLinearGathered; GQA / MLP: the standard local or TE modules), this PP stage's only
+    spec = decoder_block_spec(arch, config, use_te=te)
 
     kind = rope_kind(arch)
     scaling = arch.rope_scaling or {}

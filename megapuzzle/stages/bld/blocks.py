@@ -7,10 +7,10 @@ rank trains (all of them when a later stage needs the boundary state, which is t
 and records per layer the residual stream entering it (x), after its attention (m, the input of
 `pre_mlp_layernorm`) and leaving it (y). No logits: BLD never needs them.
 
-Students: each block is a Megatron-core `TransformerLayer`, built from Megatron's own
-heterogeneous layer spec for a 1-layer architecture (so TP shards it exactly as it shards the
-parent) and fed the teacher's RoPE table (same RoPE, llama3 scaling included). With fp8 they
-are built with FP8 GEMMs (TransformerEngine spec) and run under Megatron's fp8 autocast with a
+Students: each block is a Megatron-core `TransformerLayer`, built from its kinds' modules for a
+1-layer architecture by the layer spec the parent's layers come from (megapuzzle.model.layer_specs,
+so TP shards it exactly as it shards the parent) and fed the teacher's RoPE table (same RoPE,
+llama3 scaling included). With fp8 they are built with FP8 GEMMs (TransformerEngine spec) and run under Megatron's fp8 autocast with a
 TP-only amax reduction (the ranks of a TP group run the same students; DP ranks do not):
 
 * attention variant (decoupled): TransformerLayer(variant attention, no-op FFN) whose FFN
@@ -36,6 +36,7 @@ import torch
 from megapuzzle.arch import Architecture, LayerArch, empty_layer
 from megapuzzle.model.config import ModelOptions, make_transformer_config, resolve_use_te
 from megapuzzle.model.gpt import fp8_autocast, mark_tensor_parallel_weights, quiet_unknown_mlp, unwrap_model
+from megapuzzle.model.layer_specs import layer_spec
 from megapuzzle.model.runner import StageRunner
 from megapuzzle.model.weights import (
     WeightsError,
@@ -139,10 +140,9 @@ def one_layer_arch(parent: Architecture, la: LayerArch) -> Architecture:
 
 def build_layer(arch1: Architecture, tp: int, fp8_recipe: str | None = None,
                 params_dtype: torch.dtype = torch.float32):
-    """A Megatron-core TransformerLayer for the single layer of `arch1`, from Megatron's
-    heterogeneous layer spec (local spec on CPU, TE spec where TE and CUDA are present).
+    """A Megatron-core TransformerLayer for the single layer of `arch1`, from its kinds' modules
+    (local spec on CPU, TE spec where TE and CUDA are present).
     `fp8_recipe` ("delayed" | "current"): FP8 GEMMs (needs TE and an sm >= 89 GPU)."""
-    from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
     from megatron.core.transformer.spec_utils import build_module
 
     te = resolve_use_te(None)
@@ -155,7 +155,7 @@ def build_layer(arch1: Architecture, tp: int, fp8_recipe: str | None = None,
         opts = ModelOptions(perform_initialization=False, use_te=te, fp8=True, params_dtype=params_dtype,
                             extra={"fp8_recipe": _FP8_RECIPES[fp8_recipe], "tp_only_amax_red": True})
     config = make_transformer_config(arch1, tp, 1, opts)
-    spec = get_gpt_heterogeneous_layer_spec(config, use_te=te).layer_specs[0]
+    spec = layer_spec(arch1, 0, config, use_te=te)
     with quiet_unknown_mlp():
         layer = build_module(spec, config=config.get_config_for_layer(1), layer_number=1)
     mark_tensor_parallel_weights(layer)
