@@ -13,7 +13,7 @@ Why it is fast (docs/design.md, "Scoring dominates naive pipelines"): the parent
 every layer input and its log-probabilities are computed once per batch and kept; a block at
 layer l then runs only its own layer and the parent's layers l+1..L-1 plus the head, and all
 candidates of one layer go through those shared layers stacked into one batch.
-`naive=True` (benchmarks only) re-runs the whole model per candidate instead. A fused-run block
+(tests/test_search.py checks it against the whole model per candidate.) A fused-run block
 (`BlockRef.last`, megapuzzle.fusion_blocks.score_runs) runs on the stream entering its first
 layer and continues after its last.
 
@@ -163,19 +163,9 @@ def cache_plan(arch: Architecture, cfg: ScoreConfig, dtype: torch.dtype, n_batch
     return per_batch, max(1, min(n_batches, int(cfg.cache_gb * (1 << 30)) // per_batch))
 
 
-class _Skipped(torch.nn.Module):
-    """A fused run's later layers in the naive path: the stream passes unchanged (a layer's call)."""
-
-    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None):
-        return hidden_states, None
-
-
-_SKIPPED = _Skipped()
-
-
 @torch.no_grad()
 def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], batches: list[torch.Tensor],
-                 cfg: ScoreConfig, tp: int, done: dict[str, Any], on_done=None, naive: bool = False,
+                 cfg: ScoreConfig, tp: int, done: dict[str, Any], on_done=None,
                  progress=None) -> dict[str, Any]:
     """Score `refs` (skipping keys in `done`); returns {key: metrics} (metrics on the last
     pipeline stage; None for this call's blocks elsewhere). `on_done(key, metrics or None)` runs
@@ -183,7 +173,7 @@ def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], b
 
     Default: one parent pass per batch (streams + log-probs, kept), then per layer the
     candidates' layers run on the kept stream and are stacked along the batch through the
-    shared suffix. naive=True: the whole model per candidate per batch (the benchmark's baseline).
+    shared suffix.
 
     Under PP every rank of the pipeline walks the same (group, layer, chunk, batch) schedule: the
     stage owning the layer builds the candidates, runs them and its remaining layers, and sends
@@ -201,16 +191,16 @@ def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], b
     for r in todo:
         by_layer.setdefault((r.layer, r.end), []).append(r)
     results = dict(done)
-    per_pass = 1 if naive else cfg.candidates_per_pass
+    per_pass = cfg.candidates_per_pass
     # Parent passes are kept for one group of batches at a time (score.cache_gb); every block
     # still adds up its batches in order, so the scores do not depend on the grouping.
-    per_group = len(batches) if naive else cache_plan(parent, cfg, runner.dtype, len(batches), pp)[1]
+    per_group = cache_plan(parent, cfg, runner.dtype, len(batches), pp)[1]
     sums = {r.key: dict.fromkeys(("kl", "lm_loss", "top1", "topk"), 0.0) for r in todo}
     n_tok = 0
     for g0 in range(0, len(batches), per_group):
         group_batches = batches[g0:g0 + per_group]
         last = g0 + per_group >= len(batches)
-        passes = None if naive else [parent_pass(runner, t) for t in group_batches]
+        passes = [parent_pass(runner, t) for t in group_batches]
         n_tok += sum(t[:, 1:].numel() for t in group_batches)
         for layer, end in sorted(by_layer):
             group = by_layer[layer, end]
@@ -219,13 +209,7 @@ def score_blocks(parent, parent_tensors, model, library, refs: list[BlockRef], b
                 modules = ([block_layer_module(parent, r, library, parent_tensors, tp, runner.dtype) for r in chunk]
                            if runner.owns(layer) else [])
                 for bi, tokens in enumerate(group_batches):
-                    if naive:
-                        cached = parent_pass(runner, tokens)  # the parent again, every candidate
-                        replace = {k: _SKIPPED for k in range(layer + 1, end + 1)}  # a run's other layers
-                        replace.update(zip([layer], modules))
-                        lp = runner.log_probs(tokens[:, :-1], replace=replace)
-                        outs = None if lp is None else [lp]
-                    elif layer < runner.stop:  # the owner of the layer and every stage after it
+                    if layer < runner.stop:  # the owner of the layer and every stage after it
                         cached = passes[bi]
                         if runner.owns(layer):
                             ys = [mod(hidden_states=cached.streams[layer], attention_mask=None,
@@ -318,7 +302,7 @@ def agree_on_done(mine: list[BlockRef], done: dict[str, Any], device) -> dict[st
 
 
 def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, pp: int | None = None,
-              progress: bool = True, naive: bool = False, shard: tuple[int, int] = (0, 1)
+              progress: bool = True, shard: tuple[int, int] = (0, 1)
               ) -> dict[str, Any]:
     """Score this rank's share of the library (see the module docstring); rank 0 returns (and
     writes) scores.json's content, the other ranks {}. tp / pp: None = score.tensor_parallel /
@@ -360,7 +344,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, p
     model = build_parent_stage(parent, tensors, dtype)
     batches = heldout_batches(run, cfg)
     per_batch, per_group = cache_plan(parent, cfg, dtype, len(batches), pp)
-    if per_group < len(batches) and info.rank == 0 and not naive:
+    if per_group < len(batches) and info.rank == 0:
         log(f"[score] parent activations cost {per_batch / (1 << 30):.2f} GiB per batch"
             f"{' on the costliest pipeline stage' if pp > 1 else ''}; scoring {len(batches)} "
             f"batches in groups of {per_group} (score.cache_gb={cfg.cache_gb})")
@@ -372,7 +356,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, p
         conf.pop(k)  # grouping the batches or splitting the model does not change a score (beyond rounding)
     if cfg.dtype == "float32":
         conf.pop("dtype")  # the default, as before the field existed: earlier scores stay valid
-    settings = {"config": conf, "data": str(run.heldout_data), "naive": naive,
+    settings = {"config": conf, "data": str(run.heldout_data), "naive": False,  # kept: scores saved before stay valid
                 "parent": checkpoint_fingerprint(run.parent)}
     entries = library.entries()
     done: dict[str, Any] = {}
@@ -402,7 +386,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, p
                disable=not (progress and info.rank == 0))
     try:
         score_blocks(parent, tensors, model, library, mine, batches, cfg, tp, dict(done), on_done,
-                     naive=naive, progress=bar)
+                     progress=bar)
     except _Stop:
         if info.tp_size * info.pp_size > 1:  # as after a kill: nothing of this pipeline still in flight
             from megatron.core import parallel_state as ps
@@ -433,7 +417,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, p
         tokens = sum(b[:, 1:].numel() for b in batches)
         result = {"format": FORMAT, "metric_default": "kl", "data": str(run.heldout_data), "tokens": tokens,
                   "config": {k: v for k, v in section_dict(cfg).items() if k not in LAYOUT}, "parent": parent_m,
-                  "blocks": {k: merged[k] for k in sorted(merged)}, "wall_s": wall, "naive": naive}
+                  "blocks": {k: merged[k] for k in sorted(merged)}, "wall_s": wall}
         atomic_write_json(run.scores, result)
         log(f"[score] {len(refs)} blocks on {tokens} held-out tokens in {wall:.1f}s -> {run.scores}")
     return result
