@@ -13,6 +13,8 @@ DEFAULT_STEPS = 200
 """Optimizer steps when neither gkd.steps nor gkd.tokens is set."""
 TRAINERS = ("auto", "megatron", "local")
 """gkd.optimizer: megapuzzle.stages.gkd.trainers implements megatron and local; auto picks by device."""
+RECOMPUTE = ("none", "selective", "full")
+"""gkd.recompute: Megatron's activation recompute of the child (megapuzzle.stages.gkd maps it to ModelOptions)."""
 
 
 def _steps_or_tokens(cfg) -> None:
@@ -95,6 +97,14 @@ class GKDConfig(Section):
     params and grads, Megatron's clip; state in Megatron dist-checkpoints, whose metadata is
     pickled); "local" = torch AdamW on every rank with a DP all-reduce (state in safetensors, no
     pickles); either on CUDA or CPU. "auto" = megatron on CUDA, local on CPU."""
+    recompute: Annotated[str, OneOf(RECOMPUTE)] = "none"
+    """Activation recompute of the trainable child (Megatron's recompute_granularity; the frozen
+    parent runs without grad and needs none): "full" keeps only each layer's input per micro-batch
+    and re-runs the layer in the backward (recompute_method uniform, one layer per checkpoint: about
+    one more forward of the child per step); "selective" re-runs only the attention core (the
+    s^2 part); "none" keeps every layer's activations. The hidden-state capture records only the
+    original forward (megapuzzle.train.distill.in_recompute), so the losses are the same; like
+    overlap_grad_reduce it is not part of the training signature."""
     overlap_grad_reduce: Annotated[bool, Flag()] = True
     """Megatron trainer: start each grad bucket's DP reduce-scatter as soon as its grads are ready,
     overlapping the rest of the backward (Megatron-LM's --overlap-grad-reduce); the sums are the

@@ -85,7 +85,8 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
 def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer: str) -> str:
     """Everything that changes the trained weights (not logging / checkpoint cadence / eval)."""
     d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
-                                                                 "threads", "optimizer", "overlap_grad_reduce")}
+                                                                 "threads", "optimizer", "overlap_grad_reduce",
+                                                                 "recompute")}
     if trainer != legacy_trainer():  # the resolved trainer; as before gkd.optimizer existed where it is
         d["trainer"] = trainer       # the one this machine always used (local on CPU, megatron on CUDA)
     if info.pp_size == 1:  # as before PP existed: earlier PP = 1 results stay valid
@@ -169,11 +170,13 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     parent = build_gpt_model(parent_arch, params_dtype=dtype, options=opts)
     load_canonical_into_model(parent, tensors, parent_arch)
     parent.eval().requires_grad_(False)
+    # only the child trains: activation recompute (in training mode; Megatron skips it in eval) is its alone
+    opts_child = dataclasses.replace(opts, recompute_granularity=None if cfg.recompute == "none" else cfg.recompute)
     if cfg.fp8:
         from megapuzzle.costs.timing import _FP8_RECIPES
 
-        opts_child = dataclasses.replace(opts, extra={"fp8_recipe": _FP8_RECIPES[cfg.fp8_recipe]})
-    child = build_gpt_model(child_arch, params_dtype=dtype, fp8=cfg.fp8, options=opts_child if cfg.fp8 else opts)
+        opts_child = dataclasses.replace(opts_child, extra={"fp8_recipe": _FP8_RECIPES[cfg.fp8_recipe]})
+    child = build_gpt_model(child_arch, params_dtype=dtype, fp8=cfg.fp8, options=opts_child)
     load_canonical_into_model(child, child_tensors, child_arch)
     del tensors, child_tensors
     child.train()

@@ -28,11 +28,10 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megapuzzle.metrics import heldout_metrics
 from megapuzzle.model.gpt import unwrap_model
-from megapuzzle.train.distill import VocabParallelKD
+from megapuzzle.train.distill import VocabParallelKD, cosine_distance, in_recompute, require_graph
 
 
 class AttachLoss(torch.autograd.Function):
@@ -53,11 +52,14 @@ class AttachLoss(torch.autograd.Function):
 @contextlib.contextmanager
 def capture_stage_outputs(model, detach: bool = False):
     """{global layer index: [output of that layer per forward call]} for THIS stage's layers
-    (Megatron's [s, b, h]); autograd-connected unless `detach`. Hooks are removed on exit."""
+    (Megatron's [s, b, h]); autograd-connected unless `detach`; a recompute of the layer in the
+    backward (gkd.recompute) is not a forward call. Hooks are removed on exit."""
     store: dict[int, list[torch.Tensor]] = {}
     handles = []
     for layer in unwrap_model(model).decoder.layers:
         def keep(mod, args, output, i=layer.layer_number - 1):
+            if in_recompute():
+                return
             h = output[0] if isinstance(output, tuple) else output
             store.setdefault(i, []).append(h.detach() if detach else h)
 
@@ -92,7 +94,7 @@ def forward_pass(model, tokens: torch.Tensor, micro: int) -> tuple[dict[int, lis
 
 def _cosine(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """[s, b] per-token 1 - cos, as megapuzzle.train.distill.distill_terms computes it."""
-    return 1.0 - F.cosine_similarity(c.float(), p.float(), dim=-1, eps=1e-8)
+    return cosine_distance(c, p)
 
 
 def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: dict[str, float],
@@ -122,6 +124,7 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
         t = tokens[k * micro:(k + 1) * micro]
         with capture_stage_outputs(m) as hc:
             out = m(t, torch.arange(t.shape[1], device=t.device).unsqueeze(0).expand_as(t), None)
+        require_graph([hc[i][0] for i in hc])
         layer = {i: _cosine(hc[i][0], hp[i][k]).mean() for i in sorted(hc)}
         cos = torch.stack(list(layer.values())).sum()
         if not last:
