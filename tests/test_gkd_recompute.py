@@ -23,7 +23,7 @@ from _dist import assert_adamw_parity, run_distributed
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
 from megapuzzle.gkd import GKDConfig, run_gkd
-from test_gkd import BASE, BETAS, PP_BASE, QUIET, _gkd_worker, _tie_embeddings, _weights, base, fresh  # noqa: F401
+from test_gkd import BETAS, PP_BASE, QUIET, _tie_embeddings, _weights, base, fresh  # noqa: F401
 
 TERMS = ("loss", "cosine", "kl", "lm", "grad_norm")
 
@@ -64,9 +64,22 @@ def test_recompute_gives_the_losses_and_weights_of_a_run_without(base, tmp_path,
     assert_adamw_parity(wa, wb, [r["lr"] for r in ref["history"]], BETAS, init=w0)
 
 
-def _megatron_tp2_worker(info, run: str, cfg: GKDConfig):
+def _counting_worker(info, run: str, cfg: GKDConfig):
+    """run_gkd, counting the layer checkpoints Megatron's full recompute makes (proof that it ran)."""
+    from megatron.core import tensor_parallel
+
     torch.set_num_threads(1)
-    return run_gkd(run, cfg, **QUIET)
+    real, calls = tensor_parallel.checkpoint, [0]
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    tensor_parallel.checkpoint = counting
+    try:
+        return run_gkd(run, cfg, **QUIET), calls[0]
+    finally:
+        tensor_parallel.checkpoint = real
 
 
 # Against one process without recompute: PP = 2 / TP = 2 reorder sums themselves, so these are the
@@ -82,9 +95,11 @@ def test_full_recompute_under_tp_and_pp_matches_one_process_without(base, tmp_pa
     cfg = GKDConfig(steps=4, optimizer=trainer, **PP_BASE)
     ref = run_gkd(ref_run, cfg, **QUIET)
     par = dataclasses.replace(cfg, tensor_parallel=tp, pipeline_parallel=pp, recompute="full")
-    res = run_distributed(_gkd_worker, world=tp * pp, tp=tp, pp=pp, args=(str(run), par))
-    out = res[0]
-    assert all(r == {} for r in res[1:]) and out["trainer"] == trainer
+    res = run_distributed(_counting_worker, world=tp * pp, tp=tp, pp=pp, args=(str(run), par))
+    out = res[0][0]
+    assert all(r == {} for r, _ in res[1:]) and out["trainer"] == trainer
+    micro_batches = 4 * PP_BASE["batch_size"] // PP_BASE["micro_batch_size"]  # 4 steps
+    assert all(n == micro_batches * 4 // pp for _, n in res), res  # one checkpoint per layer of the rank's stage
     _same_run(ref, out, rel, first_exact=False)
     wa, wb, w0 = _weights(ref_run), _weights(run), _weights(run, "child")
     assert all(not wb[k].equal(w0[k]) for k in w0 if "layers." in k)
