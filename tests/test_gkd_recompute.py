@@ -199,3 +199,33 @@ def test_recompute_is_validated():
     assert section({"gkd": {"recompute": "full"}}, "gkd", GKDConfig).recompute == "full"
     with pytest.raises(UserError, match="recompute 'block' unknown; use none, selective or full"):
         section({"gkd": {"recompute": "block"}}, "gkd", GKDConfig)
+
+
+def test_parent_pass_in_groups_gives_bitwise_the_whole_batch_run(base, tmp_path):
+    """gkd.parent_pass_micro_batches under PP = 2 x DP = 2, Megatron trainer with overlapped grad
+    reduce: 4 micro-batches per rank in 2 groups (parent pass + child 1F1B each) give bitwise the
+    one-schedule run: the same micro-batch forwards and the same gradient sums in the same order (the
+    loss x 2/4 then / 2 by the schedule is exact); and the grad buckets are reduced as often as there,
+    once per step (inside the last backward from the second step on). (Earlier groups run under the
+    DDP's no_sync; Megatron's per-bucket ready counts, learned in the first step, would also hold an
+    early reduce back, so this test cannot tell that part apart.)"""
+    from test_gkd_megatron import _overlap_probe_worker
+
+    a, b = fresh(base, tmp_path / "a"), fresh(base, tmp_path / "b")
+    cfg = GKDConfig(steps=3, pipeline_parallel=2, optimizer="megatron", recompute="full",
+                    **{**PP_BASE, "batch_size": 8, "micro_batch_size": 1})
+    grouped = dataclasses.replace(cfg, parent_pass_micro_batches=2)
+    res = run_distributed(_overlap_probe_worker, world=4, pp=2, args=([(str(a), cfg, None), (str(b), grouped, None)],))
+    (ra, ca), (rb, cb) = res[0]
+    assert ra["world"] == {"tp": 1, "pp": 2, "dp": 2} and ra["signature"] == rb["signature"]
+    print(f"grad-bucket reduces started, whole batch {ca}, in groups {cb}")
+    assert ca == cb and ca["in_backward"] == (cfg.steps - 1) * ca["at_finish"] > 0, (ca, cb)
+    assert ra["history"] == rb["history"] and ra["final"] == rb["final"]
+    wa, wb, w0 = _weights(a), _weights(b), _weights(b, "child")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and not all(torch.equal(wa[k], w0[k]) for k in wa)
+
+
+def test_parent_pass_micro_batches_must_divide_the_rank_micro_batches(base, tmp_path):
+    cfg = GKDConfig(steps=1, parent_pass_micro_batches=3, **PP_BASE)  # 4 / 2 = 2 micro-batches per rank
+    with pytest.raises(UserError, match="parent_pass_micro_batches 3 does not divide the 2 micro-batches per rank"):
+        run_gkd(fresh(base, tmp_path), cfg, **QUIET)

@@ -83,6 +83,13 @@ class GKDConfig(Section):
     pipeline_parallel: Annotated[int, Integer()] = 1
     """PP size: Megatron's pipeline split of both models' layers (layer i of child and parent on
     one stage); needs at least one layer per stage."""
+    parent_pass_micro_batches: Annotated[int, Integer()] | None = None
+    """Under PP: micro-batches the parent runs ahead of the child's 1F1B schedule, keeping its layer
+    outputs (and, on the last stage, its logits) for each until the child has used them; must divide
+    the rank's micro-batches. None = the rank's whole batch, one schedule per step (the smallest
+    pipeline bubble); smaller bounds that memory (a 70B parent's outputs of 10 layers per micro-batch of
+    8192 tokens are 1.3 GB, its logits 2.1 GB) for one more pipeline fill and drain per group. The same
+    sums (up to rounding), so not part of the training signature. PP = 1 runs it per micro-batch anyway."""
     threads: Annotated[int, Integer()] | None = None
     """torch CPU threads (None: torch's choice)."""
     dtype: Annotated[str, OneOf(DTYPES)] = "auto"

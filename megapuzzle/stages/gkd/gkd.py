@@ -86,7 +86,7 @@ def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer:
     """Everything that changes the trained weights (not logging / checkpoint cadence / eval)."""
     d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
                                                                  "threads", "optimizer", "overlap_grad_reduce",
-                                                                 "recompute")}
+                                                                 "recompute", "parent_pass_micro_batches")}
     if trainer != legacy_trainer():  # the resolved trainer; as before gkd.optimizer existed where it is
         d["trainer"] = trainer       # the one this machine always used (local on CPU, megatron on CUDA)
     if info.pp_size == 1:  # as before PP existed: earlier PP = 1 results stay valid
@@ -138,6 +138,9 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     micro = min(cfg.micro_batch_size or local_batch, local_batch)
     if local_batch % micro:
         raise UserError(f"the per-rank batch {local_batch} is not a multiple of gkd.micro_batch_size {micro}")
+    if cfg.parent_pass_micro_batches and (local_batch // micro) % cfg.parent_pass_micro_batches:
+        raise UserError(f"gkd.parent_pass_micro_batches {cfg.parent_pass_micro_batches} does not divide the "
+                        f"{local_batch // micro} micro-batches per rank")
     trainer_name = resolve_trainer(cfg.optimizer)
     sig = _signature(cfg, info, parent_dir, run.child, trainer_name)
     result_file = run.gkd / "result.json"
