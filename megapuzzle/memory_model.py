@@ -25,7 +25,8 @@ Scaling to a recipe (`Prediction`):
   it must fit the rank's share of the node's host memory (2 TB / 8 GPUs on a DGX H100);
 * GPU memory per rank = k x owned + activations + CUDA reserve. The activations are arithmetic (the
   benchmark runs 32-token batches, whose activations are noise next to the weights), named per stage
-  in `activation_bytes`; the reserve (CUDA context, NCCL and allocator slack) is a fixed 4 GiB.
+  in tests/test_examples.py (GKD's in `gkd_activation_bytes`: recompute, 1F1B, the parent's stash);
+  the reserve (CUDA context, NCCL and allocator slack) is a fixed 4 GiB.
 
 Everything here is plain arithmetic on the JSON files; tests/test_examples.py applies it to the
 H100 recipes.

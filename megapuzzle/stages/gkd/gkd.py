@@ -15,8 +15,11 @@ norm's input), from forward hooks. KL and CE run on the vocab-parallel logit sha
 all-gather of [tokens, vocab]), like Megatron's vocab_parallel_cross_entropy; T^2 keeps the
 gradient scale independent of the temperature.
 
-How it trains (batches, schedule, PP, the two trainers, precision, what it writes):
-docs/design.md, "GKD".
+gkd.recompute (none / selective / full) is Megatron's activation recompute of the child; the
+hooks record only the original forward, not the re-run in the backward (train/distill.py).
+
+How it trains (batches, schedule, PP, the two trainers, activation memory, precision, what it
+writes): docs/design.md, "GKD".
 """
 
 from __future__ import annotations
