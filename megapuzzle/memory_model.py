@@ -153,7 +153,7 @@ def gkd_activation_bytes(*, tokens: int, hidden: int, vocab: int, tp: int, pp: i
     backward re-runs it. The child's captured layer outputs are the next layers' inputs and the cosine
     terms save nothing else (megapuzzle.train.distill.CosineDistance). The parent's layer outputs are
     kept for every micro-batch it has run: under PP it runs the rank's whole batch before the child's
-    schedule (megapuzzle.gkd_pipeline.forward_pass), so all `micro_batches`, and the last stage also
+    schedule (megapuzzle.stages.gkd.pipeline.forward_pass), so all `micro_batches`, and the last stage also
     keeps its bf16 logits for each; at PP = 1 one micro-batch at a time. The last stage adds the loss's
     fp32 temporaries (4 [tokens, vocab / tp])."""
     layer, stream = layer_activation_bytes(tokens, hidden, tp), tokens * hidden * 2

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from _dist import assert_adamw_parity, run_distributed
 from megapuzzle.config import section
 from megapuzzle.errors import UserError
-from megapuzzle.gkd import GKDConfig, run_gkd
+from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
 from test_gkd import BETAS, PP_BASE, QUIET, _tie_embeddings, _weights, base, fresh  # noqa: F401
 
 TERMS = ("loss", "cosine", "kl", "lm", "grad_norm")
