@@ -3,6 +3,8 @@
     python benchmarks/bench_memory.py                       # Llama-3.2-1B shape, -> benchmarks/results/memory.md
     python benchmarks/bench_memory.py --shape small --out /tmp/memory.md   # hidden 1024, 8 layers, vocab 32k
     python benchmarks/bench_memory.py --shape mid --gkd-only --out benchmarks/results/memory_mid.md  # gkd, 0.62B
+    python benchmarks/bench_memory.py --shape small --gkd-only --layouts 1x1,1x2 --gkd-seq-len 2048 \
+        --gkd-recompute none,selective,full --out benchmarks/results/gkd_recompute.md   # gkd.recompute
 
 Builds a random Llama with transformers in a temp dir (bf16; nothing downloaded), then runs the
 real commands, each in fresh processes, and records every rank's peak RSS (ru_maxrss inside the
@@ -107,14 +109,15 @@ LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16).save_pretrained({
     subprocess.run([sys.executable, "-c", code], check=True, env=_env())
 
 
-def make_data(work: Path, vocab: int) -> None:
+def make_data(work: Path, vocab: int, doc_len: int = 600) -> None:
     import numpy as np
 
     from megapuzzle.data.datasets import write_indexed_dataset
 
     rng = np.random.default_rng(0)
     for split, docs in (("train", 8), ("heldout", 4)):
-        write_indexed_dataset(work / "run" / "data" / split, [rng.integers(0, vocab, 600) for _ in range(docs)], vocab)
+        write_indexed_dataset(work / "run" / "data" / split, [rng.integers(0, vocab, doc_len) for _ in range(docs)],
+                              vocab)
 
 
 def owned_bytes(arch, tp: int, bytes_per: int, replicas: int = 1, pp: int = 1, stage: int = 0) -> int:
@@ -151,6 +154,9 @@ def main() -> int:
                          "child's fp32 Adam state next to its parent does not fit a shared 24 GB machine)")
     ap.add_argument("--gkd-only", action="store_true",
                     help="only what gkd needs (import-hf, bld of the parent's blocks, realize) and gkd itself")
+    ap.add_argument("--gkd-seq-len", type=int, default=32,
+                    help="gkd's seq_len (long ones make the activations, not the weights, dominate)")
+    ap.add_argument("--gkd-recompute", default="none", help="comma-separated gkd.recompute values, each run")
     ap.add_argument("--bld-train", action=argparse.BooleanOptionalAction, default=True,
                     help="run bld with two trained students per layer at each layout")
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir, removed afterwards)")
@@ -185,7 +191,7 @@ def main() -> int:
         largest = max(reader.nbytes(n) for n in reader)
         io_target = shard + largest + ALLOW
         rows.append(("import-hf", "1 process", 0, r, None, io_target, "", "import-hf"))
-        make_data(work, arch.vocab_size)
+        make_data(work, arch.vocab_size, max(600, a.gkd_seq_len + 1))
         cfg = work / "bench.yaml"
         kv = arch.layers[0].attention.num_kv_heads
         cfg.write_text(json.dumps({  # YAML is a superset of json
@@ -219,17 +225,23 @@ def main() -> int:
         (r,) = run_ranks(work, "realize", 1, ["realize", "--run-dir", str(run), "--max-shard-size", a.max_shard_size])
         rows.append(("realize", "1 process", 0, r, None, io_target, "", "realize"))
         if a.gkd == "yes" or a.gkd_only or (a.gkd == "auto" and a.shape == "small"):
-            for lay in a.layouts.split(","):
+            for lay, rc in [(lay, rc) for lay in a.layouts.split(",") for rc in a.gkd_recompute.split(",")]:
                 tp, pp = (int(x) for x in lay.split("x"))
                 shutil.rmtree(run / "gkd", ignore_errors=True)
-                res = run_ranks(work, f"gkd_{lay}", tp * pp, ["gkd", "--config", str(cfg), "--run-dir", str(run),
-                                                               "--tp", str(tp), "--pp", str(pp), "--no-progress"])
+                gcfg = work / f"bench_gkd_{rc}.yaml"
+                gcfg.write_text(json.dumps({"gkd": {**json.loads(cfg.read_text())["gkd"], "seq_len": a.gkd_seq_len,
+                                                    "recompute": rc}}))
+                res = run_ranks(work, f"gkd_{lay}_{rc}", tp * pp, ["gkd", "--config", str(gcfg), "--run-dir",
+                                                                   str(run), "--tp", str(tp), "--pp", str(pp),
+                                                                   "--no-progress"])
+                plain = a.gkd_seq_len == 32 and rc == "none"  # what memory_model's gkd-fp32 is fitted to
                 for rr in res:
                     st = rr["rank"] // tp  # ranks are TP-fastest
                     # frozen parent + child, its grads and AdamW's two moments, all fp32 on CPU
                     own = owned_bytes(arch, tp, 4, pp=pp, stage=st) * 5
-                    rows.append(("gkd (2 steps)", lay, rr["rank"], rr, own, None, "parent + child, grads, AdamW",
-                                 "gkd-fp32"))
+                    rows.append(("gkd (2 steps)" if plain else f"gkd (2 steps, seq {a.gkd_seq_len}, recompute {rc})",
+                                 lay, rr["rank"], rr, own, None, "parent + child, grads, AdamW",
+                                 "gkd-fp32" if plain else f"gkd-fp32-seq{a.gkd_seq_len}-{rc}"))
         if not a.gkd_only:
             for lay in a.layouts.split(","):
                 tp, pp = (int(x) for x in lay.split("x"))
@@ -302,7 +314,10 @@ def write_report(out: Path, a, arch, model_bytes: int, largest: int, shard: int,
 
     cmd = "python benchmarks/bench_memory.py" + ("" if a.shape == "1b" else f" --shape {a.shape}") + \
         ("" if a.max_shard_size == "1GB" else f" --max-shard-size {a.max_shard_size}") + \
-        (" --gkd-only" if a.gkd_only else "")
+        (" --gkd-only" if a.gkd_only else "") + \
+        ("" if a.layouts == "1x1,2x1,1x2" else f" --layouts {a.layouts}") + \
+        ("" if a.gkd_seq_len == 32 else f" --gkd-seq-len {a.gkd_seq_len}") + \
+        ("" if a.gkd_recompute == "none" else f" --gkd-recompute {a.gkd_recompute}")
     lines = [f"`{cmd}`", "",
              f"Random Llama, shape `{a.shape}`: {arch.num_params() / 1e9:.2f}B parameters, {arch.num_layers} layers, "
              f"hidden {arch.hidden_size}, vocab {arch.vocab_size}, tied={arch.tie_word_embeddings}; "

@@ -25,7 +25,8 @@ Scaling to a recipe (`Prediction`):
   it must fit the rank's share of the node's host memory (2 TB / 8 GPUs on a DGX H100);
 * GPU memory per rank = k x owned + activations + CUDA reserve. The activations are arithmetic (the
   benchmark runs 32-token batches, whose activations are noise next to the weights), named per stage
-  in `activation_bytes`; the reserve (CUDA context, NCCL and allocator slack) is a fixed 4 GiB.
+  in tests/test_examples.py (GKD's in `gkd_activation_bytes`: recompute, 1F1B, the parent's stash);
+  the reserve (CUDA context, NCCL and allocator slack) is a fixed 4 GiB.
 
 Everything here is plain arithmetic on the JSON files; tests/test_examples.py applies it to the
 H100 recipes.
@@ -140,3 +141,31 @@ def weights_share(arch, tp: int, pp: int, stage: int, bytes_per: int = 2) -> int
 
 def max_weights_share(arch, tp: int, pp: int, bytes_per: int = 2) -> int:
     return max(weights_share(arch, tp, pp, s, bytes_per) for s in range(pp))
+
+
+def gkd_activation_bytes(*, tokens: int, hidden: int, vocab: int, tp: int, pp: int, layers_per_stage: int,
+                         micro_batches: int, recompute: str) -> float:
+    """GKD's activations on its worst pipeline stage (bf16, Megatron's 1F1B), `tokens` per micro-batch,
+    `micro_batches` per rank and step. Stage s keeps min(pp - s, micro_batches) child micro-batches in
+    flight; per layer each keeps its layer_activation_bytes ("none"; "selective" the same: that figure
+    already assumes flash attention, whose s^2 part selective recompute would drop) or, with "full", only
+    the layer's input (bf16 [tokens, hidden], replicated over TP), plus one layer's activations while the
+    backward re-runs it. The child's captured layer outputs are the next layers' inputs and the cosine
+    terms save nothing else (megapuzzle.train.distill.CosineDistance). The parent's layer outputs are
+    kept for every micro-batch it has run: under PP it runs the rank's whole batch before the child's
+    schedule (megapuzzle.stages.gkd.pipeline.forward_pass), so all `micro_batches`, and the last stage also
+    keeps its bf16 logits for each; at PP = 1 one micro-batch at a time. The last stage adds the loss's
+    fp32 temporaries (4 [tokens, vocab / tp])."""
+    layer, stream = layer_activation_bytes(tokens, hidden, tp), tokens * hidden * 2
+    parent_mbs = micro_batches if pp > 1 else 1
+    worst = 0.0
+    for s in range(pp):
+        in_flight = min(pp - s, micro_batches)
+        child = in_flight * layers_per_stage * (stream if recompute == "full" else layer)
+        if recompute == "full":
+            child += layer
+        act = child + parent_mbs * layers_per_stage * stream
+        if s == pp - 1:
+            act += (parent_mbs * 2 if pp > 1 else 0) * tokens * vocab / tp + 4 * tokens * vocab / tp * 4
+        worst = max(worst, act)
+    return worst

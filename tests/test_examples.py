@@ -96,17 +96,18 @@ LAUNCH = {
 # (recipe, stage) -> cause: what the model predicts does NOT fit, and why. The test asserts these
 # miss (so a fix shows up here) and every other stage fits.
 MISSES = {
-    ("70b", "gkd"): "gkd has no activation recompute: under 1F1B the first stage keeps PP micro-batches x its "
-                    "layers' activations (all 80 layers' worth at 8192 tokens)",
-    ("405b", "gkd"): "gkd has no activation recompute: under 1F1B the first stage keeps PP micro-batches x its "
-                     "layers' activations (all 126 layers' worth)",
+    ("70b", "gkd"): "TP 1 (the kv-1 layers) leaves 95 GB of weights + optimizer state per GPU (66.5 GB owned x "
+                    "1.36) before any activation; those are 48 GB with recompute full and the parent 8 micro-batches "
+                    "ahead (the last stage: the parent's bf16 logits, 17 GB, and the loss's fp32 temporaries, 17 GB)",
+    ("405b", "gkd"): "with recompute full the first stage still keeps 9 x 14 layer inputs and as many parent outputs, "
+                     "[8192, 16384] bf16 (268 MB) each on every TP rank: 68 GB (gkd has no sequence parallelism)",
 }
 
 
 def _predict_recipe(size: str) -> dict:
     """Per-rank host and GPU bytes of every stage of examples/llama31_{size}_h100.yaml (the worst rank)."""
-    from megapuzzle.memory_model import (GPUS_PER_NODE, TRAINED_PARAM_BYTES, MemoryModel, layer_activation_bytes,
-                                         max_weights_share, weights_share)
+    from megapuzzle.memory_model import (GPUS_PER_NODE, TRAINED_PARAM_BYTES, MemoryModel, gkd_activation_bytes,
+                                         layer_activation_bytes, max_weights_share, weights_share)
     from megapuzzle.checkpoints.shards import parse_size
     from megapuzzle.model.config import stage_layer_ranges
     from megapuzzle.config.pipeline import ExportSection
@@ -161,9 +162,12 @@ def _predict_recipe(size: str) -> dict:
     assert dp >= 1 and g["batch_size"] % (dp * g["micro_batch_size"]) == 0
     child = launch["child"] * max_weights_share(parent, tp, pp)  # bf16 bytes of the child's stage
     state = max_weights_share(parent, tp, pp) + child * (1 + 2 + 6 / dp)  # bf16 param, fp32 grad, 12 B / dp
-    tokens = g["micro_batch_size"] * g["seq_len"]
-    per_stage = parent.num_layers // pp
-    act = pp * per_stage * (layer_activation_bytes(tokens, h, tp) + 2 * tokens * h * 2) + 4 * tokens * v / tp * 4
+    # activations (megapuzzle.memory_model.gkd_activation_bytes): per 1F1B schedule, i.e. per parent pass
+    # of gkd.parent_pass_micro_batches micro-batches (default: the rank's whole batch), with gkd.recompute
+    schedule = g.get("parent_pass_micro_batches") or g["batch_size"] // (dp * g["micro_batch_size"])
+    act = gkd_activation_bytes(tokens=g["micro_batch_size"] * g["seq_len"], hidden=h, vocab=v, tp=tp, pp=pp,
+                               layers_per_stage=parent.num_layers // pp, micro_batches=schedule,
+                               recompute=g.get("recompute", "none"))
     # measured at fp32 with local AdamW: owned there = parent + child + grad + 2 moments, all fp32
     out["gkd"] = mm.predict("gkd-fp32", state, activations=act)
     # evaluate at the recipe's evaluate.tensor_parallel x pipeline_parallel (what `megapuzzle run` and

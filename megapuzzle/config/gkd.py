@@ -13,6 +13,8 @@ DEFAULT_STEPS = 200
 """Optimizer steps when neither gkd.steps nor gkd.tokens is set."""
 TRAINERS = ("auto", "megatron", "local")
 """gkd.optimizer: megapuzzle.stages.gkd.trainers implements megatron and local; auto picks by device."""
+RECOMPUTE = ("none", "selective", "full")
+"""gkd.recompute: Megatron's activation recompute of the child (megapuzzle.stages.gkd maps it to ModelOptions)."""
 
 
 def _steps_or_tokens(cfg) -> None:
@@ -81,6 +83,13 @@ class GKDConfig(Section):
     pipeline_parallel: Annotated[int, Integer()] = 1
     """PP size: Megatron's pipeline split of both models' layers (layer i of child and parent on
     one stage); needs at least one layer per stage."""
+    parent_pass_micro_batches: Annotated[int, Integer()] | None = None
+    """Under PP: micro-batches the parent runs ahead of the child's 1F1B schedule, keeping its layer
+    outputs (and, on the last stage, its logits) for each until the child has used them; must divide
+    the rank's micro-batches. None = the rank's whole batch, one schedule per step (the smallest
+    pipeline bubble); smaller bounds that memory (a 70B parent's outputs of 10 layers per micro-batch of
+    8192 tokens are 1.3 GB, its logits 2.1 GB) for one more pipeline fill and drain per group. The same
+    sums (up to rounding), so not part of the training signature. PP = 1 runs it per micro-batch anyway."""
     threads: Annotated[int, Integer()] | None = None
     """torch CPU threads (None: torch's choice)."""
     dtype: Annotated[str, OneOf(DTYPES)] = "auto"
@@ -95,6 +104,14 @@ class GKDConfig(Section):
     params and grads, Megatron's clip; state in Megatron dist-checkpoints, whose metadata is
     pickled); "local" = torch AdamW on every rank with a DP all-reduce (state in safetensors, no
     pickles); either on CUDA or CPU. "auto" = megatron on CUDA, local on CPU."""
+    recompute: Annotated[str, OneOf(RECOMPUTE)] = "none"
+    """Activation recompute of the trainable child (Megatron's recompute_granularity; the frozen
+    parent runs without grad and needs none): "full" keeps only each layer's input per micro-batch
+    and re-runs the layer in the backward (recompute_method uniform, one layer per checkpoint: about
+    one more forward of the child per step); "selective" re-runs only the attention core (the
+    s^2 part); "none" keeps every layer's activations. The hidden-state capture records only the
+    original forward (megapuzzle.train.distill.in_recompute), so the losses are the same; like
+    overlap_grad_reduce it is not part of the training signature."""
     overlap_grad_reduce: Annotated[bool, Flag()] = True
     """Megatron trainer: start each grad bucket's DP reduce-scatter as soon as its grads are ready,
     overlapping the rest of the backward (Megatron-LM's --overlap-grad-reduce); the sums are the

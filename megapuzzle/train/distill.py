@@ -4,6 +4,12 @@ Per-token cosine distance between child and parent hidden states at every layer 
 KL(parent || child) + CE on vocab-parallel logit shards with a hand-written backward, so the
 full [tokens, vocab] logits are never all-gathered over TP (like Megatron's
 vocab_parallel_cross_entropy).
+
+Under activation recompute (gkd.recompute) the child's layers run twice: once in the forward
+(Megatron's full recompute: under no_grad inside `CheckpointFunction`, whose output torch then
+connects to the graph) and again inside the backward. The hidden-state hooks record only the
+first (`in_recompute`), and `CosineDistance` saves nothing but its two bf16 / fp32 inputs (which
+the model keeps anyway), so the cosine terms add no activations of their own.
 """
 
 from __future__ import annotations
@@ -15,11 +21,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def in_recompute() -> bool:
+    """True while activation recompute re-runs a forward inside the backward. Megatron's
+    `CheckpointFunction` flags both of its passes (`is_checkpointing()`), the original one under
+    no_grad, the re-run under enable_grad; any recompute (TransformerEngine's checkpoint under fp8,
+    torch.utils.checkpoint) runs inside the autograd engine, where the current graph task id is set."""
+    from megatron.core.tensor_parallel.random import is_checkpointing
+
+    return (is_checkpointing() and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1
+
+
 @contextlib.contextmanager
 def capture_layer_outputs(model):
     """Yields a list, one slot per decoder layer, filled by each forward with that layer's output
     (the residual stream after it, Megatron's [s, b, h]). Autograd-connected: no detach, so the
-    child's hidden-state loss back-propagates; the parent runs under no_grad anyway."""
+    child's hidden-state loss back-propagates; the parent runs under no_grad anyway. A recompute
+    of the layer in the backward (`in_recompute`) is not recorded."""
     from megapuzzle.model.gpt import unwrap_model
 
     layers = list(unwrap_model(model).decoder.layers)
@@ -27,7 +44,8 @@ def capture_layer_outputs(model):
 
     def hook(i):
         def keep(mod, args, output):
-            out[i] = output[0] if isinstance(output, tuple) else output
+            if not in_recompute():
+                out[i] = output[0] if isinstance(output, tuple) else output
         return keep
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -36,6 +54,41 @@ def capture_layer_outputs(model):
     finally:
         for h in handles:
             h.remove()
+
+
+def require_graph(hidden: list[torch.Tensor]) -> None:
+    """In a training forward every captured child hidden state must carry the graph (under full
+    recompute torch attaches it to the checkpoint's output); otherwise the cosine terms would
+    silently train nothing."""
+    if torch.is_grad_enabled() and not all(h.requires_grad for h in hidden):
+        raise RuntimeError("a captured child hidden state has no autograd graph: the cosine loss would not train it")
+
+
+class CosineDistance(torch.autograd.Function):
+    """Per-token 1 - cos(c, p) over the last dim, in fp32, as `1 - F.cosine_similarity(c.float(),
+    p.float(), eps=1e-8)` computes it (bitwise), differentiable in c. Saves only c and p (held by the
+    model / the parent's captured stream anyway) and recomputes the fp32 intermediates in the
+    backward: autograd of the plain expression would keep fp32 copies of both, several bytes per
+    element of every layer's output, as much as full recompute keeps for the whole layer."""
+
+    @staticmethod
+    def forward(ctx, c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(c, p)
+        return 1.0 - F.cosine_similarity(c.float(), p.float(), dim=-1, eps=1e-8)
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, p = ctx.saved_tensors
+        with torch.enable_grad():
+            x = c.detach().requires_grad_(True)
+            y = 1.0 - F.cosine_similarity(x.float(), p.float(), dim=-1, eps=1e-8)
+            (g,) = torch.autograd.grad(y, x, grad)
+        return g, None
+
+
+def cosine_distance(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[s, b] per-token 1 - cos of child c and parent p hidden states [s, b, h] (p without grad)."""
+    return CosineDistance.apply(c, p)
 
 
 def tp_group_rank_size():
@@ -109,7 +162,8 @@ def distill_terms(child, parent, tokens: torch.Tensor, labels: torch.Tensor, tem
         t_logits = parent(tokens, pos, None)
     with capture_layer_outputs(child) as hc:
         s_logits = child(tokens, pos, None)  # [b, s, V/tp]: GPTModel built with parallel_output=True
-    cos = torch.stack([1.0 - F.cosine_similarity(c.float(), p.float(), dim=-1, eps=1e-8) for c, p in zip(hc, hp)])
+    require_graph(hc)
+    cos = torch.stack([cosine_distance(c, p) for c, p in zip(hc, hp)])
     kl, ce = VocabParallelKD.apply(s_logits, t_logits, labels, temperature)
     out = {"cosine": cos, "kl": kl, "lm": ce}
     if parent_lm:

@@ -15,8 +15,11 @@ norm's input), from forward hooks. KL and CE run on the vocab-parallel logit sha
 all-gather of [tokens, vocab]), like Megatron's vocab_parallel_cross_entropy; T^2 keeps the
 gradient scale independent of the temperature.
 
-How it trains (batches, schedule, PP, the two trainers, precision, what it writes):
-docs/design.md, "GKD".
+gkd.recompute (none / selective / full) is Megatron's activation recompute of the child; the
+hooks record only the original forward, not the re-run in the backward (train/distill.py).
+
+How it trains (batches, schedule, PP, the two trainers, activation memory, precision, what it
+writes): docs/design.md, "GKD".
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
 def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer: str) -> str:
     """Everything that changes the trained weights (not logging / checkpoint cadence / eval)."""
     d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
-                                                                 "threads", "optimizer", "overlap_grad_reduce")}
+                                                                 "threads", "optimizer", "overlap_grad_reduce",
+                                                                 "recompute", "parent_pass_micro_batches")}
     if trainer != legacy_trainer():  # the resolved trainer; as before gkd.optimizer existed where it is
         d["trainer"] = trainer       # the one this machine always used (local on CPU, megatron on CUDA)
     if info.pp_size == 1:  # as before PP existed: earlier PP = 1 results stay valid
@@ -137,6 +141,9 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     micro = min(cfg.micro_batch_size or local_batch, local_batch)
     if local_batch % micro:
         raise UserError(f"the per-rank batch {local_batch} is not a multiple of gkd.micro_batch_size {micro}")
+    if cfg.parent_pass_micro_batches and (local_batch // micro) % cfg.parent_pass_micro_batches:
+        raise UserError(f"gkd.parent_pass_micro_batches {cfg.parent_pass_micro_batches} does not divide the "
+                        f"{local_batch // micro} micro-batches per rank")
     trainer_name = resolve_trainer(cfg.optimizer)
     sig = _signature(cfg, info, parent_dir, run.child, trainer_name)
     result_file = run.gkd / "result.json"
@@ -169,11 +176,13 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     parent = build_gpt_model(parent_arch, params_dtype=dtype, options=opts)
     load_canonical_into_model(parent, tensors, parent_arch)
     parent.eval().requires_grad_(False)
+    # only the child trains: activation recompute (in training mode; Megatron skips it in eval) is its alone
+    opts_child = dataclasses.replace(opts, recompute_granularity=None if cfg.recompute == "none" else cfg.recompute)
     if cfg.fp8:
         from megapuzzle.costs.timing import _FP8_RECIPES
 
-        opts_child = dataclasses.replace(opts, extra={"fp8_recipe": _FP8_RECIPES[cfg.fp8_recipe]})
-    child = build_gpt_model(child_arch, params_dtype=dtype, fp8=cfg.fp8, options=opts_child if cfg.fp8 else opts)
+        opts_child = dataclasses.replace(opts_child, extra={"fp8_recipe": _FP8_RECIPES[cfg.fp8_recipe]})
+    child = build_gpt_model(child_arch, params_dtype=dtype, fp8=cfg.fp8, options=opts_child)
     load_canonical_into_model(child, child_tensors, child_arch)
     del tensors, child_tensors
     child.train()

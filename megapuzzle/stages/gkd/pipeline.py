@@ -7,6 +7,9 @@ the global batch, in micro-batches):
 1. The parent runs forward-only through Megatron's pipeline schedule (no grad). Each stage keeps
    the outputs of ITS OWN layers per micro-batch (forward hooks); the last stage also keeps the
    parent's vocab-parallel logits. Nothing but the usual boundary activation crosses stages.
+   It runs the rank's whole batch at once, or `gkd.parent_pass_micro_batches` micro-batches at a
+   time, each group then followed by the child's schedule over it (steps 1-2 per group): what it
+   keeps is bounded by the group, at the price of one more pipeline fill and drain per group.
 2. The child runs forward + backward under Megatron-core's 1F1B schedule
    (`get_forward_backward_func`). Each stage computes its layers' cosine terms against the
    parent's in its forward step. The last stage adds them to its loss function (KL + LM on the
@@ -14,6 +17,8 @@ the global batch, in micro-batches):
    with `AttachLoss` (Megatron's `MoEAuxLossAutoScaler` trick: identity forward, and the
    backward that the schedule starts from the gradient the next stage sends also
    back-propagates d(local loss)). Scaled by 1 / micro-batches as Megatron scales the main loss.
+   Under `gkd.recompute` the child's layers re-run in the backward; the hooks skip that re-run
+   (megapuzzle.train.distill.in_recompute).
 
 The reported terms are per-stage partial sums (zeros for the layers / logits a stage lacks),
 summed over the pipeline group at log time, so they are the PP = 1 numbers. Gradients of the
@@ -28,11 +33,10 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megapuzzle.metrics import heldout_metrics
 from megapuzzle.model.gpt import unwrap_model
-from megapuzzle.train.distill import VocabParallelKD
+from megapuzzle.train.distill import VocabParallelKD, cosine_distance, in_recompute, require_graph
 
 
 class AttachLoss(torch.autograd.Function):
@@ -53,11 +57,14 @@ class AttachLoss(torch.autograd.Function):
 @contextlib.contextmanager
 def capture_stage_outputs(model, detach: bool = False):
     """{global layer index: [output of that layer per forward call]} for THIS stage's layers
-    (Megatron's [s, b, h]); autograd-connected unless `detach`. Hooks are removed on exit."""
+    (Megatron's [s, b, h]); autograd-connected unless `detach`; a recompute of the layer in the
+    backward (gkd.recompute) is not a forward call. Hooks are removed on exit."""
     store: dict[int, list[torch.Tensor]] = {}
     handles = []
     for layer in unwrap_model(model).decoder.layers:
         def keep(mod, args, output, i=layer.layer_number - 1):
+            if in_recompute():
+                return
             h = output[0] if isinstance(output, tuple) else output
             store.setdefault(i, []).append(h.detach() if detach else h)
 
@@ -92,7 +99,7 @@ def forward_pass(model, tokens: torch.Tensor, micro: int) -> tuple[dict[int, lis
 
 def _cosine(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """[s, b] per-token 1 - cos, as megapuzzle.train.distill.distill_terms computes it."""
-    return 1.0 - F.cosine_similarity(c.float(), p.float(), dim=-1, eps=1e-8)
+    return cosine_distance(c, p)
 
 
 def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: dict[str, float],
@@ -104,7 +111,8 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
 
     tokens, labels = batch[:, :-1], batch[:, 1:]
     n_micro = tokens.shape[0] // micro
-    hp, t_logits = forward_pass(parent, tokens, micro)
+    group = min(cfg.parent_pass_micro_batches or n_micro, n_micro)
+    parent_out: dict = {}  # this group's parent layer outputs and logits, per micro-batch
     last = _is_last_stage()
     config = unwrap_model(model).config
     aux_scale = 1.0 / n_micro
@@ -120,9 +128,11 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
     def forward_step(data_iterator, m):
         k = next(data_iterator)
         t = tokens[k * micro:(k + 1) * micro]
+        hp, t_logits, g0 = parent_out["hidden"], parent_out["logits"], parent_out["first"]
         with capture_stage_outputs(m) as hc:
             out = m(t, torch.arange(t.shape[1], device=t.device).unsqueeze(0).expand_as(t), None)
-        layer = {i: _cosine(hc[i][0], hp[i][k]).mean() for i in sorted(hc)}
+        require_graph([hc[i][0] for i in hc])
+        layer = {i: _cosine(hc[i][0], hp[i][k - g0]).mean() for i in sorted(hc)}
         cos = torch.stack(list(layer.values())).sum()
         if not last:
             record([w["cosine"] * cos if w["cosine"] > 0 else zero, cos, zero, zero], layer)
@@ -131,17 +141,33 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
             return out, lambda output: (output, {})
 
         def loss_func(s_logits):
-            kl, ce = VocabParallelKD.apply(s_logits, t_logits[k], labels[k * micro:(k + 1) * micro], cfg.temperature)
+            kl, ce = VocabParallelKD.apply(s_logits, t_logits[k - g0], labels[k * micro:(k + 1) * micro],
+                                           cfg.temperature)
             terms = {"cosine": cos, "kl": kl.mean(), "lm": ce.mean()}
             loss = sum(w[n] * terms[n] for n in ("cosine", "kl", "lm") if w[n] > 0)
             record([loss, cos, terms["kl"], terms["lm"]], layer)  # before Megatron scales loss in place
-            return loss, {}
+            # Megatron divides by the schedule's micro-batches (the group's): the step's mean needs n_micro
+            return (loss if group == n_micro else loss * (group / n_micro)), {}
 
         return out, loss_func
 
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(range(n_micro)), model=[model],
-        num_microbatches=n_micro, seq_length=tokens.shape[1], micro_batch_size=micro, forward_only=False)
+    # Megatron's DDP (overlap_grad_reduce) reduces the grads with the schedule's last micro-batch: only
+    # the last group's; the earlier groups run entirely under its no_sync.
+    no_sync = config.no_sync_func
+    try:
+        for g0 in range(0, n_micro, group):
+            hidden, logits = forward_pass(parent, tokens[g0 * micro:(g0 + group) * micro], micro)
+            parent_out.update(hidden=hidden, logits=logits, first=g0)
+            final = g0 + group == n_micro
+            config.no_sync_func = no_sync if final else None
+            with contextlib.nullcontext() if final or no_sync is None else no_sync():
+                get_forward_backward_func()(
+                    forward_step_func=forward_step, data_iterator=iter(range(g0, g0 + group)), model=[model],
+                    num_microbatches=group, seq_length=tokens.shape[1], micro_batch_size=micro, forward_only=False)
+            parent_out.clear()  # drop this group's parent outputs before the next group's pass
+            del hidden, logits
+    finally:
+        config.no_sync_func = no_sync
 
 
 @torch.no_grad()
