@@ -76,33 +76,29 @@ def quality_metrics(parent, models: dict[str, Any], batches) -> dict[str, dict[s
     The parent's log-probs are computed once per batch and every model compares against them;
     a model that IS the parent gets exactly KL 0 and agreement 1.
 
-    Under PP only the last stage gets the (TP-gathered) logits and sums the metrics; the sums go
-    to every rank at the end, so no rank holds more than one batch's logits of each model. Under
-    DP (world > TP x PP) each replica takes every DP-th batch and the sums are added up."""
+    Every model runs through megapuzzle.model.runner (the layer-by-layer runner scoring uses);
+    under PP the stream goes stage to stage and only the last stage gets the (TP-gathered) fp32
+    log-probs and sums the metrics; the sums go to every rank at the end, so no rank holds more
+    than one batch's log-probs of the parent and one other model. Under DP (world > TP x PP) each
+    replica takes every DP-th batch and the sums are added up."""
     from megatron.core import parallel_state as ps
 
-    from megapuzzle.model import forward_logits
+    from megapuzzle.model.runner import StageRunner
 
-    pp, dp = ps.get_pipeline_model_parallel_world_size(), ps.get_data_parallel_world_size()
+    dp = ps.get_data_parallel_world_size()
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    mbs = 1 if pp > 1 else None  # one sequence per micro-batch: the stages work on different sequences
+    runners = {name: StageRunner(m) for name, m in models.items()}
+    parent_runner = next((r for name, r in runners.items() if models[name] is parent), None) or StageRunner(parent)
     sums = torch.zeros(len(models), 4, dtype=torch.float64)
     tokens = torch.zeros((), dtype=torch.float64)
     for batch in list(batches)[ps.get_data_parallel_rank()::dp]:
         inp, tgt = batch[:, :-1], batch[:, 1:]
         tokens += tgt.numel()
-        logits = forward_logits(parent, inp, micro_batch_size=mbs, broadcast=False)
-        lp = torch.log_softmax(logits.float(), dim=-1) if last else None
-        tgt = tgt.to(logits.device) if last else tgt
-        del logits
+        lp = parent_runner.log_probs(inp)  # [b, s, V] fp32 on the last stage, None elsewhere
+        tgt = tgt.to(lp.device) if last else tgt
         p_top = lp.argmax(-1) if last else None  # token ids: top1_matches compares against them
-        for i, m in enumerate(models.values()):
-            if m is parent:
-                lq = lp
-            else:
-                logits = forward_logits(m, inp, micro_batch_size=mbs, broadcast=False)
-                lq = torch.log_softmax(logits.float(), dim=-1) if last else None
-                del logits
+        for i, (name, m) in enumerate(models.items()):
+            lq = lp if m is parent else runners[name].log_probs(inp)
             if last:
                 sums[i] += torch.stack([
                     nll_per_token(lq, tgt).sum(), top1_matches(lq, tgt).sum(),
