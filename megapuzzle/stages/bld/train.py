@@ -276,7 +276,20 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     tim["eval_s"] += time.perf_counter() - t
     kept = _keep_best(trainable, final, init_nmse, state_dir) if cfg.keep_best else {}
     t = time.perf_counter()
-    lib_dtype = first_dtype(parent_tensors)  # the library keeps the parent's dtype
+    _write_blocks(lib, students, spec, arch, first_dtype(parent_tensors), dtype, signature, total * cfg.tokens_per_step,
+                  total, methods, init_nmse, final, kept, logger, leader, talk)
+    tim["write_s"] = time.perf_counter() - t
+    logger.close()
+    shutil.rmtree(state_dir, ignore_errors=True)  # the library now holds these blocks
+    return {"resumed_from": start if resume else None, "timings": tim,
+            "nmse": {k: (init_nmse[k], final[k]) for k in final}}
+
+
+def _write_blocks(lib: BlockLibrary, students, spec: dict, arch: Architecture, lib_dtype: torch.dtype,
+                  dtype: torch.dtype, signature: str, tokens: int, steps: int, methods: dict, init_nmse: dict,
+                  final: dict, kept: dict, logger, leader: bool, talk: bool) -> None:
+    """Every student into the library (in the parent's dtype), with its init, NMSEs and provenance.
+    Collective over the TP group (each student is gathered); TP rank 0 writes."""
     for s in students:
         tensors = s.gather_canonical()  # collective over the TP group: every TP rank calls it
         if not leader:
@@ -284,22 +297,17 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
         tensors = {k: v.to(lib_dtype) for k, v in tensors.items()}
         b, trained = spec[s.key], bool(s.owned)
         lib.add_block(s.key, tensors, {
-            "init": methods[s.key], "tokens": total * cfg.tokens_per_step if trained else 0,
-            "steps": total if trained else 0, "init_nmse": init_nmse[s.key],
+            "init": methods[s.key], "tokens": tokens if trained else 0,
+            "steps": steps if trained else 0, "init_nmse": init_nmse[s.key],
             "final_nmse": (init_nmse[s.key] if kept.get(s.key) == "init" else final[s.key]) if trained
             else init_nmse[s.key], "trained_nmse": final[s.key] if trained else None,
             "kept": kept.get(s.key, "trained") if trained else None,
             "params": b.num_params(arch), "bld_signature": signature,
             "trained_dtype": str(dtype).replace("torch.", "") if trained else None})
-        logger.scalar(f"eval_nmse/{s.key}", final[s.key], total)
+        logger.scalar(f"eval_nmse/{s.key}", final[s.key], steps)
         if talk:
             log(f"[bld] {s.key}: nmse {init_nmse[s.key]:.4f} -> {final[s.key]:.4f} ({methods[s.key]})"
                 + ("; kept the init weights (lower held-out NMSE)" if kept.get(s.key) == "init" else ""))
-    tim["write_s"] = time.perf_counter() - t
-    logger.close()
-    shutil.rmtree(state_dir, ignore_errors=True)  # the library now holds these blocks
-    return {"resumed_from": start if resume else None, "timings": tim,
-            "nmse": {k: (init_nmse[k], final[k]) for k in final}}
 
 
 INIT_PARAMS = "init_params.safetensors"
