@@ -132,10 +132,15 @@ def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_d
     """Write the FP8 export of (arch, lazy fp32 `tensors`) calibrated on `tokens` [batches, batch_size,
     seq_len] into the empty directory `out`, one decoder layer at a time (checkpoints/fp8_layers.py).
 
-    Peak memory: one layer in fp32 (its weights, read lazily, plus their FP8 copy) + the calibration
-    activations (batches x batch_size x seq_len x hidden x 4 bytes: 537 MB at 405B with the
-    defaults 8 x 4 x 256) + one output shard (`max_shard_bytes`) + the embedding matrix in fp32
-    while the first hidden states are computed (vocab x hidden x 4: 8.4 GB at 405B)."""
+    Peak memory (host, or the GPU when there is one), never the whole model:
+    * one decoder layer in fp32 while it is calibrated, then its bf16 and FP8 copies as it is
+      exported: 3.4 GB fp32 at Llama-70B (856M params per layer), 12.8 GB at 405B (3.2B);
+    * the calibration activations, batches x batch_size x seq_len x hidden x 4 bytes (each batch's
+      output replaces its input): 268 MB at 70B, 537 MB at 405B with the defaults 8 x 4 x 256;
+    * the output: one shard (`max_shard_bytes`) + the layer being added (its FP8 weights);
+    * the embedding (and at the end the LM head) in fp32 while read: vocab x hidden x 4, 4.2 GB at
+      70B, 8.4 GB at 405B -- the largest tensor, as in every streamed import / export.
+    The whole-model flow it replaces held the model in fp32: 280 GB at 70B, 1.6 TB at 405B."""
     from megapuzzle.checkpoints.fp8_layers import LayerStream, export_layer_tensors, input_amaxes
     from megapuzzle.checkpoints.shards import ShardWriter
 
