@@ -141,9 +141,12 @@ def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_d
     * the embedding (and at the end the LM head) in fp32 while read: vocab x hidden x 4, 4.2 GB at
       70B, 8.4 GB at 405B -- the largest tensor, as in every streamed import / export.
     The whole-model flow it replaces held the model in fp32: 280 GB at 70B, 1.6 TB at 405B."""
-    from megapuzzle.checkpoints.fp8_layers import LayerStream, export_layer_tensors, input_amaxes
+    from megapuzzle.checkpoints.fp8_layers import LayerStream, export_layer_tensors, input_amaxes, modelopt
     from megapuzzle.checkpoints.shards import ShardWriter
 
+    # Import ModelOpt before any layer exists: its plugin imports keep the tracebacks of the ones
+    # that fail, and with them the frames (and a layer's weights) of whoever imported it first.
+    modelopt()
     fam = arch.family_spec
     device = "cuda" if torch.cuda.is_available() else "cpu"
     writer = ShardWriter(out, max_shard_bytes, metadata={"format": "pt"})  # transformers needs "format"
