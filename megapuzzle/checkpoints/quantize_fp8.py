@@ -149,6 +149,8 @@ def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_d
     modelopt()
     fam = arch.family_spec
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    log(f"[export-hf] fp8: {arch.num_layers} layers, one at a time on {device}, calibrated on "
+        f"{tokens.numel()} tokens")
     writer = ShardWriter(out, max_shard_bytes, metadata={"format": "pt"})  # transformers needs "format"
     embed = tensors[fam.embed_name]
     stream = LayerStream(arch, embed, tokens, device)
