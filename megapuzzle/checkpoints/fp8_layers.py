@@ -13,8 +13,8 @@ cached layer inputs), and its outputs become the next layer's inputs.
 The tensors are then written as ModelOpt's unified HF exporter writes them (checked bitwise
 against it in tests/test_fp8_stream.py): the calibrated model goes to bf16 first, which rounds
 the quantizers' amax buffers to bf16 too, then per FP8 Linear
-    weight_scale = fp32(amax_w / 448)               (amax_w: max |W|, bf16-rounded)
-    input_scale  = fp32(amax_x) / 448               (amax_x: max |input| over the calibration tokens)
+    weight_scale = fp32(bf16(amax_w) / 448)         (amax_w = max |W|)
+    input_scale  = fp32(bf16(amax_x)) / 448         (amax_x = max |input| over the calibration tokens)
     weight       = float8_e4m3fn(fp32(bf16(W)) / weight_scale)
 and every other tensor (norms, embeddings, lm_head) in bf16. `hf_quant_config.json` comes from
 ModelOpt's `get_quant_config` on a meta-device (weightless) quantized skeleton of the whole model.
