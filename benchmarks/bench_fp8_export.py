@@ -37,7 +37,7 @@ def _rss_now() -> int:
     return 0
 
 
-def child(mode: str, ckpt: Path, out: Path, batches: int, batch_size: int, seq_len: int) -> dict:
+def child(mode: str, ckpt: Path, out: Path, batches: int, batch_size: int, seq_len: int, shard: int) -> dict:
     import modelopt.torch.quantization as mtq  # noqa: F401 - the baseline includes every import
     import torch
     import transformers  # noqa: F401
@@ -53,7 +53,7 @@ def child(mode: str, ckpt: Path, out: Path, batches: int, batch_size: int, seq_l
         from megapuzzle.checkpoints.quantize_fp8 import write_fp8_dir
 
         out.mkdir(parents=True)
-        write_fp8_dir(arch, tensors, tokens, out)
+        write_fp8_dir(arch, tensors, tokens, out, max_shard_bytes=shard)
     else:
         from modelopt.torch.export import export_hf_checkpoint
         from transformers import AutoModelForCausalLM
@@ -71,7 +71,7 @@ def child(mode: str, ckpt: Path, out: Path, batches: int, batch_size: int, seq_l
 
         mtq.quantize(model, mtq.FP8_DEFAULT_CFG, loop)
         model.to(torch.bfloat16)
-        export_hf_checkpoint(model, export_dir=out)
+        export_hf_checkpoint(model, export_dir=out, max_shard_size=shard)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"mode": mode, "baseline": base, "peak": peak, "seconds": time.time() - t0}
 
@@ -85,13 +85,17 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--calib", default="2,4,128", help="batches,batch_size,seq_len")
+    ap.add_argument("--max-shard-size", default="256MB", help="output shards (both paths): the writer's buffer")
     ap.add_argument("--out", default=None, help="markdown table to write (default: print only)")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches, batch_size, seq_len = (int(x) for x in args.calib.split(","))
+    from megapuzzle.checkpoints.shards import parse_size
+
+    shard = parse_size(args.max_shard_size)
     if args.child:
         mode, ckpt, out = args.child
-        print(json.dumps(child(mode, Path(ckpt), Path(out), batches, batch_size, seq_len)))
+        print(json.dumps(child(mode, Path(ckpt), Path(out), batches, batch_size, seq_len, shard)))
         return
 
     import torch
@@ -113,20 +117,23 @@ def main() -> None:
         rows, outs = [], {}
         for mode in ("whole", "streamed"):
             outs[mode] = Path(tmp) / mode / "fp8"
-            r = subprocess.run([sys.executable, __file__, "--calib", args.calib, "--child", mode, str(ckpt),
+            r = subprocess.run([sys.executable, __file__, "--calib", args.calib, "--max-shard-size",
+                                args.max_shard_size, "--child", mode, str(ckpt),
                                 str(outs[mode])], capture_output=True, text=True, cwd=REPO)
             if r.returncode:
                 sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         from safetensors.torch import load_file
 
-        a, b = (load_file(outs[m] / "model.safetensors") for m in ("whole", "streamed"))
+        a, b = ({n: t for f in sorted(outs[m].glob("*.safetensors")) for n, t in load_file(f).items()}
+                for m in ("whole", "streamed"))
         same = set(a) == set(b) and all(torch.equal(a[n].float(), b[n].float()) for n in a
                                         if not n.endswith("input_scale"))
     bf16 = params * 2
     lines = [f"# FP8 export peak RSS: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, vocab {args.vocab} "
              f"({params / 1e6:.0f}M params, {bf16 / GB:.2f} GiB bf16, {2 * bf16 / GB:.2f} GiB fp32)", "",
-             f"`python benchmarks/bench_fp8_export.py` (calibration {batches} x {batch_size} x {seq_len} tokens); "
+             f"`python benchmarks/bench_fp8_export.py --layers {args.layers} --max-shard-size {args.max_shard_size}` "
+             f"(calibration {batches} x {batch_size} x {seq_len} tokens); "
              f"same tensors in both exports (FP8 weights and weight scales bitwise): {same}", "",
              "| path | peak RSS GiB | baseline (imports) GiB | peak - baseline GiB | seconds |",
              "|---|---|---|---|---|"]

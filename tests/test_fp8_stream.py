@@ -137,20 +137,37 @@ def test_streamed_export_equals_whole_model_modelopt(tmp_path, layers, tied, mon
     assert (last - ref_last).abs().max() <= tol
 
 
-def test_streamed_export_shards_and_loads(tmp_path):
+def test_streamed_export_shards_and_loads(tmp_path, monkeypatch):
     """--max-shard-size splits the streamed export into layer-aligned shards with an index; the
-    shards hold exactly the single-file export's tensors and transformers loads the directory."""
+    shards hold exactly the single-file export's tensors and transformers loads the directory.
+    At most one decoder layer is alive at any time (the scale rule: never the whole model)."""
+    import gc
+    import weakref
+
     from transformers import AutoModelForCausalLM
 
+    import megapuzzle.checkpoints.fp8_layers as fl
     from megapuzzle.checkpoints.canonical import load_checkpoint
     from megapuzzle.checkpoints.quantize_fp8 import dequantized_state_dict, write_fp8_dir
 
+    built, alive_at_build = [], []
+
+    class Watched(fl.LayerStream):
+        def build_layer(self, i, tensors):
+            gc.collect()
+            alive_at_build.append(sum(r() is not None for r in built))
+            layer = super().build_layer(i, tensors)
+            built.append(weakref.ref(layer))
+            return layer
+
+    monkeypatch.setattr(fl, "LayerStream", Watched)
     ckpt = _checkpoint(tmp_path, HETERO, False)
     arch, tensors, _ = load_checkpoint(ckpt, dtype=torch.float32)
     tokens = torch.randint(0, 300, (1, 2, 16), generator=torch.Generator().manual_seed(1))
     one, many = tmp_path / "one", tmp_path / "many"
     one.mkdir(), many.mkdir()
     write_fp8_dir(arch, tensors, tokens, one)
+    assert alive_at_build == [0] * len(HETERO)  # every earlier layer is gone when the next is built
     write_fp8_dir(arch, tensors, tokens, many, max_shard_bytes=40_000)
     index = json.loads((many / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
