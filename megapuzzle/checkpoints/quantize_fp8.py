@@ -3,14 +3,20 @@
     megapuzzle export-hf --checkpoint RUN/gkd/checkpoint --out RUN/export_fp8 --quantize fp8 \\
         [--calib-data PREFIX] [--calib-batches 8] [--calib-seq-len 256]
 
-Steps: the checkpoint is written as an fp32 DeciLM directory (our modeling code), loaded with
-transformers, calibrated by ModelOpt (`mtq.quantize(model, FP8_DEFAULT_CFG, loop)`: per-tensor
-E4M3 weights and static per-tensor E4M3 input scales of every decoder Linear, max calibration
-on `calib_batches` batches), and exported with ModelOpt's unified HF exporter
-(`export_hf_checkpoint`): float8_e4m3fn `weight` + fp32 `weight_scale` / `input_scale` per
-Linear, bf16 embeddings / norms / lm_head, `hf_quant_config.json` (`quant_algo: FP8`) and
-`quantization_config` in config.json -- the layout TensorRT-LLM's checkpoint loader and vLLM's
-`modelopt` quantization read. The `block_configs` (every layer's variant) are kept unchanged.
+Streamed, layer by layer (checkpoints/fp8_layers.py), so a 70B or 405B child exports on one node:
+the calibration tokens are embedded, then each decoder layer is read alone from the lazy
+checkpoint reader (fp32), built from our DeciLM modeling file, calibrated by ModelOpt on the
+cached hidden states (`mtq.quantize(layer, FP8_DEFAULT_CFG, loop)`: per-tensor E4M3 weights and
+static per-tensor E4M3 input scales of every Linear, max calibration on `calib_batches` batches),
+written as ModelOpt's unified HF exporter writes it (float8_e4m3fn `weight` + fp32
+`weight_scale` / `input_scale` per Linear, bf16 norms) into the streaming shard writer, and its
+outputs feed the next layer. Embeddings / final norm / lm_head ship in bf16; `hf_quant_config.json`
+(`quant_algo: FP8`) and `quantization_config` in config.json come from ModelOpt's own writers --
+the layout TensorRT-LLM's checkpoint loader and vLLM's `modelopt` quantization read. The
+`block_configs` (every layer's variant) are kept unchanged. tests/test_fp8_stream.py proves the
+result equal to ModelOpt's whole-model flow (fp32 model in transformers, `mtq.quantize`,
+`export_hf_checkpoint`): FP8 weights bitwise, scales, keys and configs. Peak memory: see
+`write_fp8_dir`.
 
 Calibration data: `--calib-data PREFIX` (a Megatron indexed dataset in the checkpoint's
 tokenizer, e.g. RUN/data/heldout), else the embedded corpus's held-out split (the Python
@@ -90,68 +96,118 @@ def calibration_tokens(checkpoint: str | Path, vocab_size: int, *, calib_data: s
 def export_fp8(checkpoint: str | Path, out: str | Path, *, calib_data: str | None = None, calib_batches: int = 8,
                calib_batch_size: int = 4, calib_seq_len: int = 256, force: bool = False,
                max_shard_size: str = "2GB") -> dict:
-    """Calibrate + quantize + export; returns a summary (quantized Linear count, amax ranges)."""
-    from transformers import AutoModelForCausalLM
-
+    """Calibrate + quantize + export, streamed layer by layer; returns a summary (quantized Linear
+    count, input amax range, calibration tokens, engine warnings)."""
     from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path
-    from megapuzzle.checkpoints.hf_io import _check_out_dir, write_decilm_dir
+    from megapuzzle.checkpoints.hf_io import _check_out_dir
     from megapuzzle.checkpoints.shards import parse_size
     from megapuzzle.fileio import replace_dir
 
-    mtq, export_hf_checkpoint = _require_modelopt()  # before any work: a missing package fails at once
+    _require_modelopt()  # before any work: a missing package fails at once
     out = _check_out_dir(out, force)
     for name, v in (("calib_batches", calib_batches), ("calib_batch_size", calib_batch_size),
                     ("calib_seq_len", calib_seq_len)):
         if v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    arch, tensors, _ = load_checkpoint(checkpoint, dtype=torch.float32)
+    max_shard_bytes = parse_size(max_shard_size)
+    arch, tensors, _ = load_checkpoint(checkpoint, dtype=torch.float32)  # lazy: read a layer at a time
     tokens = calibration_tokens(checkpoint, arch.vocab_size, calib_data=calib_data, batches=calib_batches,
                                 batch_size=calib_batch_size, seq_len=calib_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fp8-"))
+    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fp8-"))
     try:
-        src = work / "fp32"
-        warnings = write_decilm_dir(arch, tensors, src, tokenizer_dir=tokenizer_path(checkpoint),
-                                    max_shard_bytes=parse_size(max_shard_size))
-        del tensors
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=True, dtype=torch.float32)
-        model.to(device).eval()
-
-        def forward_loop(m):
-            with torch.no_grad():
-                for i, batch in enumerate(tokens):
-                    m(batch.to(device), use_cache=False)
-                    log(f"[export-hf] fp8 calibration batch {i + 1}/{len(tokens)}")
-
-        mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop)
-        summary = _quantizer_summary(model)
-        model.to(torch.bfloat16)  # the non-quantized tensors (embeddings, norms, lm_head) ship in bf16
-        staged = work / "fp8"
-        export_hf_checkpoint(model, export_dir=staged)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file() and not (staged / name).exists():
-                shutil.copy2(src / name, staged / name)
-        check_fp8_dir(staged, len(arch.layers))
+        summary = write_fp8_dir(arch, tensors, tokens, staged, tokenizer_dir=tokenizer_path(checkpoint),
+                                max_shard_bytes=max_shard_bytes)
         os.chmod(staged, 0o755)
         replace_dir(staged, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    summary.update({"calibration_tokens": int(tokens.numel()), "warnings": list(warnings or [])})
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    summary.update({"calibration_tokens": int(tokens.numel()), "warnings": list(arch.engine_compatible())})
     return summary
 
 
-def _quantizer_summary(model) -> dict:
-    linears, amax = 0, []
-    for name, mod in model.named_modules():
-        wq = getattr(mod, "weight_quantizer", None)
-        iq = getattr(mod, "input_quantizer", None)
-        if wq is not None and getattr(wq, "is_enabled", False) and iq is not None and iq.is_enabled:
-            linears += 1
-            amax.append(float(iq.amax.max()))
-    if not linears:
+def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_dir: Path | None = None,
+                  max_shard_bytes: int = 2 << 30) -> dict:
+    """Write the FP8 export of (arch, lazy fp32 `tensors`) calibrated on `tokens` [batches, batch_size,
+    seq_len] into the empty directory `out`, one decoder layer at a time (checkpoints/fp8_layers.py).
+
+    Peak memory (host, or the GPU when there is one), never the whole model:
+    * one decoder layer in fp32 while it is calibrated, then its bf16 and FP8 copies as it is
+      exported: 3.4 GB fp32 at Llama-70B (856M params per layer), 12.8 GB at 405B (3.2B);
+    * the calibration activations, batches x batch_size x seq_len x hidden x 4 bytes (each batch's
+      output replaces its input): 268 MB at 70B, 537 MB at 405B with the defaults 8 x 4 x 256;
+    * the output: one shard (`max_shard_bytes`) + the layer being added (its FP8 weights);
+    * the embedding (and at the end the LM head) in fp32 while read: vocab x hidden x 4, 4.2 GB at
+      70B, 8.4 GB at 405B -- the largest tensor, as in every streamed import / export.
+    The whole-model flow it replaces held the model in fp32: 280 GB at 70B, 1.6 TB at 405B."""
+    from megapuzzle.checkpoints.fp8_layers import LayerStream, export_layer_tensors, input_amaxes, modelopt
+    from megapuzzle.checkpoints.shards import ShardWriter
+
+    # Import ModelOpt before any layer exists: its plugin imports keep the tracebacks of the ones
+    # that fail, and with them the frames (and a layer's weights) of whoever imported it first.
+    modelopt()
+    fam = arch.family_spec
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log(f"[export-hf] fp8: {arch.num_layers} layers, one at a time on {device}, calibrated on "
+        f"{tokens.numel()} tokens")
+    writer = ShardWriter(out, max_shard_bytes, metadata={"format": "pt"})  # transformers needs "format"
+    embed = tensors[fam.embed_name]
+    stream = LayerStream(arch, embed, tokens, device)
+    writer.add(fam.embed_name, embed.to(torch.bfloat16))  # embeddings / norms / lm_head ship in bf16
+    del embed
+    amax: list[float] = []
+    for i in range(arch.num_layers):
+        layer = stream.build_layer(i, tensors)
+        stream.calibrate(layer, i)
+        amax += input_amaxes(layer)
+        for name, t in export_layer_tensors(layer, i):
+            writer.add(name, t.cpu())
+        del layer
+    _, after = fam.outer_shapes(arch)
+    for name in after:  # final norm, lm_head (absent when tied)
+        writer.add(name, tensors[name].to(torch.bfloat16))
+    writer.close()
+    if not amax:
         raise UserError("ModelOpt quantized no Linear layer of this model; is it a DeciLM/Llama checkpoint?")
-    return {"quantized_linears": linears, "input_amax_min": min(amax), "input_amax_max": max(amax)}
+    write_fp8_configs(arch, out, tokenizer_dir)
+    check_fp8_dir(out, arch.num_layers)
+    return {"quantized_linears": len(amax), "input_amax_min": min(amax), "input_amax_max": max(amax)}
+
+
+def write_fp8_configs(arch, out: Path, tokenizer_dir: Path | None) -> None:
+    """config.json (+ quantization_config), hf_quant_config.json, generation_config.json, our modeling
+    files and the tokenizer: what ModelOpt's export_hf_checkpoint (through save_pretrained) wrote."""
+    from transformers import GenerationConfig
+
+    from megapuzzle.checkpoints.fp8_layers import decilm_config, quantized_skeleton
+    from megapuzzle.checkpoints.hf_io import MODELING_DIR, MODELING_FILES, _generation_config
+    from megapuzzle.fileio import atomic_write_bytes, atomic_write_json
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+    from modelopt.torch.export.plugins import sanitize_hf_config_for_deployment
+    from modelopt.torch.export.quant_utils import get_quant_config
+
+    config = decilm_config(arch)
+    skeleton = quantized_skeleton(config)
+    hf_quant_config = get_quant_config(skeleton)
+    gen = GenerationConfig.from_dict(_generation_config(arch, tokenizer_dir))
+    if gen.top_k is not None or gen.top_p is not None:  # ModelOpt's save-time fix (strict validation)
+        gen.do_sample = True
+    with tempfile.TemporaryDirectory(dir=out) as tmp:  # transformers' own serialization, as save_pretrained
+        config.save_pretrained(tmp)
+        gen.save_pretrained(tmp)
+        config_data = json.loads((Path(tmp) / "config.json").read_text())
+        gen_data = json.loads((Path(tmp) / "generation_config.json").read_text())
+    sanitize_hf_config_for_deployment(config_data, skeleton)
+    config_data["quantization_config"] = convert_hf_quant_config_format(hf_quant_config)
+    atomic_write_json(out / "config.json", config_data)
+    atomic_write_json(out / "hf_quant_config.json", hf_quant_config)
+    atomic_write_json(out / "generation_config.json", gen_data)
+    for name in MODELING_FILES:
+        atomic_write_bytes(out / name, (MODELING_DIR / name).read_bytes())
+    for name in TOKENIZER_FILES:
+        if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
+            atomic_write_bytes(out / name, (Path(tokenizer_dir) / name).read_bytes())
 
 
 def check_fp8_dir(hf_dir: str | Path, num_layers: int) -> dict[str, int]:
