@@ -13,7 +13,8 @@ Megatron-core GPTModels, on RUN/data/train with
 h^l = the residual stream at the OUTPUT of layer l (same layer count; the last one is the final
 norm's input), from forward hooks. KL and CE run on the vocab-parallel logit shards (no TP
 all-gather of [tokens, vocab]), like Megatron's vocab_parallel_cross_entropy; T^2 keeps the
-gradient scale independent of the temperature.
+gradient scale independent of the temperature. The parent keeps its final hidden state, not its
+logits; the loss applies its output layer, gkd.loss_chunk_tokens tokens at a time (train/vocab_kd.py).
 
 gkd.recompute (none / selective / full) is Megatron's activation recompute of the child; the
 hooks record only the original forward, not the re-run in the backward (train/distill.py).
