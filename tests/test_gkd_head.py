@@ -164,19 +164,26 @@ def _recording_worker(info, run: str, cfg: GKDConfig):
         pipeline.forward_pass = real
 
 
-def test_pipeline_chunked_run_keeps_hidden_states_and_gives_the_one_process_losses(base, tmp_path):
-    """PP = 2 with chunks against one process without: the PP test's tolerance (tests/test_gkd.py);
-    the last stage's parent passes kept [s, mb, h] per micro-batch, never [mb, s, V] logits."""
-    ref_run, run = fresh(base, tmp_path / "ref"), fresh(base, tmp_path / "pp")
+# Against one process without chunks: PP = 2 / TP = 2 reorder sums themselves, so the tolerances of
+# tests/test_gkd.py's PP test (rel 1e-5) and of its TP = 2 tests (rel 1e-4).
+@pytest.mark.parametrize("tp,pp,rel", [(1, 2, 1e-5), (2, 1, 1e-4)], ids=["pp2", "tp2"])
+def test_parallel_chunked_run_keeps_hidden_states_and_gives_the_one_process_losses(base, tmp_path, tp, pp, rel):
+    """Chunks under PP = 2 / TP = 2 (the chunked loss's TP reductions) against one process without;
+    under PP the last stage's parent passes kept [s, mb, h] per micro-batch, never [mb, s, V] logits."""
+    ref_run, run = fresh(base, tmp_path / "ref"), fresh(base, tmp_path / "par")
     cfg = GKDConfig(steps=4, **{**PP_BASE, **CHUNKED, "loss_chunk_tokens": 0})
     ref = run_gkd(ref_run, cfg, **QUIET)
-    par = dataclasses.replace(cfg, pipeline_parallel=2, loss_chunk_tokens=CHUNKED["loss_chunk_tokens"])
-    res = run_distributed(_recording_worker, world=2, pp=2, args=(str(run), par))
-    (out, first), (_, last) = res
-    hidden_size = _debug_arch(base).hidden_size
-    assert first and all(k == [] for k in first)  # only the last stage returns anything
-    micro, seq = PP_BASE["micro_batch_size"], PP_BASE["seq_len"]
-    assert last and all(k and all(s == (seq, micro, hidden_size) for s in k) for k in last), last
-    _same_run(ref, out, REL, first_exact=False)
+    par = dataclasses.replace(cfg, tensor_parallel=tp, pipeline_parallel=pp,
+                              loss_chunk_tokens=CHUNKED["loss_chunk_tokens"])
+    res = run_distributed(_recording_worker, world=tp * pp, tp=tp, pp=pp, args=(str(run), par))
+    out = res[0][0]
+    assert all(r == {} for r, _ in res[1:])
+    if pp == 2:
+        first, last = res[0][1], res[1][1]
+        hidden_size = _debug_arch(base).hidden_size
+        assert first and all(k == [] for k in first)  # only the last stage returns anything
+        micro, seq = PP_BASE["micro_batch_size"], PP_BASE["seq_len"]
+        assert last and all(k and all(s == (seq, micro, hidden_size) for s in k) for k in last), last
+    _same_run(ref, out, rel, first_exact=False)
     wa, wb, w0 = _weights(ref_run), _weights(run), _weights(run, "child")
     assert_adamw_parity(wa, wb, [r["lr"] for r in ref["history"]], BETAS, init=w0)
