@@ -12,13 +12,14 @@ shape for its backward (plus a few transient ones). Instead:
   (after the final norm, Megatron's [s, b, h]); `logits_from_hidden` applies the output layer (vocab-parallel
   over TP, as inside GPTModel) when the child's loss needs them. The same op on the same input: bitwise
   the logits the parent's forward returned.
-- `ChunkedVocabParallelKD` computes the per-token (KL, CE) of `megapuzzle.train.distill.VocabParallelKD`
+- `ChunkedVocabParallelKD` computes the per-token (KL, CE) of `VocabParallelKD`
   over `chunk` tokens at a time, the parent's logits of each chunk included, and saves only its inputs
   (the child's logits, which the schedule holds anyway, and the parent's hidden state); its backward
   recomputes each chunk (one more parent head matmul and softmax per chunk) and writes that chunk's rows
   of the gradient. Every term is per token (softmax and sums run along the vocabulary), so the chunking
-  changes no value's inputs, only the shapes of the kernels computing them: the numbers are today's up
-  to the order of the fp32 reductions within one row (tests/test_gkd_head.py).
+  changes no value's inputs, only the shapes of the kernels computing them: the numbers are the whole
+  micro-batch's up to the rounding of the parent head's matmul over fewer rows, and of the row reductions
+  (tests/test_gkd_head.py bounds both).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 
 from megapuzzle.model.gpt import unwrap_model
-import torch.distributed as dist
 
 
 def tp_group_rank_size():
