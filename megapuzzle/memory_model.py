@@ -144,7 +144,7 @@ def max_weights_share(arch, tp: int, pp: int, bytes_per: int = 2) -> int:
 
 
 def gkd_activation_bytes(*, tokens: int, hidden: int, vocab: int, tp: int, pp: int, layers_per_stage: int,
-                         micro_batches: int, recompute: str) -> float:
+                         micro_batches: int, recompute: str, loss_chunk_tokens: int = 0) -> float:
     """GKD's activations on its worst pipeline stage (bf16, Megatron's 1F1B), `tokens` per micro-batch,
     `micro_batches` per rank and step. Stage s keeps min(pp - s, micro_batches) child micro-batches in
     flight; per layer each keeps its layer_activation_bytes ("none"; "selective" the same: that figure
@@ -152,12 +152,16 @@ def gkd_activation_bytes(*, tokens: int, hidden: int, vocab: int, tp: int, pp: i
     the layer's input (bf16 [tokens, hidden], replicated over TP), plus one layer's activations while the
     backward re-runs it. The child's captured layer outputs are the next layers' inputs and the cosine
     terms save nothing else (megapuzzle.train.distill.CosineDistance). The parent's layer outputs are
-    kept for every micro-batch it has run: under PP it runs the rank's whole batch before the child's
-    schedule (megapuzzle.stages.gkd.pipeline.forward_pass), so all `micro_batches`, and the last stage also
-    keeps its bf16 logits for each; at PP = 1 one micro-batch at a time. The last stage adds the loss's
-    fp32 temporaries (4 [tokens, vocab / tp])."""
+    kept for every micro-batch it has run: under PP it runs the rank's whole batch (or
+    gkd.parent_pass_micro_batches of it) before the child's schedule
+    (megapuzzle.stages.gkd.pipeline.forward_pass), so all `micro_batches`; at PP = 1 one micro-batch at a
+    time. The last stage also keeps the parent's final hidden state per such micro-batch (not its logits:
+    megapuzzle.train.vocab_kd computes them from it), and for the micro-batch in its loss the child's
+    bf16 logits and their gradient (2 [tokens, vocab / tp] bf16) plus, over `loss_chunk_tokens` rows at a
+    time (0: all `tokens`), the parent's bf16 logits and the loss's fp32 temporaries (4 [rows, vocab / tp])."""
     layer, stream = layer_activation_bytes(tokens, hidden, tp), tokens * hidden * 2
     parent_mbs = micro_batches if pp > 1 else 1
+    rows = min(loss_chunk_tokens or tokens, tokens)
     worst = 0.0
     for s in range(pp):
         in_flight = min(pp - s, micro_batches)
@@ -166,6 +170,6 @@ def gkd_activation_bytes(*, tokens: int, hidden: int, vocab: int, tp: int, pp: i
             child += layer
         act = child + parent_mbs * layers_per_stage * stream
         if s == pp - 1:
-            act += (parent_mbs * 2 if pp > 1 else 0) * tokens * vocab / tp + 4 * tokens * vocab / tp * 4
+            act += parent_mbs * stream + 2 * 2 * tokens * vocab / tp + (2 + 4 * 4) * rows * vocab / tp
         worst = max(worst, act)
     return worst

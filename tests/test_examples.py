@@ -96,9 +96,6 @@ LAUNCH = {
 # (recipe, stage) -> cause: what the model predicts does NOT fit, and why. The test asserts these
 # miss (so a fix shows up here) and every other stage fits.
 MISSES = {
-    ("70b", "gkd"): "TP 1 (the kv-1 layers) leaves 95 GB of weights + optimizer state per GPU (66.5 GB owned x "
-                    "1.36) before any activation; those are 48 GB with recompute full and the parent 8 micro-batches "
-                    "ahead (the last stage: the parent's bf16 logits, 17 GB, and the loss's fp32 temporaries, 17 GB)",
     ("405b", "gkd"): "with recompute full the first stage still keeps 9 x 14 layer inputs and as many parent outputs, "
                      "[8192, 16384] bf16 (268 MB) each on every TP rank: 68 GB (gkd has no sequence parallelism)",
 }
@@ -167,7 +164,7 @@ def _predict_recipe(size: str) -> dict:
     schedule = g.get("parent_pass_micro_batches") or g["batch_size"] // (dp * g["micro_batch_size"])
     act = gkd_activation_bytes(tokens=g["micro_batch_size"] * g["seq_len"], hidden=h, vocab=v, tp=tp, pp=pp,
                                layers_per_stage=parent.num_layers // pp, micro_batches=schedule,
-                               recompute=g.get("recompute", "none"))
+                               recompute=g.get("recompute", "none"), loss_chunk_tokens=g.get("loss_chunk_tokens", 0))
     # measured at fp32 with local AdamW: owned there = parent + child + grad + 2 moments, all fp32
     out["gkd"] = mm.predict("gkd-fp32", state, activations=act)
     # evaluate at the recipe's evaluate.tensor_parallel x pipeline_parallel (what `megapuzzle run` and

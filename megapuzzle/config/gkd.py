@@ -85,11 +85,18 @@ class GKDConfig(Section):
     one stage); needs at least one layer per stage."""
     parent_pass_micro_batches: Annotated[int, Integer()] | None = None
     """Under PP: micro-batches the parent runs ahead of the child's 1F1B schedule, keeping its layer
-    outputs (and, on the last stage, its logits) for each until the child has used them; must divide
-    the rank's micro-batches. None = the rank's whole batch, one schedule per step (the smallest
-    pipeline bubble); smaller bounds that memory (a 70B parent's outputs of 10 layers per micro-batch of
-    8192 tokens are 1.3 GB, its logits 2.1 GB) for one more pipeline fill and drain per group. The same
+    outputs (and, on the last stage, its final hidden state, not its logits) for each until the child
+    has used them; must divide the rank's micro-batches. None = the rank's whole batch, one schedule per
+    step (the smallest pipeline bubble); smaller bounds that memory (a 70B parent's outputs of 10 layers
+    per micro-batch of 8192 tokens are 1.3 GB) for one more pipeline fill and drain per group. The same
     sums (up to rounding), so not part of the training signature. PP = 1 runs it per micro-batch anyway."""
+    loss_chunk_tokens: Annotated[int, Integer(ge=0)] = 0
+    """Tokens per chunk of the KL / LM loss over the full vocabulary (and of the parent's logits, computed
+    from its kept final hidden state by its output layer): its fp32 temporaries are then a few
+    [chunk, V / tp] tensors instead of [micro-batch tokens, V / tp] (at 8192 tokens x 128256 x 4 B, 4.2 GB
+    each), for one more parent head matmul and softmax per chunk in the backward (it recomputes instead of
+    saving). 0 = the whole micro-batch at once (bitwise as before). Per-token terms, so the same numbers up
+    to the order of fp32 sums within a row; like parent_pass_micro_batches not in the training signature."""
     threads: Annotated[int, Integer()] | None = None
     """torch CPU threads (None: torch's choice)."""
     dtype: Annotated[str, OneOf(DTYPES)] = "auto"

@@ -1,9 +1,8 @@
 """Distillation loss pieces shared by GKD (and any later distillation stage).
 
 Per-token cosine distance between child and parent hidden states at every layer output, and
-KL(parent || child) + CE on vocab-parallel logit shards with a hand-written backward, so the
-full [tokens, vocab] logits are never all-gathered over TP (like Megatron's
-vocab_parallel_cross_entropy).
+KL(parent || child) + CE on vocab-parallel logit shards (megapuzzle.train.vocab_kd: from the
+parent's final hidden state, whole or `chunk` tokens at a time).
 
 Under activation recompute (gkd.recompute) the child's layers run twice: once in the forward
 (Megatron's full recompute: under no_grad inside `CheckpointFunction`, whose output torch then
@@ -19,6 +18,9 @@ import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from megapuzzle.train.vocab_kd import (  # noqa: F401 (re-exported: VocabParallelKD's home was here)
+    VocabParallelKD, all_reduce_if, kd_from_parent_hidden, parent_lm_from_hidden, head_off, tp_group_rank_size)
 
 
 def in_recompute() -> bool:
@@ -91,82 +93,21 @@ def cosine_distance(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return CosineDistance.apply(c, p)
 
 
-def tp_group_rank_size():
-    from megatron.core import parallel_state as ps
-
-    n = ps.get_tensor_model_parallel_world_size()
-    return (ps.get_tensor_model_parallel_group() if n > 1 else None), ps.get_tensor_model_parallel_rank(), n
-
-
-def all_reduce_if(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(x, op=op, group=group)
-    return x
-
-
-def _log_softmax_vp(x: torch.Tensor, group) -> torch.Tensor:
-    """log_softmax over a vocabulary split across the TP group (x: this rank's [.., V/tp] shard)."""
-    m = all_reduce_if(x.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
-    z = all_reduce_if((x - m).exp().sum(dim=-1, keepdim=True), group)
-    return x - m - z.log()
-
-
-def _target_shard(target: torch.Tensor, vocab_local: int, tp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index into this rank's shard, mask of targets this rank holds)."""
-    local = target - tp_rank * vocab_local
-    held = (local >= 0) & (local < vocab_local)
-    return local.clamp(0, vocab_local - 1), held
-
-
-class VocabParallelKD(torch.autograd.Function):
-    """Per-token (T^2 KL(p_T || q_T), CE) from vocab-parallel shards of student logits s and
-    teacher logits t. Gradients: d/ds T^2 KL = T (q_T - p_T); d/ds CE = q_1 - onehot(target)."""
-
-    @staticmethod
-    def forward(ctx, s, t, target, temperature: float):
-        ctx.set_materialize_grads(False)  # an unused output (lm_weight 0) gets None: skip its grad
-        group, r, _ = tp_group_rank_size()
-        ctx.dtype = s.dtype
-        s, t, T = s.float(), t.float(), float(temperature)
-        logp = _log_softmax_vp(t / T, group)
-        logq = _log_softmax_vp(s / T, group)
-        p = logp.exp()
-        kl = all_reduce_if((p * (logp - logq)).sum(dim=-1), group) * (T * T)
-        logq1 = logq if T == 1.0 else _log_softmax_vp(s, group)
-        idx, held = _target_shard(target, s.shape[-1], r)
-        ce = -all_reduce_if(logq1.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * held, group)
-        ctx.T = T
-        ctx.save_for_backward(p, logq, logq1, idx, held)
-        return kl, ce
-
-    @staticmethod
-    def backward(ctx, g_kl, g_ce):
-        p, logq, logq1, idx, held = ctx.saved_tensors
-        grad = None
-        if g_kl is not None:
-            grad = (logq.exp() - p) * (g_kl * ctx.T).unsqueeze(-1)
-        if g_ce is not None:
-            q1 = logq1.exp()
-            q1.scatter_add_(-1, idx.unsqueeze(-1), -held.to(q1.dtype).unsqueeze(-1))
-            grad = q1 * g_ce.unsqueeze(-1) if grad is None else grad + q1 * g_ce.unsqueeze(-1)
-        return (None if grad is None else grad.to(ctx.dtype)), None, None, None
-
-
 def distill_terms(child, parent, tokens: torch.Tensor, labels: torch.Tensor, temperature: float,
-                  parent_lm: bool = False) -> dict[str, torch.Tensor]:
+                  parent_lm: bool = False, chunk: int = 0) -> dict[str, torch.Tensor]:
     """Per-token loss terms of one micro-batch: {"cosine": [L, s, b] (1 - cos per layer),
     "kl": [b, s], "lm": [b, s]} (+ the parent's own "parent_lm"); the parent runs without
-    grad, the child follows the grad mode."""
+    grad, the child follows the grad mode. The parent's forward stops at its final hidden state; its
+    logits are computed by the loss, `chunk` tokens at a time (0: all at once; gkd.loss_chunk_tokens)."""
     pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    with torch.no_grad(), capture_layer_outputs(parent) as hp:
-        t_logits = parent(tokens, pos, None)
+    with torch.no_grad(), capture_layer_outputs(parent) as hp, head_off(parent):
+        t_hidden = parent(tokens, pos, None)  # [s, b, h] after the final norm
     with capture_layer_outputs(child) as hc:
         s_logits = child(tokens, pos, None)  # [b, s, V/tp]: GPTModel built with parallel_output=True
     require_graph(hc)
     cos = torch.stack([cosine_distance(c, p) for c, p in zip(hc, hp)])
-    kl, ce = VocabParallelKD.apply(s_logits, t_logits, labels, temperature)
+    kl, ce = kd_from_parent_hidden(s_logits, parent, t_hidden, labels, temperature, chunk)
     out = {"cosine": cos, "kl": kl, "lm": ce}
     if parent_lm:
-        with torch.no_grad():
-            out["parent_lm"] = VocabParallelKD.apply(t_logits, t_logits, labels, 1.0)[1]
+        out["parent_lm"] = parent_lm_from_hidden(parent, t_hidden, labels, chunk)
     return out

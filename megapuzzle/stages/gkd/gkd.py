@@ -13,7 +13,8 @@ Megatron-core GPTModels, on RUN/data/train with
 h^l = the residual stream at the OUTPUT of layer l (same layer count; the last one is the final
 norm's input), from forward hooks. KL and CE run on the vocab-parallel logit shards (no TP
 all-gather of [tokens, vocab]), like Megatron's vocab_parallel_cross_entropy; T^2 keeps the
-gradient scale independent of the temperature.
+gradient scale independent of the temperature. The parent keeps its final hidden state, not its
+logits; the loss applies its output layer, gkd.loss_chunk_tokens tokens at a time (train/vocab_kd.py).
 
 gkd.recompute (none / selective / full) is Megatron's activation recompute of the child; the
 hooks record only the original forward, not the re-run in the backward (train/distill.py).
@@ -74,7 +75,8 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
             continue
         for mb in batch.to(dev).split(cfg.micro_batch_size or cfg.batch_size):
             tokens, labels = mb[:, :-1], mb[:, 1:]
-            t = distill_terms(child, parent, tokens, labels, cfg.temperature, parent_lm=True)
+            t = distill_terms(child, parent, tokens, labels, cfg.temperature, parent_lm=True,
+                             chunk=cfg.loss_chunk_tokens)
             acc += torch.stack([t["cosine"].sum(), t["kl"].sum(), t["lm"].sum(), t["parent_lm"].sum(),
                                 torch.tensor(float(labels.numel()), device=dev)]).double()
     if info.dp_size > 1:
@@ -89,7 +91,8 @@ def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer:
     """Everything that changes the trained weights (not logging / checkpoint cadence / eval)."""
     d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
                                                                  "threads", "optimizer", "overlap_grad_reduce",
-                                                                 "recompute", "parent_pass_micro_batches")}
+                                                                 "recompute", "parent_pass_micro_batches",
+                                                                 "loss_chunk_tokens")}
     if trainer != legacy_trainer():  # the resolved trainer; as before gkd.optimizer existed where it is
         d["trainer"] = trainer       # the one this machine always used (local on CPU, megatron on CUDA)
     if info.pp_size == 1:  # as before PP existed: earlier PP = 1 results stay valid
@@ -229,7 +232,8 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
             gkd_pipeline.train_microbatches(model, parent, batch.to(dev), micro, cfg, w, window, nt)
         else:
             for j, mb in enumerate(batch.to(dev).split(micro)):
-                terms = distill_terms(model, parent, mb[:, :-1], mb[:, 1:], cfg.temperature)
+                terms = distill_terms(model, parent, mb[:, :-1], mb[:, 1:], cfg.temperature,
+                                      chunk=cfg.loss_chunk_tokens)
                 m = _combine(terms, w)
                 with trainer.no_sync(last=j == n_micro - 1):  # grad reduce only with the last micro-batch
                     (m["loss"] / n_micro).backward()

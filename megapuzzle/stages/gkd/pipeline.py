@@ -6,14 +6,17 @@ the global batch, in micro-batches):
 
 1. The parent runs forward-only through Megatron's pipeline schedule (no grad). Each stage keeps
    the outputs of ITS OWN layers per micro-batch (forward hooks); the last stage also keeps the
-   parent's vocab-parallel logits. Nothing but the usual boundary activation crosses stages.
+   parent's final hidden state (after the final norm; its output layer is off,
+   megapuzzle.train.vocab_kd.head_off), not its logits: [tokens, h] bf16, not [tokens, V / tp].
+   Nothing but the usual boundary activation crosses stages.
    It runs the rank's whole batch at once, or `gkd.parent_pass_micro_batches` micro-batches at a
    time, each group then followed by the child's schedule over it (steps 1-2 per group): what it
    keeps is bounded by the group, at the price of one more pipeline fill and drain per group.
 2. The child runs forward + backward under Megatron-core's 1F1B schedule
    (`get_forward_backward_func`). Each stage computes its layers' cosine terms against the
    parent's in its forward step. The last stage adds them to its loss function (KL + LM on the
-   vocab shards, `VocabParallelKD`); every other stage attaches them to its output activation
+   vocab shards, the parent's logits computed there from its hidden state by its output layer,
+   `gkd.loss_chunk_tokens` tokens at a time: megapuzzle.train.vocab_kd); every other stage attaches them to its output activation
    with `AttachLoss` (Megatron's `MoEAuxLossAutoScaler` trick: identity forward, and the
    backward that the schedule starts from the gradient the next stage sends also
    back-propagates d(local loss)). Scaled by 1 / micro-batches as Megatron scales the main loss.
@@ -36,7 +39,8 @@ import torch.distributed as dist
 
 from megapuzzle.metrics import heldout_metrics
 from megapuzzle.model.gpt import unwrap_model
-from megapuzzle.train.distill import VocabParallelKD, cosine_distance, in_recompute, require_graph
+from megapuzzle.train.distill import cosine_distance, in_recompute, require_graph
+from megapuzzle.train.vocab_kd import head_off, kd_from_parent_hidden, logits_from_hidden, parent_lm_from_hidden
 
 
 class AttachLoss(torch.autograd.Function):
@@ -89,12 +93,13 @@ def _is_last_stage() -> bool:
 @torch.no_grad()
 def forward_pass(model, tokens: torch.Tensor, micro: int) -> tuple[dict[int, list[torch.Tensor]], list[torch.Tensor]]:
     """Forward-only pipeline pass over `tokens` [b, s] in micro-batches of `micro`: (this stage's
-    layer outputs per micro-batch, the last stage's logits [mb, s, V/tp] per micro-batch)."""
+    layer outputs per micro-batch, the last stage's final hidden state [s, mb, h] per micro-batch:
+    the output layer does not run, megapuzzle.train.vocab_kd computes the logits when needed)."""
     from megapuzzle.model.forward import _run_pipeline
 
-    with capture_stage_outputs(model, detach=True) as hidden:
-        logits = _run_pipeline(model, tokens, micro)
-    return hidden, logits
+    with capture_stage_outputs(model, detach=True) as hidden, head_off(model):
+        final = _run_pipeline(model, tokens, micro)
+    return hidden, final
 
 
 def _cosine(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -112,7 +117,7 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
     tokens, labels = batch[:, :-1], batch[:, 1:]
     n_micro = tokens.shape[0] // micro
     group = min(cfg.parent_pass_micro_batches or n_micro, n_micro)
-    parent_out: dict = {}  # this group's parent layer outputs and logits, per micro-batch
+    parent_out: dict = {}  # this group's parent layer outputs and final hidden states, per micro-batch
     last = _is_last_stage()
     config = unwrap_model(model).config
     aux_scale = 1.0 / n_micro
@@ -128,7 +133,7 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
     def forward_step(data_iterator, m):
         k = next(data_iterator)
         t = tokens[k * micro:(k + 1) * micro]
-        hp, t_logits, g0 = parent_out["hidden"], parent_out["logits"], parent_out["first"]
+        hp, t_final, g0 = parent_out["hidden"], parent_out["final"], parent_out["first"]
         with capture_stage_outputs(m) as hc:
             out = m(t, torch.arange(t.shape[1], device=t.device).unsqueeze(0).expand_as(t), None)
         require_graph([hc[i][0] for i in hc])
@@ -141,8 +146,8 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
             return out, lambda output: (output, {})
 
         def loss_func(s_logits):
-            kl, ce = VocabParallelKD.apply(s_logits, t_logits[k - g0], labels[k * micro:(k + 1) * micro],
-                                           cfg.temperature)
+            kl, ce = kd_from_parent_hidden(s_logits, parent, t_final[k - g0], labels[k * micro:(k + 1) * micro],
+                                           cfg.temperature, cfg.loss_chunk_tokens)
             terms = {"cosine": cos, "kl": kl.mean(), "lm": ce.mean()}
             loss = sum(w[n] * terms[n] for n in ("cosine", "kl", "lm") if w[n] > 0)
             record([loss, cos, terms["kl"], terms["lm"]], layer)  # before Megatron scales loss in place
@@ -156,8 +161,8 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
     no_sync = config.no_sync_func
     try:
         for g0 in range(0, n_micro, group):
-            hidden, logits = forward_pass(parent, tokens[g0 * micro:(g0 + group) * micro], micro)
-            parent_out.update(hidden=hidden, logits=logits, first=g0)
+            hidden, final = forward_pass(parent, tokens[g0 * micro:(g0 + group) * micro], micro)
+            parent_out.update(hidden=hidden, final=final, first=g0)
             final = g0 + group == n_micro
             config.no_sync_func = no_sync if final else None
             with contextlib.nullcontext() if final or no_sync is None else no_sync():
@@ -165,7 +170,7 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
                     forward_step_func=forward_step, data_iterator=iter(range(g0, g0 + group)), model=[model],
                     num_microbatches=group, seq_length=tokens.shape[1], micro_batch_size=micro, forward_only=False)
             parent_out.clear()  # drop this group's parent outputs before the next group's pass
-            del hidden, logits
+            del hidden, final
     finally:
         config.no_sync_func = no_sync
 
@@ -187,14 +192,15 @@ def evaluate_heldout_pp(child, parent, heldout, cfg, info) -> dict[str, float]:
         tokens, labels = batch[:, :-1], batch[:, 1:]
         rows = tokens.shape[0]  # the last batch may be smaller: the largest micro-batch that divides it
         micro = max(d for d in range(1, min(cfg.micro_batch_size or rows, rows) + 1) if rows % d == 0)
-        hp, t_logits = forward_pass(parent, tokens, micro)
-        hc, s_logits = forward_pass(child, tokens, micro)
+        hp, t_final = forward_pass(parent, tokens, micro)
+        hc, s_final = forward_pass(child, tokens, micro)
         for k in range(tokens.shape[0] // micro):
             acc[0] += sum(_cosine(hc[j][k], hp[j][k]).sum() for j in sorted(hc)).double()
             if last:
                 y = labels[k * micro:(k + 1) * micro]
-                kl, ce = VocabParallelKD.apply(s_logits[k], t_logits[k], y, cfg.temperature)
-                parent_lm = VocabParallelKD.apply(t_logits[k], t_logits[k], y, 1.0)[1]
+                s_logits = logits_from_hidden(child, s_final[k])
+                kl, ce = kd_from_parent_hidden(s_logits, parent, t_final[k], y, cfg.temperature, cfg.loss_chunk_tokens)
+                parent_lm = parent_lm_from_hidden(parent, t_final[k], y, cfg.loss_chunk_tokens)
                 acc[1:5] += torch.stack([kl.sum(), ce.sum(), parent_lm.sum(),
                                          torch.tensor(float(y.numel()), device=dev)]).double()
     dist.all_reduce(acc, group=_ps().get_pipeline_model_parallel_group())
