@@ -226,6 +226,25 @@ def test_run_scoring_resumes_after_a_kill_and_splits_over_dp(one, tmp_path):
     assert res[0] == {k: (e["kl"], e["top1"], e["lm_loss_delta"]) for k, e in want.items()}
 
 
+def test_run_scoring_at_pp2_gives_the_one_process_scores(one, tmp_path):
+    """Run blocks are scored on score's layout: at score.pipeline_parallel=2 each stage holds only its
+    layers, the stacked stream travels stage to stage and the last stage scores: bitwise PP=1's."""
+    from megapuzzle.config import section
+    from megapuzzle.fusion_blocks import score_runs
+    from megapuzzle.stages.score.score import ScoreConfig
+
+    run0, _ = one
+    score = {"batch_size": 2, "seq_len": 32, "num_batches": 2}
+    ref = tmp_path / "ref"
+    shutil.copytree(run0, ref)
+    want = score_runs(ref, section({"score": score}, "score", ScoreConfig))["blocks"]
+    pp = tmp_path / "pp"
+    shutil.copytree(run0, pp)
+    res = run_distributed(_score_worker, world=2, pp=2, args=(str(pp), {**score, "pipeline_parallel": 2}))
+    assert res[0] == {k: (e["kl"], e["top1"], e["lm_loss_delta"]) for k, e in want.items()}
+    assert {f.name for f in (pp / "state" / "score_runs").glob("*.json")} == {"rank001.json"}  # the last stage
+
+
 def _score_worker(info, run: str, score: dict):
     from megapuzzle.config import section
     from megapuzzle.fusion_blocks import score_runs
