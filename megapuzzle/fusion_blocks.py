@@ -16,7 +16,7 @@ blocks through the ordinary, scaled paths; no rank loads the whole parent:
   stays frozen (so the block pairs with any attention variant there and scores add up as in
   decoupled BLD). Written to RUN/library_runs (megapuzzle.fusion_library).
   Under PP a block trains on the stage of its last layer j; when layer i is on an earlier stage,
-  the teacher streams x_i / m_i travel there with the boundary state (bld_pipeline.run_carries).
+  the teacher streams x_i / m_i travel there with the boundary state (stages/bld/pp_relay.py: run_carries).
 * `score_runs`: megapuzzle.stages.score.score's cached parent pass: per batch the parent's streams and
   log-probs once, then a run block's layer applied to the stream entering layer i, stacked with
   the other candidates of the same (i, j) through the parent's layers j+1..L-1 + head. KL(parent
