@@ -92,7 +92,7 @@ def run_bld(run_root, bld_cfg, max_run: int, *, progress: bool = False) -> dict:
     from megapuzzle.config import RunDir
     from megapuzzle.library import BlockLibrary, ffn_key
     from megapuzzle.model.config import stage_layer_ranges
-    from megapuzzle.runtime.distributed import init_distributed
+    from megapuzzle.runtime.distributed import init_distributed, rank0_decides
 
     cfg, run = bld_cfg, RunDir(run_root)
     stages = stage_layer_ranges(load_arch(require_parent(run)).num_layers, cfg.pipeline_parallel)
@@ -106,19 +106,8 @@ def run_bld(run_root, bld_cfg, max_run: int, *, progress: bool = False) -> dict:
     sink = RunLibrary(run.root, runs)
     state_root = run.state / "bld_runs" / tensor_sig(",".join(b.key for b in specs))
     sig = tensor_sig(cfg.training_signature() + arch.to_json())
-    decision: list[Any] = [None]
-    if info.rank == 0:
-        try:
-            decision = [_decide(sink, arch, specs, runs, state_root, info.dp_size, sig, stages, max_run)]
-        except (UserError, ValueError, OSError) as e:
-            decision = [{"error": f"{type(e).__name__}: {e}"}]
-            if info.world_size == 1:
-                raise
-    if info.world_size > 1:
-        torch.distributed.broadcast_object_list(decision, src=0)
-    if "error" in decision[0]:
-        raise UserError(f"rank 0 could not plan the run blocks: {decision[0]['error']}")
-    d = decision[0]
+    d = rank0_decides(lambda: _decide(sink, arch, specs, runs, state_root, info.dp_size, sig, stages, max_run),
+                      "plan the run blocks", (UserError, ValueError, OSError))
     todo, plan_keys = set(d["todo"]), d["assign"][info.pp_rank][info.dp_rank]
     mine = [b for b in specs if b.key in todo and b.key in set(plan_keys)]
     role = None

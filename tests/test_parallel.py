@@ -152,3 +152,45 @@ def test_launch_env_from_torchrun_and_slurm(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert _launch_env() == (1, 2, 1, "torchrun")
+
+
+def _json_collectives_worker(info):
+    from megapuzzle.errors import UserError
+    from megapuzzle.runtime.distributed import all_gather_json, broadcast_json, rank0_decides
+
+    got = broadcast_json({"assign": [[["L000.ffn.mlp_128"]], []], "é": 1.5} if info.rank == 0 else None)
+    gathered = all_gather_json([list(range(info.rank * 3)), None if info.rank else "sig"])
+    ok = rank0_decides(lambda: {"rank": info.rank}, "plan")
+
+    def fail():
+        raise ValueError("library index damaged")
+
+    try:
+        rank0_decides(fail, "plan BLD", (ValueError,))
+        err = None
+    except (ValueError, UserError) as e:
+        err = f"{type(e).__name__}: {e}"
+    return got, gathered, ok, err
+
+
+def test_json_collectives_carry_decisions_without_pickle():
+    res = run_distributed(_json_collectives_worker, world=2)
+    for got, gathered, ok, _ in res:
+        assert got == {"assign": [[["L000.ffn.mlp_128"]], []], "é": 1.5}
+        assert gathered == [[[], "sig"], [[0, 1, 2], None]]  # rank order, different sizes
+        assert ok == {"rank": 0}  # rank 0's answer on every rank
+    # rank 0 raises its own error; the others a one-line UserError naming it (nobody waits forever)
+    assert res[0][3] == "ValueError: library index damaged"
+    assert res[1][3] == "UserError: rank 0 could not plan BLD: ValueError: library index damaged"
+
+
+def test_no_process_boundary_unpickles():
+    # torch's *_object collectives pickle on one rank and unpickle on the others
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "megapuzzle"
+    bad = [f"{p}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+           if re.search(r"\b(broadcast_object_list|all_gather_object|gather_object|scatter_object_list)\(|"
+                        r"\bpickle\.loads?\(|torch\.load\(", line)]
+    assert bad == []

@@ -9,6 +9,7 @@ in-process store: no port to collide with other runs on the same machine).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import random
 import socket
@@ -210,6 +211,65 @@ def parallel_info() -> ParallelInfo:
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
         backend=dist.get_backend(),
     )
+
+
+def _device() -> torch.device:
+    # NCCL moves device tensors only; gloo (CPU) host tensors
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def broadcast_json(value, src: int = 0, group=None):
+    """`value` (JSON-able) from rank `src` to every rank of `group`, as UTF-8 JSON bytes: no pickle
+    crosses a process boundary (torch's *_object collectives unpickle what they receive)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return value
+    dev = _device()
+    data = json.dumps(value).encode() if dist.get_rank() == src else b""
+    n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.broadcast(n, src=src, group=group)
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if data else
+           torch.empty(int(n.item()), dtype=torch.uint8, device=dev))
+    dist.broadcast(buf, src=src, group=group)
+    return json.loads(buf.cpu().numpy().tobytes().decode()) if dist.get_rank() != src else value
+
+
+def all_gather_json(value, group=None) -> list:
+    """Every rank's `value` (JSON-able), in rank order, on every rank of `group`; JSON, no pickle."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [value]
+    dev = _device()
+    data = json.dumps(value).encode()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev), group=group)
+    width = int(max(x.item() for x in sizes))
+    mine = torch.zeros(width, dtype=torch.uint8, device=dev)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    bufs = [torch.empty(width, dtype=torch.uint8, device=dev) for _ in sizes]
+    dist.all_gather(bufs, mine, group=group)
+    return [json.loads(b[:int(k.item())].cpu().numpy().tobytes().decode()) for b, k in zip(bufs, sizes)]
+
+
+def rank0_decides(decide, what: str, exceptions: tuple = ()):
+    """`decide()` on rank 0, its JSON-able answer on every rank. When it raises one of `exceptions`,
+    every rank raises (the others must not wait for a rank 0 that has given up): rank 0 re-raises
+    its own error, the others a one-line UserError naming `what`."""
+    from megapuzzle.errors import UserError
+
+    answer = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            answer = {"ok": decide()}
+        except exceptions as e:
+            if not dist.is_initialized() or dist.get_world_size() == 1:
+                raise
+            answer = {"error": f"{type(e).__name__}: {e}"}
+            broadcast_json(answer)
+            raise
+    answer = broadcast_json(answer)
+    if "error" in answer:
+        raise UserError(f"rank 0 could not {what}: {answer['error']}")
+    return answer["ok"]
 
 
 def destroy_distributed() -> None:

@@ -21,7 +21,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -69,7 +68,7 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, progress: bool
     from megapuzzle.stages.bld.train import train_rank
     from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint, require_parent
     from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te, stage_layer_ranges
-    from megapuzzle.runtime.distributed import DistributedError, init_distributed
+    from megapuzzle.runtime.distributed import DistributedError, init_distributed, rank0_decides
 
     cfg_dict = cfg_dict or {}
     space = SearchSpace.from_dict(cfg_dict.get("search_space"))
@@ -105,19 +104,8 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, progress: bool
 
     # Rank 0 checks the library (checksums) and decides; everyone gets the same answer (or the
     # same error: the other ranks must not wait for a rank 0 that has given up).
-    decision: list[Any] = [None]
-    if info.rank == 0:
-        try:
-            decision = [_decide(lib, arch, parent_tensors, blocks, state_root, info.dp_size, sig, stages)]
-        except (UserError, ValueError, OSError) as e:
-            decision = [{"error": f"{type(e).__name__}: {e}"}]
-            if info.world_size == 1:
-                raise
-    if info.world_size > 1:
-        torch.distributed.broadcast_object_list(decision, src=0)
-    if "error" in decision[0]:
-        raise UserError(f"rank 0 could not plan BLD: {decision[0]['error']}")
-    d = decision[0]
+    d = rank0_decides(lambda: _decide(lib, arch, parent_tensors, blocks, state_root, info.dp_size, sig, stages),
+                      "plan BLD", (UserError, ValueError, OSError))
     todo = set(d["todo"])
     plan_keys = d["assign"][info.pp_rank][info.dp_rank]
     mine = [b for b in blocks if b.key in todo and b.key in set(plan_keys)]

@@ -263,8 +263,9 @@ def resume_point(state_dir: Path, info, sig: str, shared: bool) -> None:
     mine = sorted(int(p.name[5:]) for p in state_dir.glob("step_*") if (p / "state.json").is_file()) if cur else []
     every = [(mine, saved)]
     if info.world_size > 1 and not shared:  # one state dir per rank: every rank must agree
-        every = [None] * info.world_size
-        dist.all_gather_object(every, (mine, saved))
+        from megapuzzle.runtime.distributed import all_gather_json
+
+        every = all_gather_json([mine, saved])  # JSON, not pickle
     common = set(mine).intersection(*(set(m) for m, _ in every))
     if any(s not in (None, sig) for _, s in every):
         log(f"[gkd] {state_dir.parent} was written for another config / child / world size; starting over")
