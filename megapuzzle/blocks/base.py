@@ -403,4 +403,3 @@ class LinearReplacement(BlockKind):
             return (f"tensor parallel size {tp} does not divide hidden_size {arch.hidden_size} (linear subblock); "
                     f"pick a TP size that divides it")
         return None
-

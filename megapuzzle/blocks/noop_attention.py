@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from .base import ATTENTION, BlockKind, SubblockModules
+from .base import ATTENTION
+from .noop import NoOpKind
 
 
-class NoOpAttention(BlockKind):
+class NoOpAttention(NoOpKind):
     subblock = ATTENTION
-    kind = "no_op"
-    identity = True
-    block_config_flag = "no_op"
-
-    def megatron_spec(self, arch, v, config, use_te: bool) -> SubblockModules:
-        from .megatron_modules import identity
-
-        return identity()
-
-    def offered(self, space, parent, own):
-        return [self.variant()] if space.attention_no_op and own.kind != self.kind else []
-
-    def init_from(self, arch, parent_v, v, local, scores=None):
-        return {}, "no_op"

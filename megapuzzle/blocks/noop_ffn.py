@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from .base import FFN, BlockKind, SubblockModules
+from .base import FFN
+from .noop import NoOpKind
 
 
-class NoOpFFN(BlockKind):
+class NoOpFFN(NoOpKind):
     subblock = FFN
-    kind = "no_op"
-    identity = True
-    block_config_flag = "no_op"
-
-    def megatron_spec(self, arch, v, config, use_te: bool) -> SubblockModules:
-        from .megatron_modules import identity
-
-        return identity()
-
-    def offered(self, space, parent, own):
-        return [self.variant()] if space.ffn_no_op and own.kind != self.kind else []
-
-    def init_from(self, arch, parent_v, v, local, scores=None):
-        return {}, "no_op"
