@@ -19,7 +19,9 @@ directory, so every other command works on it:
     OUT/fuse.md       the same as a table
 
 The GKD teacher is the unfused child (the fusion is what is healed; a foreign export has no
-parent here). Speed is timed as `evaluate` times (costs.json's settings when the source run has one).
+parent here). At scale it runs under torchrun like the stages: GKD on gkd's TP x PP layout, quality
+and timing on evaluate's (evaluate.tensor_parallel / pipeline_parallel), each rank building only its
+share and holding at most two models (the reference and one compared with it) at a time. Speed is timed as `evaluate` times (costs.json's settings when the source run has one).
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
          data: str | None = None, gkd_cfg=None, heal: bool = True, eval_cfg=None, measure: bool = True) -> dict:
     import torch
 
-    from megapuzzle.checkpoints.canonical import load_checkpoint
+    from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint
     from megapuzzle.costs.timing import ensure_runtime, resolve_dtype
     from megapuzzle.costs.table import load_costs, throughput_settings
     from megapuzzle.data.datasets import PackedSequenceDataset
@@ -140,10 +142,21 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
     given = Path(child).resolve()
     if given == run.root.resolve() or run.root.resolve() in given.parents:
         raise UserError(f"--out {run.root} holds the source child {child}; pick another --out")
-    child_dir, source_run = resolve_source(child, run.root)  # a HF directory is imported into OUT/source
-    _link(child_dir, run.parent)
-    prepare_fuse_data(run, source_run, data, child_dir)
-    arch, new, runs = write_fused(run.parent, run.child, runs, leading_attention=leading_attention, max_run=max_run)
+    from megapuzzle.runtime.distributed import init_distributed, rank0_decides
+
+    init_distributed()  # under torchrun: the process group, so that rank 0 alone writes OUT's inputs
+
+    def prepare() -> dict:
+        child_dir, source_run = resolve_source(child, run.root)  # a HF directory is imported into OUT/source
+        _link(child_dir, run.parent)
+        prepare_fuse_data(run, source_run, data, child_dir)
+        found = write_fused(run.parent, run.child, runs, leading_attention=leading_attention, max_run=max_run)[2]
+        return {"child": str(child_dir), "source_run": None if source_run is None else str(source_run.root),
+                "runs": [list(r) for r in found]}
+
+    d = rank0_decides(prepare, "prepare the fused child", (UserError, ValueError, OSError))
+    child_dir, source_run = Path(d["child"]), None if d["source_run"] is None else RunDir(d["source_run"])
+    arch, new, runs = load_arch(run.parent), load_arch(run.child), [tuple(r) for r in d["runs"]]
     gkd_cfg = gkd_cfg or GKDConfig(steps=50)
     eval_cfg = eval_cfg or EvaluateConfig()
     report: dict[str, Any] = {"source": str(child_dir), "runs": [list(r) for r in runs],
@@ -156,35 +169,43 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
         healed = run.gkd / "checkpoint"
         report["gkd"] = {k: res.get(k) for k in ("steps", "tokens", "initial", "final")}
 
-    # quality: every model against the unfused child, on the same held-out batches
+    # quality: every model against the unfused child, on the same held-out batches. Each rank builds
+    # its share (evaluate.tensor_parallel x pipeline_parallel: `torchrun ... megapuzzle fuse`), and
+    # holds at most two models at once: the reference and the one compared with it.
+    from megapuzzle.checkpoints.canonical import is_checkpoint
+    from megapuzzle.runtime.distributed import init_distributed
+
     ensure_runtime(None)
+    init_distributed(tp=eval_cfg.tensor_parallel, pp=eval_cfg.pipeline_parallel)
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
     qdt = resolve_dtype(eval_cfg.quality_dtype)
-    t_arch, t_tensors, _ = load_checkpoint(run.parent, dtype=torch.float32)
-    f_arch, f_tensors, _ = load_checkpoint(run.child, dtype=torch.float32)
-    teacher = _build(t_arch, t_tensors, qdt)
-    models = {"unfused": teacher, "fused": _build(f_arch, f_tensors, qdt)}
-    if healed is not None:
-        h_arch, h_tensors, _ = load_checkpoint(healed, dtype=torch.float32)
-        models["fused_gkd"] = _build(h_arch, h_tensors, qdt)
     batches = list(heldout.eval_batches(eval_cfg.quality_batch_size, eval_cfg.seq_len,
                                         max_batches=eval_cfg.eval_batches or None))
-    report["quality"] = quality_metrics(teacher, models, batches)
-    base = report["quality"]["unfused"]["accuracy"]
-    for n, q in report["quality"].items():
-        q["retention_pct"] = 100.0 * q["accuracy"] / base if base > 0 else None
-    from megapuzzle.checkpoints.canonical import is_checkpoint
+    dirs = {"unfused": run.parent, "fused": run.child, **({"fused_gkd": healed} if healed is not None else {})}
 
+    def against(ref_dir: Path, ref_name: str) -> dict:
+        ref = _build(*load_checkpoint(ref_dir, dtype=torch.float32)[:2], qdt)
+        out = {}
+        for name, d in dirs.items():
+            if ref_dir == d:
+                out.update(quality_metrics(ref, {name: ref}, batches))
+                continue
+            m = _build(*load_checkpoint(d, dtype=torch.float32)[:2], qdt)
+            out.update({n: q for n, q in quality_metrics(ref, {ref_name: ref, name: m}, batches).items()
+                        if n == name or n not in out})
+            del m
+        base_acc = out[ref_name]["accuracy"]
+        for q in out.values():
+            q["retention_pct"] = 100.0 * q["accuracy"] / base_acc if base_acc > 0 else None
+        return {ref_name: out.pop(ref_name), **out}
+
+    report["quality"] = against(run.parent, "unfused")
     if source_run is not None and is_checkpoint(source_run.parent):  # the original parent, when known
-        p_arch, p_tensors, _ = load_checkpoint(source_run.parent, dtype=torch.float32)
-        pm = _build(p_arch, p_tensors, qdt)
-        vp = quality_metrics(pm, {"parent": pm, **models}, batches)
-        pa = vp["parent"]["accuracy"]
-        for q in vp.values():
-            q["retention_pct"] = 100.0 * q["accuracy"] / pa if pa > 0 else None
-        report["quality_vs_parent"] = vp
-        del pm
-    del models, teacher
+        dirs = {"parent": source_run.parent, **dirs}
+        report["quality_vs_parent"] = against(source_run.parent, "parent")
+    t_arch, f_arch = load_arch(run.parent), load_arch(run.child)
+    t_tensors = load_checkpoint(run.parent, dtype=torch.float32)[1]
+    f_tensors = load_checkpoint(run.child, dtype=torch.float32)[1]
 
     if measure:
         costs_file = source_run.costs if source_run is not None else None
@@ -202,9 +223,10 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
                                                                                                speed["fused"]),
                            **speed}
     report["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(run.root / "fuse.json", report)
-    atomic_write_text(run.root / "fuse.md", fuse_markdown(report))
-    log(fuse_markdown(report))
+    if torch.distributed.get_rank() == 0:  # every rank has the whole report; one writes it
+        atomic_write_json(run.root / "fuse.json", report)
+        atomic_write_text(run.root / "fuse.md", fuse_markdown(report))
+        log(fuse_markdown(report))
     return report
 
 

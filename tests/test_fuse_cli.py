@@ -86,3 +86,29 @@ def test_fuse_refuses_a_child_without_runs(debug_parent, tmp_path):
     rc = main(["fuse", "--child", str(debug_parent / "checkpoint"), "--out", str(tmp_path / "o"),
                "--data", str(debug_parent / "data"), "--gkd-steps", "0"])
     assert rc == 2
+
+
+def _fuse_worker(info, child: str, out: str, data: str, pp: int):
+    from megapuzzle.fuse import fuse
+    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig
+
+    torch.set_num_threads(1)
+    cfg = EvaluateConfig(quality_batch_size=2, seq_len=32, eval_batches=2, pipeline_parallel=pp)
+    return fuse(child, out, data=data, heal=False, eval_cfg=cfg, measure=False)["quality"]
+
+
+def test_fuse_quality_at_pp2_equals_one_process(debug_parent, tmp_path):
+    """Each rank builds its pipeline stage of each model (evaluate's layout), two models at a time:
+    the same quality as one process (fp32, the same ops per layer: reduction order only)."""
+    import pytest
+    from _dist import run_distributed
+
+    child = _child_with_run(debug_parent, tmp_path / "child")
+    one = _fuse_worker(None, str(child), str(tmp_path / "one"), str(debug_parent / "data"), 1)
+    res = run_distributed(_fuse_worker, world=2, pp=2,
+                          args=(str(child), str(tmp_path / "pp"), str(debug_parent / "data"), 2))
+    assert set(one) == {"unfused", "fused"} and res[0] == res[1]  # every rank has the report
+    for name, q in one.items():
+        for k in ("lm_loss", "accuracy", "kl_to_parent", "top1_agreement"):
+            assert res[0][name][k] == pytest.approx(q[k], rel=1e-5, abs=1e-7), (name, k)
+    assert json.loads((tmp_path / "pp" / "fuse.json").read_text())["quality"] == res[0]
