@@ -20,7 +20,7 @@ Used by `megapuzzle score` (its cached, stacked candidate passes) and BLD's teac
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -88,19 +88,29 @@ class StageRunner:
         return rope(rope.get_rotary_seq_len(None, self.m.decoder, h, self.m.config, None))
 
     def layers_from(self, h: torch.Tensor, rot, start: int | None = None, stop: int | None = None,
-                    replace: Mapping[int, torch.nn.Module] | None = None) -> torch.Tensor:
+                    replace: Mapping[int, torch.nn.Module] | None = None,
+                    on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
         """This stage's layers max(start, first) .. min(stop, self.stop) - 1 on `h` [s, b, h];
-        layer i is `replace[i]` where given (a Megatron TransformerLayer or anything with its call)."""
+        layer i is `replace[i]` where given (a Megatron TransformerLayer or anything with its call).
+        `on_layer(i, input, output)` sees each layer's streams (what a caller keeps: BLD's teacher,
+        GKD's parent)."""
         lo = self.first if start is None else max(start, self.first)
         hi = self.stop if stop is None else min(stop, self.stop)
         for i in range(lo, hi):
             layer = replace[i] if replace and i in replace else self.layers[i]
+            x = h
             h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rot)
+            if on_layer is not None:
+                on_layer(i, x, h)
         return h
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """Last stage: the final hidden state [s, b, h] (after the final norm, before the head)."""
+        return self.m.decoder.final_layernorm(h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Last stage: final norm + output layer -> full-vocabulary fp32 log-probs [b, s, V]."""
-        h = self.m.decoder.final_layernorm(h)
+        h = self.final_norm(h)
         w = self.m.shared_embedding_or_output_weight() if self.m.share_embeddings_and_output_weights else None
         logits, _ = self.m.output_layer(h, weight=w)
         return F.log_softmax(gather_vocab(logits.transpose(0, 1).contiguous()).float(), dim=-1)
