@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from megapuzzle.train.vocab_kd import (  # noqa: F401 (re-exported: VocabParallelKD's home was here)
     VocabParallelKD, all_reduce_if, kd_from_parent_hidden, parent_lm_from_hidden, head_off, tp_group_rank_size)
+from megapuzzle.train.parent_pass import parent_pass
 
 
 def in_recompute() -> bool:
@@ -96,12 +97,13 @@ def cosine_distance(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def distill_terms(child, parent, tokens: torch.Tensor, labels: torch.Tensor, temperature: float,
                   parent_lm: bool = False, chunk: int = 0) -> dict[str, torch.Tensor]:
     """Per-token loss terms of one micro-batch: {"cosine": [L, s, b] (1 - cos per layer),
-    "kl": [b, s], "lm": [b, s]} (+ the parent's own "parent_lm"); the parent runs without
-    grad, the child follows the grad mode. The parent's forward stops at its final hidden state; its
+    "kl": [b, s], "lm": [b, s]} (+ the parent's own "parent_lm"); the parent runs without grad,
+    layer by layer (megapuzzle.train.parent_pass), the child through `GPTModel.forward` in the grad
+    mode (autograd, activation recompute). The parent's pass stops at its final hidden state; its
     logits are computed by the loss, `chunk` tokens at a time (0: all at once; gkd.loss_chunk_tokens)."""
+    hidden, final = parent_pass(parent, tokens, tokens.shape[0])  # no grad; layer by layer (model/runner.py)
+    hp, t_hidden = [hidden[i][0] for i in sorted(hidden)], final[0]  # t_hidden: [s, b, h] after the final norm
     pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    with torch.no_grad(), capture_layer_outputs(parent) as hp, head_off(parent):
-        t_hidden = parent(tokens, pos, None)  # [s, b, h] after the final norm
     with capture_layer_outputs(child) as hc:
         s_logits = child(tokens, pos, None)  # [b, s, V/tp]: GPTModel built with parallel_output=True
     require_graph(hc)

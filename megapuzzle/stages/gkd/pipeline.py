@@ -40,6 +40,7 @@ import torch.distributed as dist
 from megapuzzle.metrics import heldout_metrics
 from megapuzzle.model.gpt import unwrap_model
 from megapuzzle.train.distill import cosine_distance, in_recompute, require_graph
+from megapuzzle.train.parent_pass import StagePass, parent_pass
 from megapuzzle.train.vocab_kd import head_off, kd_from_parent_hidden, logits_from_hidden, parent_lm_from_hidden
 
 
@@ -90,11 +91,19 @@ def _is_last_stage() -> bool:
     return _ps().is_pipeline_last_stage(ignore_virtual=True)
 
 
+def forward_pass(model, tokens: torch.Tensor, micro: int) -> StagePass:
+    """The frozen parent's pass over `tokens` [b, s] in micro-batches of `micro`, layer by layer through
+    the pipeline (megapuzzle.train.parent_pass: model/runner.py's stage pieces, the stream sent stage to
+    stage): (this stage's layer outputs per micro-batch, the last stage's final hidden state [s, mb, h]
+    per micro-batch: the output layer does not run, megapuzzle.train.vocab_kd computes the logits)."""
+    return parent_pass(model, tokens, micro)
+
+
 @torch.no_grad()
-def forward_pass(model, tokens: torch.Tensor, micro: int) -> tuple[dict[int, list[torch.Tensor]], list[torch.Tensor]]:
-    """Forward-only pipeline pass over `tokens` [b, s] in micro-batches of `micro`: (this stage's
-    layer outputs per micro-batch, the last stage's final hidden state [s, mb, h] per micro-batch:
-    the output layer does not run, megapuzzle.train.vocab_kd computes the logits when needed)."""
+def child_forward_pass(model, tokens: torch.Tensor, micro: int) -> StagePass:
+    """`forward_pass`'s results for the child, through `GPTModel.forward` as it trains (Megatron's
+    forward-only schedule, forward hooks, the output layer off): the child's forward is the one the
+    training runs (an fp8 child's quantization context included), at PP = 1 and PP > 1 alike."""
     from megapuzzle.model.forward import _run_pipeline
 
     with capture_stage_outputs(model, detach=True) as hidden, head_off(model):
@@ -193,7 +202,7 @@ def evaluate_heldout_pp(child, parent, heldout, cfg, info) -> dict[str, float]:
         rows = tokens.shape[0]  # the last batch may be smaller: the largest micro-batch that divides it
         micro = max(d for d in range(1, min(cfg.micro_batch_size or rows, rows) + 1) if rows % d == 0)
         hp, t_final = forward_pass(parent, tokens, micro)
-        hc, s_final = forward_pass(child, tokens, micro)
+        hc, s_final = child_forward_pass(child, tokens, micro)
         for k in range(tokens.shape[0] // micro):
             acc[0] += sum(_cosine(hc[j][k], hp[j][k]).sum() for j in sorted(hc)).double()
             if last:
