@@ -32,7 +32,9 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,31 +107,67 @@ def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> dict:
-    """Distil RUN/parent into RUN/child; returns result.json's content ({} on ranks > 0).
-    Under `faults.kill_after("gkd", n)` (tests) it returns {"stopped_at": n} without saving,
-    like a kill between checkpoints."""
-    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, tokenizer_path, require_parent
-    from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.model.config import ModelOptions
-    from megapuzzle.model.gpt import build_gpt_model
-    from megapuzzle.model.weights import load_canonical_into_model, write_checkpoint_from_model
-    from megapuzzle.runtime.distributed import init_distributed
-    from megapuzzle.runtime.dtypes import resolve_dtype
-    from megapuzzle.train.loop import TrainLoop
-    from megapuzzle.train.schedule import LRSchedule
-    from megapuzzle.train.train_logger import TrainLogger
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one `run_gkd` share: the checked inputs, this rank's place, the signature."""
 
-    t_start = time.perf_counter()
+    run: RunDir
+    cfg: GKDConfig
+    info: Any
+    parent_dir: Path
+    train: Any
+    heldout: Any
+    local_batch: int
+    micro: int
+    trainer_name: str
+    sig: str
+    shared: bool
+    """One dist-checkpoint dir for all ranks (the Megatron trainer), else one dir per rank."""
+    state_dir: Path
+    t_start: float
+
+    @property
+    def main(self) -> bool:
+        return self.info.rank == 0
+
+
+@dataclasses.dataclass
+class _Models:
+    """Parent (frozen) and child (training) on this rank, with the child's trainer."""
+
+    parent_arch: Any
+    child_arch: Any
+    child_meta: dict
+    ckpt_dtype: torch.dtype
+    parent: Any
+    child: Any
+    trainer: Any
+    model: Any
+    """Megatron's DDP wrapper with the megatron trainer, else the child itself."""
+    evaluate: Callable[..., dict[str, float]]
+
+
+def _check_fp8() -> None:
+    """Fail at start, not after loading two models."""
+    from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te
+
+    try:
+        check_fp8(True, resolve_use_te(None))
+    except ModelConfigError as e:
+        raise UserError(f"gkd.fp8: {e}") from None
+
+
+def _prepare(run_dir: str | Path, cfg: GKDConfig, t_start: float) -> _Run:
+    """Checks and inputs: the run directory, the data, the distributed layout, the batch split, the trainer
+    and the signature of this distillation."""
+    from megapuzzle.checkpoints.canonical import is_checkpoint, require_parent
+    from megapuzzle.data.datasets import PackedSequenceDataset
+    from megapuzzle.runtime.distributed import init_distributed
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.fp8:  # fail at start, not after loading two models
-        from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te
-
-        try:
-            check_fp8(True, resolve_use_te(None))
-        except ModelConfigError as e:
-            raise UserError(f"gkd.fp8: {e}") from None
+    if cfg.fp8:
+        _check_fp8()
     run = RunDir(run_dir)
     parent_dir = require_parent(run)
     if not is_checkpoint(run.child):
@@ -137,7 +175,6 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     train = PackedSequenceDataset.from_prefix(run.require_data("train"))
     heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
     info = init_distributed(tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel, seed=cfg.seed)
-    main = info.rank == 0
     if cfg.batch_size % info.dp_size:
         raise UserError(f"gkd.batch_size {cfg.batch_size} is not divisible by the data-parallel size {info.dp_size}")
     local_batch = cfg.batch_size // info.dp_size
@@ -149,24 +186,42 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
                         f"{local_batch // micro} micro-batches per rank")
     trainer_name = resolve_trainer(cfg.optimizer)
     sig = _signature(cfg, info, parent_dir, run.child, trainer_name)
-    result_file = run.gkd / "result.json"
-    if result_file.is_file():
-        res = json.loads(result_file.read_text())
-        if res.get("signature") == sig:
-            if main:
-                log(f"[gkd] {run.gkd} already holds this distillation (result.json); nothing to do")
-            return res if main else {}
-        # Inputs changed (a re-realized child, another config): the stage runs again, as
-        # `megapuzzle run` expects; the old checkpoint and result are replaced when it finishes.
-        if main:
-            log(f"[gkd] {run.gkd} holds a distillation of another config / child; distilling again")
-    shared = trainer_name == "megatron"  # one dist-checkpoint dir for all ranks, else one dir per rank
+    shared = trainer_name == "megatron"
     state_dir = run.gkd / "train_state" / ("dist" if shared else f"rank{info.rank:03d}")
-    resume_point(state_dir, info, sig, shared)
+    return _Run(run, cfg, info, parent_dir, train, heldout, local_batch, micro, trainer_name, sig, shared, state_dir,
+                t_start)
 
+
+def _finished(r: _Run) -> dict | None:
+    """result.json's content when RUN/gkd already holds this distillation ({} on ranks > 0), else None."""
+    result_file = r.run.gkd / "result.json"
+    if not result_file.is_file():
+        return None
+    res = json.loads(result_file.read_text())
+    if res.get("signature") == r.sig:
+        if r.main:
+            log(f"[gkd] {r.run.gkd} already holds this distillation (result.json); nothing to do")
+        return res if r.main else {}
+    # Inputs changed (a re-realized child, another config): the stage runs again, as
+    # `megapuzzle run` expects; the old checkpoint and result are replaced when it finishes.
+    if r.main:
+        log(f"[gkd] {r.run.gkd} holds a distillation of another config / child; distilling again")
+    return None
+
+
+def _load_models(r: _Run) -> _Models:
+    """Parent and child on this rank's TP / PP share, read lazily; the parent frozen, the child training
+    under its trainer."""
+    from megapuzzle.checkpoints.canonical import load_checkpoint
+    from megapuzzle.model.config import ModelOptions
+    from megapuzzle.model.gpt import build_gpt_model
+    from megapuzzle.model.weights import load_canonical_into_model
+    from megapuzzle.runtime.dtypes import resolve_dtype
+
+    cfg, info = r.cfg, r.info
     dtype = resolve_dtype(cfg.dtype)
-    parent_arch, tensors, _ = load_checkpoint(parent_dir)
-    child_arch, child_tensors, child_meta = load_checkpoint(run.child)
+    parent_arch, tensors, _ = load_checkpoint(r.parent_dir)
+    child_arch, child_tensors, child_meta = load_checkpoint(r.run.child)
     for f in ("num_layers", "hidden_size", "vocab_size"):
         if getattr(parent_arch, f) != getattr(child_arch, f):
             raise UserError(f"child {f}={getattr(child_arch, f)} differs from the parent's {getattr(parent_arch, f)}; "
@@ -189,57 +244,74 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
     load_canonical_into_model(child, child_tensors, child_arch)
     del tensors, child_tensors
     child.train()
-    trainer = make_trainer(trainer_name, child, cfg, info, state_dir)
-    model = trainer.model  # Megatron's DDP wrapper with the megatron trainer, else the child itself
+    trainer = make_trainer(r.trainer_name, child, cfg, info, r.state_dir)
     if info.pp_size > 1:
         from megapuzzle.stages.gkd import pipeline as gkd_pipeline
 
         evaluate = gkd_pipeline.evaluate_heldout_pp
     else:
         evaluate = evaluate_heldout
+    return _Models(parent_arch, child_arch, child_meta, ckpt_dtype, parent, child, trainer, trainer.model, evaluate)
 
-    resumed = trainer.load()
+
+def _resume_or_evaluate(r: _Run, m: _Models) -> tuple[int, dict]:
+    """(the first step, the state saved with every checkpoint: signature, initial held-out metrics, the loss
+    history): the trainer's resumed state, or a fresh one after the held-out evaluation of the child as
+    initialised."""
+    cfg, info = r.cfg, r.info
+    resumed = m.trainer.load()
     start = resumed["step"] if resumed else 0
     if resumed:
         extra = resumed["extra"]
-        if main:
+        if r.main:
             log(f"[gkd] resumed from step {start}")
     else:
-        extra = {"signature": sig, "initial": evaluate(model, parent, heldout, cfg, info), "history": []}
-    initial, history = extra["initial"], extra["history"]
-    total = cfg.total_steps
-    if main and not resumed:  # one line: sizes, budget, layout, where the child starts
-        log(f"[gkd] child {child_arch.num_params() / 1e6:.2f}M params <- parent {parent_arch.num_params() / 1e6:.2f}M; "
-            f"{total} steps x {cfg.tokens_per_step} tokens; TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}; "
+        extra = {"signature": r.sig, "initial": m.evaluate(m.model, m.parent, r.heldout, cfg, info), "history": []}
+    initial = extra["initial"]
+    if r.main and not resumed:  # one line: sizes, budget, layout, where the child starts
+        log(f"[gkd] child {m.child_arch.num_params() / 1e6:.2f}M params <- parent "
+            f"{m.parent_arch.num_params() / 1e6:.2f}M; {cfg.total_steps} steps x {cfg.tokens_per_step} tokens; "
+            f"TP {info.tp_size} x PP {info.pp_size} x DP {info.dp_size}; "
             f"held-out KL {initial['kl']:.4f}, cosine {initial['cosine']:.4f}, LM loss {initial['lm_loss']:.4f} "
             f"(parent {initial['parent_lm_loss']:.4f})")
-    sched = LRSchedule(cfg.lr, total, cfg.warmup, cfg.min_lr)
-    logger = TrainLogger(run.tb / "gkd" if main else None, total, prefix="gkd/", enabled=main)
-    if main and start == 0:
-        for k in ("kl", "cosine", "lm_loss", "loss"):
-            logger.scalar(f"heldout/{k}", initial[k], 0)
-    dev = next(child.parameters()).device
+    return start, extra
+
+
+def _step_fn(r: _Run, m: _Models, window: torch.Tensor) -> Callable[[int, float], None]:
+    """One optimizer step over the rank's share of the global batch (PP: Megatron's 1F1B schedule, else
+    micro-batches with gradient accumulation); adds its loss terms, grad norm and per-layer cosine means
+    to `window`: (TERMS..., grad norm, per layer)."""
+    cfg, info, trainer = r.cfg, r.info, m.trainer
+    dev = next(m.child.parameters()).device
     w = {"cosine": cfg.cosine_weight, "kl": cfg.kl_weight, "lm": cfg.lm_weight}
-    # interval sums on the device (no host sync per step): loss terms, grad norm, per-layer cosine
     nt = len(TERMS)
-    window = torch.zeros(nt + 1 + child_arch.num_layers, dtype=torch.float64, device=dev)
-    n_micro = local_batch // micro
+    n_micro = r.local_batch // r.micro
 
     def step(i: int, lr: float) -> None:
-        batch = train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
+        batch = r.train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
         trainer.zero_grad()
         if info.pp_size > 1:  # Megatron's 1F1B schedule; each stage adds its share to the window
-            gkd_pipeline.train_microbatches(model, parent, batch.to(dev), micro, cfg, w, window, nt)
+            from megapuzzle.stages.gkd import pipeline as gkd_pipeline
+
+            gkd_pipeline.train_microbatches(m.model, m.parent, batch.to(dev), r.micro, cfg, w, window, nt)
         else:
-            for j, mb in enumerate(batch.to(dev).split(micro)):
-                terms = distill_terms(model, parent, mb[:, :-1], mb[:, 1:], cfg.temperature,
+            for j, mb in enumerate(batch.to(dev).split(r.micro)):
+                terms = distill_terms(m.model, m.parent, mb[:, :-1], mb[:, 1:], cfg.temperature,
                                       chunk=cfg.loss_chunk_tokens)
-                m = _combine(terms, w)
+                c = _combine(terms, w)
                 with trainer.no_sync(last=j == n_micro - 1):  # grad reduce only with the last micro-batch
-                    (m["loss"] / n_micro).backward()
-                window[:nt] += torch.stack([m[k].detach() for k in TERMS]).double() / n_micro
+                    (c["loss"] / n_micro).backward()
+                window[:nt] += torch.stack([c[k].detach() for k in TERMS]).double() / n_micro
                 window[nt + 1:] += terms["cosine"].detach().mean(dim=(1, 2)).double() / n_micro
         window[nt] += trainer.step(lr)
+
+    return step
+
+
+def _report_fn(r: _Run, window: torch.Tensor, history: list, sched) -> Callable[[int, int], dict[str, float]]:
+    """The logging window's averages over the pipeline and data-parallel groups: appended to `history`
+    (result.json's loss curve) and returned for the console line / tensorboard; `window` is zeroed."""
+    info, nt = r.info, len(TERMS)
 
     def report(n: int, done: int) -> dict[str, float]:
         avg = window / done
@@ -261,42 +333,94 @@ def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> di
         return {"loss": row["loss"], "cosine loss": row["cosine"], "kl loss": row["kl"], "lm loss": row["lm"],
                 "grad norm": row["grad_norm"], **{f"cosine/layer_{i:03d}": v for i, v in enumerate(avg[nt + 1:])}}
 
-    loop = TrainLoop("gkd", total, sched, logger, cfg.log_every, cfg.checkpoint_every, cfg.tokens_per_step,
-                     progress=progress and main)
-    stopped = loop.run(start, step, save=lambda n: trainer.save(n, extra), window=report)
-    if stopped is not None:
-        return {"stopped_at": stopped}
+    return report
 
-    final = evaluate(model, parent, heldout, cfg, info)
-    out = run.gkd / "checkpoint"
+
+def _train(r: _Run, m: _Models, start: int, extra: dict, progress: bool):
+    """Steps start .. total through the shared training loop (checkpoints carry `extra`): (the step a
+    `faults.kill_after` stopped at, or None; the logger)."""
+    from megapuzzle.train.loop import TrainLoop
+    from megapuzzle.train.schedule import LRSchedule
+    from megapuzzle.train.train_logger import TrainLogger
+
+    cfg, total = r.cfg, r.cfg.total_steps
+    sched = LRSchedule(cfg.lr, total, cfg.warmup, cfg.min_lr)
+    logger = TrainLogger(r.run.tb / "gkd" if r.main else None, total, prefix="gkd/", enabled=r.main)
+    if r.main and start == 0:
+        for k in ("kl", "cosine", "lm_loss", "loss"):
+            logger.scalar(f"heldout/{k}", extra["initial"][k], 0)
+    dev = next(m.child.parameters()).device
+    # interval sums on the device (no host sync per step): loss terms, grad norm, per-layer cosine
+    window = torch.zeros(len(TERMS) + 1 + m.child_arch.num_layers, dtype=torch.float64, device=dev)
+    loop = TrainLoop("gkd", total, sched, logger, cfg.log_every, cfg.checkpoint_every, cfg.tokens_per_step,
+                     progress=progress and r.main)
+    stopped = loop.run(start, _step_fn(r, m, window), save=lambda n: m.trainer.save(n, extra),
+                       window=_report_fn(r, window, extra["history"], sched))
+    return stopped, logger
+
+
+def _finish(r: _Run, m: _Models, start: int, extra: dict, logger) -> dict:
+    """The final held-out evaluation, RUN/gkd/checkpoint (collective) and, last, result.json (rank 0);
+    then the resumable state goes. Returns result.json's content ({} on ranks > 0)."""
+    from megapuzzle.checkpoints.canonical import tokenizer_path
+    from megapuzzle.model.weights import write_checkpoint_from_model
+
+    cfg, info, total = r.cfg, r.info, r.cfg.total_steps
+    final = m.evaluate(m.model, m.parent, r.heldout, cfg, info)
+    out = r.run.gkd / "checkpoint"
     # collective, streamed: rank 0 writes layer by layer as the stages send them, never the whole child
     meta = {"source": "gkd", "steps": total, "tokens": total * cfg.tokens_per_step, "heldout": final,
-            "child_meta": child_meta}
-    write_checkpoint_from_model(child, child_arch, out, dtype=ckpt_dtype, tokenizer_dir=tokenizer_path(run.child),
-                                force=True, meta=meta)
+            "child_meta": m.child_meta}
+    write_checkpoint_from_model(m.child, m.child_arch, out, dtype=m.ckpt_dtype,
+                                tokenizer_dir=tokenizer_path(r.run.child), force=True, meta=meta)
     result: dict = {}
-    if main:
+    if r.main:
         for k in ("kl", "cosine", "lm_loss", "loss"):
             logger.scalar(f"heldout/{k}", final[k], total)
         logger.close()
-        result = {
-            "config": section_dict(cfg), "signature": sig, "steps": total, "tokens": total * cfg.tokens_per_step,
-            "world": {"tp": info.tp_size, "dp": info.dp_size, **({"pp": info.pp_size} if info.pp_size > 1 else {})},
-            "trainer": trainer_name,
-            "parent": str(parent_dir), "child": str(run.child),
-            "checkpoint": str(out), "child_params": child_arch.num_params(), "parent_params": parent_arch.num_params(),
-            "initial": initial, "final": final, "history": history, "resumed_from_step": start,
-            "wall_seconds_this_run": time.perf_counter() - t_start,
-        }
-        atomic_write_json(result_file, result)  # written last: its presence means "done"
+        result = _result(r, m, start, extra, final, out)
+        atomic_write_json(r.run.gkd / "result.json", result)  # written last: its presence means "done"
+        initial = extra["initial"]
         log(f"[gkd] held-out KL {initial['kl']:.4f} -> {final['kl']:.4f}, cosine {initial['cosine']:.4f} -> "
             f"{final['cosine']:.4f}, LM loss {initial['lm_loss']:.4f} -> {final['lm_loss']:.4f} (parent "
-            f"{final['parent_lm_loss']:.4f}); {time.perf_counter() - t_start:.0f}s -> {out}")
+            f"{final['parent_lm_loss']:.4f}); {time.perf_counter() - r.t_start:.0f}s -> {out}")
     if info.world_size > 1:
         dist.barrier()  # result.json exists before any rank drops its state
-    if not shared or main:
-        shutil.rmtree(state_dir, ignore_errors=True)  # the final checkpoint holds the weights
+    if not r.shared or r.main:
+        shutil.rmtree(r.state_dir, ignore_errors=True)  # the final checkpoint holds the weights
     return result
+
+
+def _result(r: _Run, m: _Models, start: int, extra: dict, final: dict, out: Path) -> dict:
+    """result.json: the config, signature, layout, trainer, sizes, held-out metrics before and after and the
+    loss curve."""
+    cfg, info, total = r.cfg, r.info, r.cfg.total_steps
+    return {
+        "config": section_dict(cfg), "signature": r.sig, "steps": total, "tokens": total * cfg.tokens_per_step,
+        "world": {"tp": info.tp_size, "dp": info.dp_size, **({"pp": info.pp_size} if info.pp_size > 1 else {})},
+        "trainer": r.trainer_name,
+        "parent": str(r.parent_dir), "child": str(r.run.child),
+        "checkpoint": str(out), "child_params": m.child_arch.num_params(), "parent_params": m.parent_arch.num_params(),
+        "initial": extra["initial"], "final": final, "history": extra["history"], "resumed_from_step": start,
+        "wall_seconds_this_run": time.perf_counter() - r.t_start,
+    }
+
+
+def run_gkd(run_dir: str | Path, cfg: GKDConfig, *, progress: bool = True) -> dict:
+    """Distil RUN/parent into RUN/child; returns result.json's content ({} on ranks > 0).
+    Under `faults.kill_after("gkd", n)` (tests) it returns {"stopped_at": n} without saving,
+    like a kill between checkpoints."""
+    r = _prepare(run_dir, cfg, time.perf_counter())
+    done = _finished(r)
+    if done is not None:
+        return done
+    resume_point(r.state_dir, r.info, r.sig, r.shared)
+    m = _load_models(r)
+    start, extra = _resume_or_evaluate(r, m)
+    stopped, logger = _train(r, m, start, extra, progress)
+    if stopped is not None:
+        return {"stopped_at": stopped}
+    return _finish(r, m, start, extra, logger)
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
