@@ -15,7 +15,8 @@ so nothing but the tensor itself is sent.
     h = run.layers_from(h, rot, start=l, replace={l: block})
     lp = run.stage_output(h)              # log-probs [b, s, V] on the last stage, else sent on: None
 
-Used by `megapuzzle score` (its cached, stacked candidate passes) and BLD's teacher.
+Used by `megapuzzle score` (its cached, stacked candidate passes), BLD's teacher, `evaluate` and GKD's
+frozen parent (megapuzzle.train.parent_pass).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ GKD's last pipeline stage used to keep the parent's bf16 logits [tokens, V / tp]
 parent ran ahead of the child (gkd.parent_pass_micro_batches), and the loss kept 3 fp32 tensors of that
 shape for its backward (plus a few transient ones). Instead:
 
-- the parent runs with its output layer switched off (`head_off`) and keeps its final hidden state
-  (after the final norm, Megatron's [s, b, h]); `logits_from_hidden` applies the output layer (vocab-parallel
+- the parent's pass stops at its final hidden state (after the final norm, Megatron's [s, b, h];
+  megapuzzle.train.parent_pass, and `head_off` for a `GPTModel.forward`); `logits_from_hidden` applies the output layer (vocab-parallel
   over TP, as inside GPTModel) when the child's loss needs them. The same op on the same input: bitwise
   the logits the parent's forward returned.
 - `ChunkedVocabParallelKD` computes the per-token (KL, CE) of `VocabParallelKD`

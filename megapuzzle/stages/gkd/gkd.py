@@ -11,13 +11,21 @@ Megatron-core GPTModels, on RUN/data/train with
       + lm_weight     * mean_tokens CE(z_child, next token)            (default 0: it hurt in the paper)
 
 h^l = the residual stream at the OUTPUT of layer l (same layer count; the last one is the final
-norm's input), from forward hooks. KL and CE run on the vocab-parallel logit shards (no TP
-all-gather of [tokens, vocab]), like Megatron's vocab_parallel_cross_entropy; T^2 keeps the
-gradient scale independent of the temperature. The parent keeps its final hidden state, not its
-logits; the loss applies its output layer, gkd.loss_chunk_tokens tokens at a time (train/vocab_kd.py).
+norm's input). The frozen parent runs layer by layer through model/runner.py, no grad
+(train/parent_pass.py: the same stage-by-stage pass at every PP), and keeps each layer's output and
+its final hidden state, not its logits; the loss applies its output layer, gkd.loss_chunk_tokens
+tokens at a time (train/vocab_kd.py). The child runs `GPTModel.forward` under autograd (Megatron's
+1F1B schedule under PP), its layer outputs read by forward hooks. KL and CE run on the
+vocab-parallel logit shards (no TP all-gather of [tokens, vocab]), like Megatron's
+vocab_parallel_cross_entropy; T^2 keeps the gradient scale independent of the temperature.
 
 gkd.recompute (none / selective / full) is Megatron's activation recompute of the child; the
 hooks record only the original forward, not the re-run in the backward (train/distill.py).
+
+`run_gkd` in steps: `_prepare` (checks, data, layout, signature), `_finished` (result.json of the
+same signature: nothing to do), `_load_models`, `_resume_or_evaluate` (the trainer's state or the
+initial held-out metrics), `_train` (the shared loop over `_step_fn`, logging `_report_fn`),
+`_finish` (final metrics, the checkpoint, result.json last).
 
 How it trains (batches, schedule, PP, the two trainers, activation memory, precision, what it
 writes): docs/design.md, "GKD".

@@ -4,10 +4,11 @@ Child and parent have the same layer count, so Megatron's pipeline split puts la
 the same stage and every hidden-state comparison is stage-local. Per step (one rank's share of
 the global batch, in micro-batches):
 
-1. The parent runs forward-only through Megatron's pipeline schedule (no grad). Each stage keeps
-   the outputs of ITS OWN layers per micro-batch (forward hooks); the last stage also keeps the
-   parent's final hidden state (after the final norm; its output layer is off,
-   megapuzzle.train.vocab_kd.head_off), not its logits: [tokens, h] bf16, not [tokens, V / tp].
+1. The parent runs forward-only, layer by layer through model/runner.py (`forward_pass` ->
+   megapuzzle.train.parent_pass; no grad): micro-batch by micro-batch each stage receives its input
+   from the previous stage, runs its layers and sends the stream on. Each stage keeps the outputs of
+   ITS OWN layers per micro-batch; the last stage also keeps the parent's final hidden state (after
+   the final norm; its output layer never runs), not its logits: [tokens, h] bf16, not [tokens, V / tp].
    Nothing but the usual boundary activation crosses stages.
    It runs the rank's whole batch at once, or `gkd.parent_pass_micro_batches` micro-batches at a
    time, each group then followed by the child's schedule over it (steps 1-2 per group): what it
@@ -16,12 +17,16 @@ the global batch, in micro-batches):
    (`get_forward_backward_func`). Each stage computes its layers' cosine terms against the
    parent's in its forward step. The last stage adds them to its loss function (KL + LM on the
    vocab shards, the parent's logits computed there from its hidden state by its output layer,
-   `gkd.loss_chunk_tokens` tokens at a time: megapuzzle.train.vocab_kd); every other stage attaches them to its output activation
-   with `AttachLoss` (Megatron's `MoEAuxLossAutoScaler` trick: identity forward, and the
-   backward that the schedule starts from the gradient the next stage sends also
-   back-propagates d(local loss)). Scaled by 1 / micro-batches as Megatron scales the main loss.
+   `gkd.loss_chunk_tokens` tokens at a time: megapuzzle.train.vocab_kd); every other stage attaches
+   them to its output activation with `AttachLoss` (Megatron's `MoEAuxLossAutoScaler` trick:
+   identity forward, and the backward that the schedule starts from the gradient the next stage
+   sends also back-propagates d(local loss)). Scaled by 1 / micro-batches as Megatron scales the main loss.
    Under `gkd.recompute` the child's layers re-run in the backward; the hooks skip that re-run
    (megapuzzle.train.distill.in_recompute).
+
+The held-out metrics (`evaluate_heldout_pp`) run the parent the same way and the child through
+`GPTModel.forward` in Megatron's forward-only schedule (`child_forward_pass`): the forward it trains
+with, an fp8 child's quantization context included, as at PP = 1.
 
 The reported terms are per-stage partial sums (zeros for the layers / logits a stage lacks),
 summed over the pipeline group at log time, so they are the PP = 1 numbers. Gradients of the
