@@ -9,9 +9,9 @@ parent ran ahead of the child (gkd.parent_pass_micro_batches), and the loss kept
 shape for its backward (plus a few transient ones). Instead:
 
 - the parent's pass stops at its final hidden state (after the final norm, Megatron's [s, b, h];
-  megapuzzle.train.parent_pass, and `head_off` for a `GPTModel.forward`); `logits_from_hidden` applies the output layer (vocab-parallel
-  over TP, as inside GPTModel) when the child's loss needs them. The same op on the same input: bitwise
-  the logits the parent's forward returned.
+  megapuzzle.train.parent_pass, and `head_off` for a `GPTModel.forward`); `logits_from_hidden` applies
+  the output layer (vocab-parallel over TP, as inside GPTModel) when the child's loss needs them. The same
+  op on the same input: bitwise the logits the parent's forward returned.
 - `ChunkedVocabParallelKD` computes the per-token (KL, CE) of `VocabParallelKD`
   over `chunk` tokens at a time, the parent's logits of each chunk included, and saves only its inputs
   (the child's logits, which the schedule holds anyway, and the parent's hidden state); its backward
