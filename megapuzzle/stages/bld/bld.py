@@ -66,31 +66,18 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, progress: bool
     `search_space` and `bld`). Under `faults.kill_after("bld", n)` (tests) a rank stops after
     step n without saving, like a kill between checkpoints. Returns this rank's summary."""
     from megapuzzle.stages.bld.train import train_rank
-    from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint, require_parent
-    from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te, stage_layer_ranges
-    from megapuzzle.runtime.distributed import DistributedError, init_distributed, rank0_decides
+    from megapuzzle.checkpoints.canonical import load_checkpoint, require_parent
+    from megapuzzle.runtime.distributed import rank0_decides
 
     cfg_dict = cfg_dict or {}
     space = SearchSpace.from_dict(cfg_dict.get("search_space"))
     cfg = section(cfg_dict, "bld", BLDConfig)
-    if cfg.fp8:  # fail at start, before the parent is loaded
-        try:
-            check_fp8(True, resolve_use_te(None))
-        except ModelConfigError as e:
-            raise UserError(f"bld.fp8: {e}") from None
+    _check_fp8(cfg)
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     rd = RunDir(run_dir)
-    try:
-        stages = stage_layer_ranges(load_arch(require_parent(rd)).num_layers, cfg.pipeline_parallel)
-    except ModelConfigError as e:
-        raise UserError(f"bld.pipeline_parallel={cfg.pipeline_parallel}: {e}") from None
-    try:
-        info = init_distributed(tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel, seed=cfg.seed)
-    except DistributedError as e:
-        raise UserError(f"bld (tensor_parallel={cfg.tensor_parallel}, pipeline_parallel="
-                        f"{cfg.pipeline_parallel}): {e}") from None
+    stages, info = _ranks(rd, cfg)
     arch, parent_tensors, _ = load_checkpoint(require_parent(rd))
     rd.require_data("train")
     rd.require_data("heldout")  # the fixed eval batches for init / final NMSE
@@ -112,11 +99,7 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, progress: bool
     summary = {"rank": info.rank, "dp_rank": info.dp_rank, "pp_rank": info.pp_rank, "trained": [b.key for b in mine],
                "parent_written": d["parent_written"], "corrupt": d["corrupt"], "todo": d["todo"],
                "steps": cfg.steps, "resumed_from": None, "timings": {}}
-    role = None
-    if info.pp_size > 1:  # every stage of a pipeline with work takes part (relays, agrees on resume)
-        from megapuzzle.stages.bld.pp_relay import PipelineRole, deepest_stage
-
-        role = PipelineRole(info.pp_rank, deepest_stage(d["assign"], todo, info.dp_rank))
+    role = _pipeline_role(info, d["assign"], todo)
     if mine or (role is not None and role.deepest >= 0):
         res = train_rank(rd, cfg, arch, parent_tensors, mine, lib, info,
                          state_dir=state_root / f"rank{info.rank:03d}", signature=sig,
@@ -124,6 +107,45 @@ def run_bld(run_dir: str | Path, cfg_dict: dict | None = None, *, progress: bool
         summary.update(res)
     summary["timings"]["total_s"] = time.perf_counter() - t0
     return summary
+
+
+def _check_fp8(cfg: BLDConfig) -> None:
+    """bld.fp8 needs TransformerEngine and an FP8 GPU: fail at start, before the parent is loaded."""
+    from megapuzzle.model.config import ModelConfigError, check_fp8, resolve_use_te
+
+    if cfg.fp8:
+        try:
+            check_fp8(True, resolve_use_te(None))
+        except ModelConfigError as e:
+            raise UserError(f"bld.fp8: {e}") from None
+
+
+def _ranks(rd: RunDir, cfg: BLDConfig):
+    """(each pipeline stage's layers, this rank's ParallelInfo): torch.distributed + Megatron's groups."""
+    from megapuzzle.checkpoints.canonical import load_arch, require_parent
+    from megapuzzle.model.config import ModelConfigError, stage_layer_ranges
+    from megapuzzle.runtime.distributed import DistributedError, init_distributed
+
+    try:
+        stages = stage_layer_ranges(load_arch(require_parent(rd)).num_layers, cfg.pipeline_parallel)
+    except ModelConfigError as e:
+        raise UserError(f"bld.pipeline_parallel={cfg.pipeline_parallel}: {e}") from None
+    try:
+        info = init_distributed(tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel, seed=cfg.seed)
+    except DistributedError as e:
+        raise UserError(f"bld (tensor_parallel={cfg.tensor_parallel}, pipeline_parallel="
+                        f"{cfg.pipeline_parallel}): {e}") from None
+    return stages, info
+
+
+def _pipeline_role(info, assign: list[list[list[str]]], todo: set[str]):
+    """PP > 1: this rank's PipelineRole (every stage of a pipeline with work takes part: relays,
+    agrees on resume); None without PP."""
+    if info.pp_size == 1:
+        return None
+    from megapuzzle.stages.bld.pp_relay import PipelineRole, deepest_stage
+
+    return PipelineRole(info.pp_rank, deepest_stage(assign, todo, info.dp_rank))
 
 
 def _decide(lib: BlockLibrary, arch: Architecture, parent_tensors: dict, blocks: list[BlockSpec], state_root: Path,

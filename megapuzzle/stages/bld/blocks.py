@@ -1,17 +1,21 @@
 """BLD's Megatron-core pieces: the teacher forward and the student blocks.
 
-Teacher: the parent GPTModel (TP / PP-sharded like any Megatron model). One forward per batch
-runs the embedding (first stage; later stages receive the previous stage's hidden state through
-megapuzzle.stages.bld.pp_relay's relay) and this stage's decoder layers up to the deepest layer this
-rank trains (all of them when a later stage needs the boundary state, which is then sent on),
-and records per layer the residual stream entering it (x), after its attention (m, the input of
-`pre_mlp_layernorm`) and leaving it (y). No logits: BLD never needs them.
+Teacher: the parent GPTModel (TP / PP-sharded like any Megatron model), run through
+megapuzzle.model.runner.StageRunner, the layer-by-layer runner score and evaluate use. One forward
+per batch runs the embedding (first stage; later stages receive the previous stage's hidden state
+through megapuzzle.stages.bld.pp_relay's relay, which also carries the streams of fused-run blocks
+that start on an earlier stage) and this stage's decoder layers up to the deepest layer this rank
+trains (all of them when a later stage needs the boundary state, which is then sent on). It keeps
+per layer the residual stream entering it (x) and leaving it (y), both from the runner's
+`on_layer`, and after its attention (m, the input of `pre_mlp_layernorm`, from a forward pre-hook:
+the runner sees a layer only from outside). No logits: BLD never needs them.
 
 Students: each block is a Megatron-core `TransformerLayer`, built from its kinds' modules for a
 1-layer architecture by the layer spec the parent's layers come from (megapuzzle.model.layer_specs,
 so TP shards it exactly as it shards the parent) and fed the teacher's RoPE table (same RoPE,
-llama3 scaling included). With fp8 they are built with FP8 GEMMs (TransformerEngine spec) and run under Megatron's fp8 autocast with a
-TP-only amax reduction (the ranks of a TP group run the same students; DP ranks do not):
+llama3 scaling included). With fp8 they are built with FP8 GEMMs (TransformerEngine spec) and run
+under Megatron's fp8 autocast with a TP-only amax reduction (the ranks of a TP group run the same
+students; DP ranks do not):
 
 * attention variant (decoupled): TransformerLayer(variant attention, no-op FFN) whose FFN
   slots (`pre_mlp_layernorm`, `mlp`, `mlp_bda`) are the teacher's own modules for that layer,
@@ -75,20 +79,21 @@ class Teacher:
         megapuzzle.stages.bld.pp_relay.PipelineRelay that receives this stage's input (non-first stages)
         and sends its output on (while a later stage needs it)."""
         self.model = unwrap_model(model)
-        self.runner = StageRunner(self.model)  # embedding, RoPE table: computed as score computes them
+        self.runner = StageRunner(self.model)  # embedding, RoPE table, layers: as score runs them
         self.relay = relay
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
         self.layers, self.mid_layers = set(layers), set(mid_layers)
         self._mid: dict[int, torch.Tensor] | None = None
-        by_index = {l.layer_number - 1: l for l in self.model.decoder.layers}
-        self.by_index = by_index
+        # The stage's layers up to the deepest one recorded, or all of them when the output goes on.
+        self.send = relay is not None and relay.send_next
+        self.stop = self.runner.stop if self.send else max(self.layers | self.mid_layers, default=-1) + 1
         # A pre-hook on pre_mlp_layernorm sees exactly the residual after attention. Students
         # share these modules (attention variants run the frozen parent FFN), so the hook only
         # records while the teacher itself is running.
-        for i in self.mid_layers & set(by_index):  # a run block's first layer may be an earlier stage's
-            by_index[i].pre_mlp_layernorm.register_forward_pre_hook(self._hook(i))
+        for i in self.mid_layers & set(self.runner.layers):  # a run block's first layer may be an earlier stage's
+            self.runner.layers[i].pre_mlp_layernorm.register_forward_pre_hook(self._hook(i))
 
     def _hook(self, i: int):
         def pre(mod, args):
@@ -97,39 +102,38 @@ class Teacher:
         return pre
 
     def layer(self, i: int):
-        return self.by_index[i]
+        return self.runner.layers[i]
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> TeacherOutputs:
-        if self.runner.is_first:  # first pipeline stage (or no PP): embed, [s, b, h], TP-reduced
-            h = self.runner.embed(tokens)
-        else:  # the previous stage's boundary hidden state (+ the streams carried for run blocks)
-            h = self.relay.recv(tokens.shape[1], tokens.shape[0])
-            carried = self.relay.recv_carry(tokens.shape[1], tokens.shape[0])
-        rot = self.runner.rotary(h)  # on every stage: computed locally
-        first, send = min(self.by_index), self.relay is not None and self.relay.send_next
-        last = max(self.by_index) if send else max(self.layers | self.mid_layers, default=first - 1)
-        out = TeacherOutputs({}, {}, {}, rot)
-        if not self.runner.is_first:
-            for i, (x, mid) in carried.items():
-                out.x[i], out.m[i] = x, mid
+        h, carried = self._stage_input(tokens)
+        out = TeacherOutputs({}, {}, {}, self.runner.rotary(h))  # RoPE on every stage: computed locally
+        for i, (x, mid) in carried.items():
+            out.x[i], out.m[i] = x, mid
+
+        def keep(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+            if i in self.layers:
+                out.x[i], out.y[i] = x, y
+
         self._mid = out.m
         try:
-            for i in range(first, last + 1):
-                layer = self.by_index[i]
-                if i in self.layers:
-                    out.x[i] = h
-                h, _ = layer(hidden_states=h, attention_mask=None, rotary_pos_emb=rot)
-                if i in self.layers:
-                    out.y[i] = h
+            h = self.runner.layers_from(h, out.rotary, stop=self.stop, on_layer=keep)
         finally:
             self._mid = None
-        if send:
+        if self.send:
             self.relay.send(h)
             for i in self.relay.role.carry_out:
                 self.relay.send(out.x[i])
                 self.relay.send(out.m[i])
         return out
+
+    def _stage_input(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The stream into this stage ([s, b, h]) and the carried (x, m) of earlier stages' layers."""
+        if self.runner.is_first:  # first pipeline stage (or no PP): embed, TP-reduced
+            return self.runner.embed(tokens), {}
+        # the previous stage's boundary hidden state, then the streams carried for run blocks
+        h = self.relay.recv(tokens.shape[1], tokens.shape[0])
+        return h, self.relay.recv_carry(tokens.shape[1], tokens.shape[0])
 
 
 # ----------------------------------------------------------------------------- students

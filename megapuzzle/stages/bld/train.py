@@ -122,6 +122,9 @@ def _resume_point(state_dir: Path, keys_sig: str, mine: list[BlockSpec], steps: 
     return saved if ok else None
 
 
+TIMINGS = ("setup_s", "calibration_s", "teacher_s", "students_s", "eval_s", "write_s")
+
+
 def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: dict, mine: list[BlockSpec],
                lib: BlockLibrary, info, *, state_dir: Path, signature: str, plan_keys: list[str],
                progress: bool = True, role=None, init=None) -> dict:
@@ -129,185 +132,264 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     rank's megapuzzle.stages.bld.pp_relay.PipelineRole; every rank of a pipeline with work calls this,
     `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work).
     `init(b)` -> (layer-local tensors, method): how blocks start when not the parent's usual init
-    (fused-run blocks: the fold, megapuzzle.fusion_blocks); `lib` is then where they are written."""
-    from megapuzzle.stages.bld.blocks import StudentBlock, Teacher
-    from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.model.config import ModelOptions
-    from megapuzzle.model.gpt import build_gpt_model
-    from megapuzzle.model.weights import load_canonical_into_model
-    from megapuzzle.train.block_optimizer import BlockOptimizers
-    from megapuzzle.train.loop import TrainLoop
-    from megapuzzle.train.schedule import LRSchedule
-    from megapuzzle.train.state import load_train_state, save_train_state
-    from megapuzzle.train.train_logger import TrainLogger
+    (fused-run blocks: the fold, megapuzzle.fusion_blocks); `lib` is then where they are written.
 
-    tim = dict.fromkeys(("setup_s", "calibration_s", "teacher_s", "students_s", "eval_s", "write_s"), 0.0)
+    The steps, in order (each a RankRun method): the saved state, the teacher share, the students,
+    the start agreement (PP), the optimizers, the start point (resume or init + init NMSE), the
+    training loop, then final NMSE + keep_best + writing."""
     t0 = time.perf_counter()
-    main, leader = info.rank == 0, info.tp_rank == 0
-    talk = leader and info.dp_rank == 0  # per-block lines: one rank per stage (rank 0 without PP)
-    # The state belongs to this rank's whole planned key set: a rank killed while writing its
-    # finished blocks resumes the rest from the final checkpoint instead of retraining them.
-    keys_sig = tensor_sig(signature + "|" + ",".join(sorted(plan_keys)))
-    mine_keys = sorted(b.key for b in mine)
-    saved = _resume_point(state_dir, keys_sig, mine, cfg.steps) if mine else None
-    resume = saved is not None
-    if role is None and info.tp_size > 1 and not _tp_agree(saved[1] if resume else -1):
-        resume = False  # a kill mid-save left the TP ranks at different steps: restart together
-    train = PackedSequenceDataset.from_prefix(rd.train_data)
-    heldout = PackedSequenceDataset.from_prefix(rd.heldout_data)
-    # PP: every stage builds its shard as Megatron does (tied embeddings: first and last stage
-    # synchronise them at construction), even a stage that then has nothing to do.
-    dtype = cfg.params_dtype
-    model = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
-    if role is None or role.active:
-        load_canonical_into_model(model, parent_tensors, arch)
-    prune = {b.layer for b in mine if b.kind != "attention" and b.last is None
-             and b.variant.ffn.kind_spec.needs_calibration(arch.layers[b.layer].ffn, b.variant.ffn)}
-    relay = None
-    if role is not None and role.active:
-        from megapuzzle.stages.bld.pp_relay import PipelineRelay
+    r = RankRun(rd, cfg, arch, parent_tensors, mine, info, state_dir, signature, plan_keys, role)
+    r.find_saved_state()
+    r.read_teacher_share()
+    r.build_students()
+    if not r.agree_on_start():  # PP: a stage beyond the deepest one with work only built its shard
+        return {"resumed_from": None, "timings": r.tim}
+    r.build_optimizers()
+    r.tim["setup_s"] = time.perf_counter() - t0
+    r.start_blocks(init)
+    resumed_from = r.start if r.resume else None
+    stopped = r.train(progress)
+    if stopped is not None:
+        return {"stopped_at": stopped, "resumed_from": resumed_from, "timings": r.tim}
+    final = r.finish(lib)
+    return {"resumed_from": resumed_from, "timings": r.tim,
+            "nmse": {k: (r.init_nmse[k], final[k]) for k in final}}
 
-        relay = PipelineRelay(role, arch.hidden_size, model.config.params_dtype, next(model.parameters()).device)
-    carry = set(role.carry_out) if role is not None else set()  # streams a later stage's run blocks need
-    teacher = Teacher(model, {b.layer for b in mine} | {b.end for b in mine} | carry,
-                      {b.layer for b in mine if b.kind == "ffn"} | prune | carry, relay)
-    fp8 = cfg.fp8_recipe if cfg.fp8 else None
-    students = [StudentBlock(b.key, b.kind, b.layer, arch, b.variant, teacher, info.tp_size, fp8, dtype, b.last)
-                for b in mine]
-    spec = {b.key: b for b in mine}
-    named = {f"{s.key}/{n}": p for s in students for n, p in s.trainable().items()}
-    for p in named.values():
-        p.requires_grad_(True)
-    trainable = [s for s in students if s.owned]
-    any_prune, any_trainable = bool(prune), bool(trainable)
-    if role is not None:  # the whole pipeline (TP x PP of this replica) starts at one step
-        from megatron.core import parallel_state as ps
 
-        from megapuzzle.stages.bld.pp_relay import agree_on_step, any_flags
+class RankRun:
+    """What train_rank's steps share: one rank's teacher, students, optimizers and progress."""
 
-        group = ps.get_model_parallel_group()
-        step = agree_on_step((saved[1] if resume else -1) if mine else None, group)
-        resume = step >= 0
-        any_prune, any_trainable = any_flags([any_prune, any_trainable], group)
-        if not role.active:
-            return {"resumed_from": None, "timings": tim}
-    if not resume:
-        shutil.rmtree(state_dir, ignore_errors=True)  # another plan / config: start these blocks afresh
-    opt = BlockOptimizers({s.key: {f"{s.key}/{n}": p for n, p in s.trainable().items()} for s in trainable},
-                          lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip) if named else None
-    tim["setup_s"] = time.perf_counter() - t0
+    def __init__(self, rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: dict,
+                 mine: list[BlockSpec], info, state_dir: Path, signature: str, plan_keys: list[str], role):
+        self.rd, self.cfg, self.arch, self.parent_tensors, self.mine = rd, cfg, arch, parent_tensors, mine
+        self.info, self.state_dir, self.signature, self.role = info, state_dir, signature, role
+        self.tim = dict.fromkeys(TIMINGS, 0.0)
+        self.leader = info.tp_rank == 0
+        self.talk = self.leader and info.dp_rank == 0  # per-block lines: one rank per stage (rank 0 without PP)
+        # The state belongs to this rank's whole planned key set: a rank killed while writing its
+        # finished blocks resumes the rest from the final checkpoint instead of retraining them.
+        self.keys_sig = tensor_sig(signature + "|" + ",".join(sorted(plan_keys)))
+        self.mine_keys = sorted(b.key for b in mine)
+        self.spec = {b.key: b for b in mine}
+        self.agreed_step: int | None = None  # PP: the step the pipeline starts from (-1: afresh)
+        self.start, self.init_nmse, self.methods = 0, {}, {}
 
-    start, init_nmse, methods = 0, {}, {}
-    if resume and mine:
+    # ------------------------------------------------------------------ setup
+
+    def find_saved_state(self) -> None:
+        """This rank's resumable state; TP ranks (without PP) resume only from one step."""
+        self.saved = _resume_point(self.state_dir, self.keys_sig, self.mine, self.cfg.steps) if self.mine else None
+        self.resume = self.saved is not None
+        if self.role is None and self.info.tp_size > 1 and not _tp_agree(self.saved[1] if self.resume else -1):
+            self.resume = False  # a kill mid-save left the TP ranks at different steps: restart together
+
+    def read_teacher_share(self) -> None:
+        """The datasets, this rank's shard of the parent (read lazily) and the teacher on it."""
+        from megapuzzle.data.datasets import PackedSequenceDataset
+        from megapuzzle.model.config import ModelOptions
+        from megapuzzle.model.gpt import build_gpt_model
+        from megapuzzle.model.weights import load_canonical_into_model
+        from megapuzzle.stages.bld.blocks import Teacher
+
+        cfg, arch, mine, role = self.cfg, self.arch, self.mine, self.role
+        self.train_data = PackedSequenceDataset.from_prefix(self.rd.train_data)
+        self.heldout = PackedSequenceDataset.from_prefix(self.rd.heldout_data)
+        # PP: every stage builds its shard as Megatron does (tied embeddings: first and last stage
+        # synchronise them at construction), even a stage that then has nothing to do.
+        model = build_gpt_model(arch, params_dtype=cfg.params_dtype, options=ModelOptions(perform_initialization=False))
+        if role is None or role.active:
+            load_canonical_into_model(model, self.parent_tensors, arch)
+        self.prune = {b.layer for b in mine if b.kind != "attention" and b.last is None
+                      and b.variant.ffn.kind_spec.needs_calibration(arch.layers[b.layer].ffn, b.variant.ffn)}
+        relay = None
+        if role is not None and role.active:
+            from megapuzzle.stages.bld.pp_relay import PipelineRelay
+
+            relay = PipelineRelay(role, arch.hidden_size, model.config.params_dtype, next(model.parameters()).device)
+        carry = set(role.carry_out) if role is not None else set()  # streams a later stage's run blocks need
+        self.teacher = Teacher(model, {b.layer for b in mine} | {b.end for b in mine} | carry,
+                               {b.layer for b in mine if b.kind == "ffn"} | self.prune | carry, relay)
+
+    def build_students(self) -> None:
+        """One StudentBlock per planned block (attention blocks share the teacher's frozen FFN)."""
+        from megapuzzle.stages.bld.blocks import StudentBlock
+
+        cfg, fp8 = self.cfg, self.cfg.fp8_recipe if self.cfg.fp8 else None
+        self.students = [StudentBlock(b.key, b.kind, b.layer, self.arch, b.variant, self.teacher, self.info.tp_size,
+                                      fp8, cfg.params_dtype, b.last) for b in self.mine]
+        self.named = {f"{s.key}/{n}": p for s in self.students for n, p in s.trainable().items()}
+        for p in self.named.values():
+            p.requires_grad_(True)
+        self.trainable = [s for s in self.students if s.owned]
+
+    def agree_on_start(self) -> bool:
+        """PP: the whole pipeline (TP x PP of this replica) starts at one step and learns whether
+        any stage calibrates / trains (collective). False: this stage runs no teacher pass (beyond
+        the deepest one with work). A rank that does not resume drops its old state."""
+        self.any_prune, self.any_trainable = bool(self.prune), bool(self.trainable)
+        if self.role is not None:
+            from megatron.core import parallel_state as ps
+
+            from megapuzzle.stages.bld.pp_relay import agree_on_step, any_flags
+
+            group = ps.get_model_parallel_group()
+            self.agreed_step = agree_on_step((self.saved[1] if self.resume else -1) if self.mine else None, group)
+            self.resume = self.agreed_step >= 0
+            self.any_prune, self.any_trainable = any_flags([self.any_prune, self.any_trainable], group)
+            if not self.role.active:
+                return False
+        if not self.resume:
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # another plan / config: start these blocks afresh
+        return True
+
+    def build_optimizers(self) -> None:
+        """A Megatron mixed-precision AdamW per trainable block (None: nothing of its own to train)."""
+        from megapuzzle.train.block_optimizer import BlockOptimizers
+
+        cfg = self.cfg
+        self.opt = BlockOptimizers({s.key: {f"{s.key}/{n}": p for n, p in s.trainable().items()}
+                                    for s in self.trainable},
+                                   lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip) \
+            if self.named else None
+
+    # ------------------------------------------------------------------ start point
+
+    def start_blocks(self, init) -> None:
+        """Where the blocks start: the saved state, the pipeline's agreed step (a relay-only
+        stage), or their init from the parent (`init`: train_rank's) and its held-out NMSE."""
+        if self.resume and self.mine:
+            self._load_saved()
+        elif self.resume:  # relay-only stage: the step the pipeline agreed on
+            self.start = self.agreed_step
+        else:
+            self._initialise(init)
+
+    def _load_saved(self) -> None:
+        from megapuzzle.train.state import load_train_state
+
         # optimizer moments only when every saved block is still to train (else training is over)
-        moments = saved[2] == mine_keys
-        st = load_train_state(state_dir, named, opt if moments else None)
-        if opt is not None and not moments:
-            opt.reload_model_params()
-        start, init_nmse, methods = st["step"], st["extra"]["init_nmse"], st["extra"]["init"]
-        if talk:
-            log(f"[bld] resumed {len(mine)} block(s) from step {start}")
-    elif resume:  # relay-only stage: the step the pipeline agreed on
-        start = step
-    else:
+        moments = self.saved[2] == self.mine_keys
+        st = load_train_state(self.state_dir, self.named, self.opt if moments else None)
+        if self.opt is not None and not moments:
+            self.opt.reload_model_params()
+        self.start, self.init_nmse, self.methods = st["step"], st["extra"]["init_nmse"], st["extra"]["init"]
+        if self.talk:
+            log(f"[bld] resumed {len(self.mine)} block(s) from step {self.start}")
+
+    def _initialise(self, init) -> None:
+        cfg, arch, tensors = self.cfg, self.arch, self.parent_tensors
         t = time.perf_counter()
         # every stage of a pipeline runs the calibration passes when one of them prunes
-        scores = _calibrate(teacher, train, cfg, arch, parent_tensors, prune) if any_prune else {}
-        tim["calibration_s"] = time.perf_counter() - t
-        for s in students:
-            tensors, methods[s.key] = (_init_tensors(arch, spec[s.key], parent_tensors, scores) if init is None
-                                       else init(spec[s.key]))
-            s.load_canonical(tensors)
-        if opt is not None:
-            opt.reload_model_params()  # the fp32 master weights start from the init just loaded
+        scores = _calibrate(self.teacher, self.train_data, cfg, arch, tensors, self.prune) if self.any_prune else {}
+        self.tim["calibration_s"] = time.perf_counter() - t
+        for s in self.students:
+            b = self.spec[s.key]
+            local, self.methods[s.key] = _init_tensors(arch, b, tensors, scores) if init is None else init(b)
+            s.load_canonical(local)
+        if self.opt is not None:
+            self.opt.reload_model_params()  # the fp32 master weights start from the init just loaded
         t = time.perf_counter()
-        init_nmse = evaluate(teacher, students, heldout, cfg)
-        tim["eval_s"] += time.perf_counter() - t
-        if cfg.keep_best and named:  # this rank's shards of the init weights, for keep_best
-            save_safetensors_atomic(named, state_dir / INIT_PARAMS)
-    extra = {"signature": keys_sig, "keys": mine_keys, "init_nmse": init_nmse, "init": methods}
+        self.init_nmse = evaluate(self.teacher, self.students, self.heldout, cfg)
+        self.tim["eval_s"] += time.perf_counter() - t
+        if cfg.keep_best and self.named:  # this rank's shards of the init weights, for keep_best
+            save_safetensors_atomic(self.named, self.state_dir / INIT_PARAMS)
 
-    total = cfg.steps if any_trainable else 0
-    sched = LRSchedule(cfg.lr, max(total, 1), min(cfg.warmup, max(total - 1, 0)), cfg.min_lr)
-    tb = rd.tb / "bld" / (f"dp{info.dp_rank:03d}" if role is None else f"dp{info.dp_rank:03d}_pp{info.pp_rank:03d}")
-    logger = TrainLogger(tb, total, prefix="bld/", enabled=leader and bool(mine))
-    if leader and start == 0:
-        for k, v in init_nmse.items():
-            logger.scalar(f"eval_nmse/{k}", v, 0)
-    window: dict[str, list[float]] = {s.key: [] for s in trainable}
+    # ------------------------------------------------------------------ training
 
-    def step(i: int, lr: float) -> dict:
-        tokens = train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1]  # same batch on every rank
+    def train(self, progress: bool) -> int | None:
+        """The lockstep loop from `start` (TrainLoop: LR schedule, log lines + tensorboard,
+        checkpoints); the step a fault test stopped it at, else None."""
+        from megapuzzle.train.loop import TrainLoop
+        from megapuzzle.train.schedule import LRSchedule
+        from megapuzzle.train.state import save_train_state
+        from megapuzzle.train.train_logger import TrainLogger
+
+        cfg, info = self.cfg, self.info
+        extra = {"signature": self.keys_sig, "keys": self.mine_keys, "init_nmse": self.init_nmse, "init": self.methods}
+        self.total = total = cfg.steps if self.any_trainable else 0
+        sched = LRSchedule(cfg.lr, max(total, 1), min(cfg.warmup, max(total - 1, 0)), cfg.min_lr)
+        tb = self.rd.tb / "bld" / (f"dp{info.dp_rank:03d}" if self.role is None
+                                   else f"dp{info.dp_rank:03d}_pp{info.pp_rank:03d}")
+        self.logger = TrainLogger(tb, total, prefix="bld/", enabled=self.leader and bool(self.mine))
+        if self.leader and self.start == 0:
+            for k, v in self.init_nmse.items():
+                self.logger.scalar(f"eval_nmse/{k}", v, 0)
+        self.window: dict[str, list[float]] = {s.key: [] for s in self.trainable}
+        main = info.rank == 0
+        self.loop = TrainLoop("bld", total, sched, self.logger, cfg.log_every, cfg.checkpoint_every,
+                              cfg.tokens_per_step, console=main, progress=progress and main)
+        save = (lambda n: save_train_state(self.state_dir, n, self.named, self.opt, extra)) if self.mine else None
+        return self.loop.run(self.start, self.step, save=save, window=self.block_means)
+
+    def step(self, i: int, lr: float) -> dict:
+        """Training step i: one teacher pass, then one backward and optimizer step per block."""
+        cfg = self.cfg
+        tokens = self.train_data.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1]  # same batch on every rank
         t = time.perf_counter()
-        tout = teacher.forward(tokens)  # PP: a relay-only stage just passes the boundary state on
+        tout = self.teacher.forward(tokens)  # PP: a relay-only stage just passes the boundary state on
         t1 = time.perf_counter()
         norms = []
-        if trainable:
-            opt.set_lr(lr)
-            for s in trainable:  # one backward per block: no graph spans two blocks, activations freed early
+        if self.trainable:
+            self.opt.set_lr(lr)
+            for s in self.trainable:  # one backward per block: no graph spans two blocks, activations freed early
                 num, den = _nmse_terms(s, tout)
                 loss = num / den
                 loss.backward()
-                window[s.key].append(loss.item())
-            norms = opt.step()  # per block: fp32 main grads, clip on the block's TP-reduced norm, AdamW
-            opt.zero_grad()
-        tim["teacher_s"] += t1 - t
-        tim["students_s"] += time.perf_counter() - t1
+                self.window[s.key].append(loss.item())
+            norms = self.opt.step()  # per block: fp32 main grads, clip on the block's TP-reduced norm, AdamW
+            self.opt.zero_grad()
+        self.tim["teacher_s"] += t1 - t
+        self.tim["students_s"] += time.perf_counter() - t1
         return {"grad norm max": max(norms)} if norms else {}
 
-    def block_means(n: int, done: int) -> dict | None:
-        if not window:
+    def block_means(self, n: int, done: int) -> dict | None:
+        """The logging window's scalars: each block's mean training NMSE, their mean and max."""
+        if not self.window:
             return None  # no block of its own trains here: nothing to log
-        means = {k: sum(v) / len(v) for k, v in window.items()}
-        for v in window.values():
+        means = {k: sum(v) / len(v) for k, v in self.window.items()}
+        for v in self.window.values():
             v.clear()
         return {"nmse mean": sum(means.values()) / len(means), "nmse max": max(means.values()),
-                **loop.last, **{f"nmse/{k}": v for k, v in means.items()}}
+                **self.loop.last, **{f"nmse/{k}": v for k, v in means.items()}}
 
-    loop = TrainLoop("bld", total, sched, logger, cfg.log_every, cfg.checkpoint_every, cfg.tokens_per_step,
-                     console=main, progress=progress and main)
-    save = (lambda n: save_train_state(state_dir, n, named, opt, extra)) if mine else None
-    stopped = loop.run(start, step, save=save, window=block_means)
-    if stopped is not None:
-        return {"stopped_at": stopped, "resumed_from": start if resume else None, "timings": tim}
+    # ------------------------------------------------------------------ the end
 
-    t = time.perf_counter()
-    final = evaluate(teacher, students, heldout, cfg)
-    tim["eval_s"] += time.perf_counter() - t
-    kept = _keep_best(trainable, final, init_nmse, state_dir) if cfg.keep_best else {}
-    t = time.perf_counter()
-    _write_blocks(lib, students, spec, arch, first_dtype(parent_tensors), dtype, signature, total * cfg.tokens_per_step,
-                  total, methods, init_nmse, final, kept, logger, leader, talk)
-    tim["write_s"] = time.perf_counter() - t
-    logger.close()
-    shutil.rmtree(state_dir, ignore_errors=True)  # the library now holds these blocks
-    return {"resumed_from": start if resume else None, "timings": tim,
-            "nmse": {k: (init_nmse[k], final[k]) for k in final}}
+    def finish(self, lib: BlockLibrary) -> dict[str, float]:
+        """Final held-out NMSE, keep_best, every block into `lib`, the state removed; the final NMSEs."""
+        t = time.perf_counter()
+        final = evaluate(self.teacher, self.students, self.heldout, self.cfg)
+        self.tim["eval_s"] += time.perf_counter() - t
+        kept = _keep_best(self.trainable, final, self.init_nmse, self.state_dir) if self.cfg.keep_best else {}
+        t = time.perf_counter()
+        self.write_blocks(lib, final, kept)
+        self.tim["write_s"] = time.perf_counter() - t
+        self.logger.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # the library now holds these blocks
+        return final
 
-
-def _write_blocks(lib: BlockLibrary, students, spec: dict, arch: Architecture, lib_dtype: torch.dtype,
-                  dtype: torch.dtype, signature: str, tokens: int, steps: int, methods: dict, init_nmse: dict,
-                  final: dict, kept: dict, logger, leader: bool, talk: bool) -> None:
-    """Every student into the library (in the parent's dtype), with its init, NMSEs and provenance.
-    Collective over the TP group (each student is gathered); TP rank 0 writes."""
-    for s in students:
-        tensors = s.gather_canonical()  # collective over the TP group: every TP rank calls it
-        if not leader:
-            continue
-        tensors = {k: v.to(lib_dtype) for k, v in tensors.items()}
-        b, trained = spec[s.key], bool(s.owned)
-        lib.add_block(s.key, tensors, {
-            "init": methods[s.key], "tokens": tokens if trained else 0,
-            "steps": steps if trained else 0, "init_nmse": init_nmse[s.key],
-            "final_nmse": (init_nmse[s.key] if kept.get(s.key) == "init" else final[s.key]) if trained
-            else init_nmse[s.key], "trained_nmse": final[s.key] if trained else None,
-            "kept": kept.get(s.key, "trained") if trained else None,
-            "params": b.num_params(arch), "bld_signature": signature,
-            "trained_dtype": str(dtype).replace("torch.", "") if trained else None})
-        logger.scalar(f"eval_nmse/{s.key}", final[s.key], steps)
-        if talk:
-            log(f"[bld] {s.key}: nmse {init_nmse[s.key]:.4f} -> {final[s.key]:.4f} ({methods[s.key]})"
-                + ("; kept the init weights (lower held-out NMSE)" if kept.get(s.key) == "init" else ""))
+    def write_blocks(self, lib: BlockLibrary, final: dict, kept: dict) -> None:
+        """Every student into the library (in the parent's dtype), with its init, NMSEs and
+        provenance. Collective over the TP group (each student is gathered); TP rank 0 writes."""
+        lib_dtype, steps, init_nmse = first_dtype(self.parent_tensors), self.total, self.init_nmse
+        tokens = steps * self.cfg.tokens_per_step
+        for s in self.students:
+            tensors = s.gather_canonical()  # collective over the TP group: every TP rank calls it
+            if not self.leader:
+                continue
+            tensors = {k: v.to(lib_dtype) for k, v in tensors.items()}
+            b, trained = self.spec[s.key], bool(s.owned)
+            lib.add_block(s.key, tensors, {
+                "init": self.methods[s.key], "tokens": tokens if trained else 0,
+                "steps": steps if trained else 0, "init_nmse": init_nmse[s.key],
+                "final_nmse": (init_nmse[s.key] if kept.get(s.key) == "init" else final[s.key]) if trained
+                else init_nmse[s.key], "trained_nmse": final[s.key] if trained else None,
+                "kept": kept.get(s.key, "trained") if trained else None,
+                "params": b.num_params(self.arch), "bld_signature": self.signature,
+                "trained_dtype": str(self.cfg.params_dtype).replace("torch.", "") if trained else None})
+            self.logger.scalar(f"eval_nmse/{s.key}", final[s.key], steps)
+            if self.talk:
+                log(f"[bld] {s.key}: nmse {init_nmse[s.key]:.4f} -> {final[s.key]:.4f} ({self.methods[s.key]})"
+                    + ("; kept the init weights (lower held-out NMSE)" if kept.get(s.key) == "init" else ""))
 
 
 INIT_PARAMS = "init_params.safetensors"
