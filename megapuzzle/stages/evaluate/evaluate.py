@@ -62,7 +62,8 @@ log = logging.getLogger(__name__).info
 
 # ----------------------------------------------------------------------------- quality
 
-def _build(arch: Architecture, tensors, dtype: torch.dtype = torch.float32):
+def build_model(arch: Architecture, tensors, dtype: torch.dtype = torch.float32):
+    """This rank's share of the model `arch` with `tensors` (lazily read) in `dtype`, in eval mode."""
     from megapuzzle.model import ModelOptions, build_gpt_model, load_canonical_into_model
 
     m = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
@@ -257,16 +258,16 @@ def _quality(run: RunDir, cfg: EvaluateConfig, loaded: dict, heldout, with_reali
     from megapuzzle.costs.timing import resolve_dtype
 
     qdt = resolve_dtype(cfg.quality_dtype)
-    parent = _build(*loaded["parent"], qdt)
-    models = {"parent": parent, "child": _build(*loaded["child"], qdt)}
+    parent = build_model(*loaded["parent"], qdt)
+    models = {"parent": parent, "child": build_model(*loaded["child"], qdt)}
     if with_realized:
         ra, rt, _ = load_checkpoint(run.child, dtype=torch.float32)
-        models["child_realized"] = _build(ra, rt, qdt)
+        models["child_realized"] = build_model(ra, rt, qdt)
     batches = list(heldout.eval_batches(cfg.quality_batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None))
     return quality_metrics(parent, models, batches)  # the models are dropped on return: timing builds its own
 
 
-def _timing_settings(costs: dict | None, cfg: EvaluateConfig) -> dict:
+def timing_settings(costs: dict | None, cfg: EvaluateConfig) -> dict:
     """How to time: as costs.json was measured, with evaluate's own threads / dtype where set."""
     from megapuzzle.costs.table import throughput_settings
 
@@ -350,7 +351,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
 
     # speed + memory, timed like costs.json was measured
     costs = load_costs(run.costs) if run.costs.is_file() else None
-    settings = _timing_settings(costs, cfg)
+    settings = timing_settings(costs, cfg)
     sc = scenario(run, cfg)
     archs = {"parent": parent_arch, "child": child_arch}
     speed = measure_pair(archs, {"parent": parent_t, "child": child_t}, sc, cfg, settings)

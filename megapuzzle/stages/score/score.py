@@ -386,7 +386,6 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, p
     """Score this rank's share of the library (see the module docstring); rank 0 returns (and
     writes) scores.json's content, the other ranks {}. tp / pp: None = score.tensor_parallel /
     score.pipeline_parallel."""
-    from tqdm import tqdm
 
     from megapuzzle.checkpoints.canonical import load_checkpoint, require_parent
     from megapuzzle.library import BlockLibrary
