@@ -125,15 +125,81 @@ def write_fused(child_dir: Path, out_dir: Path, runs, *, leading_attention: bool
     return arch, new, runs
 
 
+def _against(ref_dir: Path, ref_name: str, dirs: dict[str, Path], batches, qdt) -> dict:
+    """Quality of every model in `dirs` against the reference on the same held-out batches, holding at
+    most two models at once (the reference and the one compared with it)."""
+    import torch
+
+    from megapuzzle.checkpoints.canonical import load_checkpoint
+    from megapuzzle.stages.evaluate.evaluate import build_model, quality_metrics
+
+    ref = build_model(*load_checkpoint(ref_dir, dtype=torch.float32)[:2], qdt)
+    out: dict[str, Any] = {}
+    for name, d in dirs.items():
+        if ref_dir == d:
+            out.update(quality_metrics(ref, {name: ref}, batches))
+            continue
+        m = build_model(*load_checkpoint(d, dtype=torch.float32)[:2], qdt)
+        out.update({n: q for n, q in quality_metrics(ref, {ref_name: ref, name: m}, batches).items()
+                    if n == name or n not in out})
+        del m
+    base_acc = out[ref_name]["accuracy"]
+    for q in out.values():
+        q["retention_pct"] = 100.0 * q["accuracy"] / base_acc if base_acc > 0 else None
+    return {ref_name: out.pop(ref_name), **out}
+
+
+def _speed(run: RunDir, source_run: RunDir | None, eval_cfg) -> dict:
+    """The unfused vs fused child timed like the source run's costs.json was measured (evaluate's way)."""
+    import torch
+
+    from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint
+    from megapuzzle.costs.table import load_costs
+    from megapuzzle.stages.evaluate.evaluate import measure_pair, paired_speedup, scenario, timing_settings
+
+    archs = {"unfused": load_arch(run.parent), "fused": load_arch(run.child)}
+    tensors = {"unfused": load_checkpoint(run.parent, dtype=torch.float32)[1],
+               "fused": load_checkpoint(run.child, dtype=torch.float32)[1]}
+    costs_file = source_run.costs if source_run is not None else None
+    costs = load_costs(costs_file) if costs_file is not None and costs_file.is_file() else None
+    settings = timing_settings(costs, eval_cfg)
+    sc = scenario(source_run or run, eval_cfg)
+    speed = measure_pair(archs, tensors, sc, eval_cfg, settings)
+    return {"scenario": sc, "timing": settings,
+            "speedup_measured": paired_speedup(speed["unfused"], speed["fused"]), **speed}
+
+
+def _quality_and_speed(run: RunDir, source_run: RunDir | None, healed: Path | None, eval_cfg, measure: bool) -> dict:
+    """report["quality"] (vs the unfused child), ["quality_vs_parent"] (when the original parent is known)
+    and ["speed"]. Each rank builds its share (evaluate.tensor_parallel x pipeline_parallel:
+    `torchrun ... megapuzzle fuse`)."""
+    from megapuzzle.checkpoints.canonical import is_checkpoint
+    from megapuzzle.costs.timing import ensure_runtime, resolve_dtype
+    from megapuzzle.data.datasets import PackedSequenceDataset
+    from megapuzzle.runtime.distributed import init_distributed
+
+    ensure_runtime(None)
+    init_distributed(tp=eval_cfg.tensor_parallel, pp=eval_cfg.pipeline_parallel)
+    heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
+    qdt = resolve_dtype(eval_cfg.quality_dtype)
+    batches = list(heldout.eval_batches(eval_cfg.quality_batch_size, eval_cfg.seq_len,
+                                        max_batches=eval_cfg.eval_batches or None))
+    dirs = {"unfused": run.parent, "fused": run.child, **({"fused_gkd": healed} if healed is not None else {})}
+    report = {"quality": _against(run.parent, "unfused", dirs, batches, qdt)}
+    if source_run is not None and is_checkpoint(source_run.parent):  # the original parent, when known
+        report["quality_vs_parent"] = _against(source_run.parent, "parent", {"parent": source_run.parent, **dirs},
+                                               batches, qdt)
+    if measure:
+        report["speed"] = _speed(run, source_run, eval_cfg)
+    return report
+
+
 def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bool = True, max_run: int | None = None,
          data: str | None = None, gkd_cfg=None, heal: bool = True, eval_cfg=None, measure: bool = True) -> dict:
     import torch
 
-    from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint
-    from megapuzzle.costs.timing import ensure_runtime, resolve_dtype
-    from megapuzzle.costs.table import load_costs, throughput_settings
-    from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig, _build, measure_pair, paired_speedup, quality_metrics, scenario
+    from megapuzzle.checkpoints.canonical import load_arch
+    from megapuzzle.stages.evaluate.evaluate import EvaluateConfig
     from megapuzzle.stages.gkd.gkd import GKDConfig, run_gkd
 
     t0 = time.perf_counter()
@@ -169,59 +235,7 @@ def fuse(child: str | Path, out: str | Path, *, runs=None, leading_attention: bo
         healed = run.gkd / "checkpoint"
         report["gkd"] = {k: res.get(k) for k in ("steps", "tokens", "initial", "final")}
 
-    # quality: every model against the unfused child, on the same held-out batches. Each rank builds
-    # its share (evaluate.tensor_parallel x pipeline_parallel: `torchrun ... megapuzzle fuse`), and
-    # holds at most two models at once: the reference and the one compared with it.
-    from megapuzzle.checkpoints.canonical import is_checkpoint
-    from megapuzzle.runtime.distributed import init_distributed
-
-    ensure_runtime(None)
-    init_distributed(tp=eval_cfg.tensor_parallel, pp=eval_cfg.pipeline_parallel)
-    heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
-    qdt = resolve_dtype(eval_cfg.quality_dtype)
-    batches = list(heldout.eval_batches(eval_cfg.quality_batch_size, eval_cfg.seq_len,
-                                        max_batches=eval_cfg.eval_batches or None))
-    dirs = {"unfused": run.parent, "fused": run.child, **({"fused_gkd": healed} if healed is not None else {})}
-
-    def against(ref_dir: Path, ref_name: str) -> dict:
-        ref = _build(*load_checkpoint(ref_dir, dtype=torch.float32)[:2], qdt)
-        out = {}
-        for name, d in dirs.items():
-            if ref_dir == d:
-                out.update(quality_metrics(ref, {name: ref}, batches))
-                continue
-            m = _build(*load_checkpoint(d, dtype=torch.float32)[:2], qdt)
-            out.update({n: q for n, q in quality_metrics(ref, {ref_name: ref, name: m}, batches).items()
-                        if n == name or n not in out})
-            del m
-        base_acc = out[ref_name]["accuracy"]
-        for q in out.values():
-            q["retention_pct"] = 100.0 * q["accuracy"] / base_acc if base_acc > 0 else None
-        return {ref_name: out.pop(ref_name), **out}
-
-    report["quality"] = against(run.parent, "unfused")
-    if source_run is not None and is_checkpoint(source_run.parent):  # the original parent, when known
-        dirs = {"parent": source_run.parent, **dirs}
-        report["quality_vs_parent"] = against(source_run.parent, "parent")
-    t_arch, f_arch = load_arch(run.parent), load_arch(run.child)
-    t_tensors = load_checkpoint(run.parent, dtype=torch.float32)[1]
-    f_tensors = load_checkpoint(run.child, dtype=torch.float32)[1]
-
-    if measure:
-        costs_file = source_run.costs if source_run is not None else None
-        costs = load_costs(costs_file) if costs_file is not None and costs_file.is_file() else None
-        settings = throughput_settings(costs) if costs else {"threads": None, "clock": "wall", "dtype": "auto",
-                                                             "fp8": False, "fp8_recipe": "delayed"}
-        if eval_cfg.threads is not None:
-            settings["threads"] = eval_cfg.threads
-        if eval_cfg.dtype is not None:
-            settings["dtype"] = eval_cfg.dtype
-        sc = scenario(source_run or run, eval_cfg)
-        speed = measure_pair({"unfused": t_arch, "fused": f_arch}, {"unfused": t_tensors, "fused": f_tensors},
-                             sc, eval_cfg, settings)
-        report["speed"] = {"scenario": sc, "timing": settings, "speedup_measured": paired_speedup(speed["unfused"],
-                                                                                               speed["fused"]),
-                           **speed}
+    report.update(_quality_and_speed(run, source_run, healed, eval_cfg, measure))
     report["wall_s"] = time.perf_counter() - t0
     if torch.distributed.get_rank() == 0:  # every rank has the whole report; one writes it
         atomic_write_json(run.root / "fuse.json", report)

@@ -38,6 +38,7 @@ import copy
 import math
 import shlex
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -288,12 +289,107 @@ def sweep_config(cfg: dict, gkd_steps: int | None) -> dict:
     return cfg
 
 
+@dataclass
+class _Sweep:
+    """One sweep's inputs and what it has found so far; writes table.md / results.json after every child."""
+
+    config: str | Path
+    run_dir: str | Path
+    targets: list[float]
+    out: Path
+    work: Path
+    methods: tuple
+    seed: int
+    steps: Any
+    command: str
+    rows: list[dict] = field(default_factory=list)
+    parent: dict | None = None
+    stopped: dict[str, dict] = field(default_factory=dict)
+    k: int = 0
+    t_all: float = field(default_factory=time.perf_counter)
+
+    def header(self, final: bool) -> str:
+        return ("" if final else f"**PARTIAL: the sweep had not finished when this was written (after child {self.k}; "
+                f"methods still running: {', '.join(m for m in self.methods if m not in self.stopped)}).** ") + (
+            f"Base run `{Path(self.run_dir).resolve()}`, children in `{self.work.resolve()}`; config `{self.config}`. "
+            f"**Every child gets the same reduced GKD: {self.steps} steps** (gkd: section with --gkd-steps; "
+            f"the config's own is {(load_config(self.config).get('gkd') or {}).get('steps', 'default')}) and the "
+            f"same evaluate. `predicted x` is the selection's own prediction from costs.json (uniform widths "
+            f"off the measured grid: interpolated); `measured x` is evaluate's CPU-clock timing against the "
+            f"parent in the same process. Retention = child / parent next-token accuracy on data/heldout. "
+            f"Random: rejection sampling (seed {self.seed}), the first draw within 5% above the target.")
+
+    def write(self, final: bool = False) -> dict:
+        header, stopped, rows = self.header(final), self.stopped, self.rows
+        reach = [f"- {m}: " + (f"stopped at {stopped[m]['target']:g}x (max target met: "
+                               f"{stopped[m]['max'] and format(stopped[m]['max'], 'g')}x): {stopped[m]['error']}"
+                               if m in stopped else f"met every target swept (up to {max(self.targets):g}x; its max is higher)")
+                 for m in self.methods]
+        md = table_markdown(rows, self.parent, self.command, header).split("\n")
+        i = md.index(header) + 2
+        md = md[:i] + [equal_speed_markdown(rows, self.methods), fusion_markdown(rows), "### How far each method reaches",
+                       "", *reach, "",
+                       "### Every child", ""] + md[i:]
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "table.md", "\n".join(md))
+        png = plot(rows, self.out / "quality_vs_throughput.png")
+        env = {k: {m: envelope_steps(p) for m, p in _curves(rows, k).items()}
+               for k in ("retention_pct", "retention_before_gkd_pct")}
+        result = {"command": self.command, "config": str(self.config), "run_dir": str(Path(self.run_dir).resolve()),
+                  "work_dir": str(self.work.resolve()), "targets": self.targets, "methods": list(self.methods),
+                  "seed": self.seed, "gkd_steps": self.steps, "parent": self.parent, "rows": rows,
+                  "stopped": stopped, "envelopes": env,
+                  "plot": str(self.out / "quality_vs_throughput.png") if png else None, "complete": final,
+                  "wall_s": time.perf_counter() - self.t_all}
+        atomic_write_json(self.out / "results.json", result)
+        return result
+
+    def child(self, cfg: dict, m: str, t: float, uniform_steps: int | None) -> None:
+        """Method m's child at target t: selected, then (unless the same architecture as its previous
+        target's) trained and evaluated; a selection that cannot meet t stops the method."""
+        from megapuzzle.bench.baselines import run_child
+        from megapuzzle.mip import InfeasibleBudgetError
+
+        k, rows = self.k, self.rows
+        t0 = time.perf_counter()
+        kw = dict(seed=self.seed, uniform_steps=uniform_steps)
+        log(f"[bench] ({k}) {m} @ {t:g}x ...")
+        try:
+            with prefixed(f"  [{m} {t:g}x] "):
+                sel = run_child(self.run_dir, cfg, m, t, self.work / f"{m}_x{t:g}", until="select", **kw)
+            prev = [r for r in rows if r["method"] == m and not r.get("error") and not r.get("same_as")]
+            same = next((r for r in prev if r["layers"] == [f"{l['attention']}+{l['ffn']}"
+                                                            for l in sel["record"]["layers"]]), None)
+            if same is not None:
+                rows.append({**same, "target": t, "same_as": same["target"], "dir": sel["dir"],
+                             "predicted_x": sel["record"].get("predicted_speedup")})
+                log(f"[bench] ({k}) {m} @ {t:g}x: the same architecture as at {same['target']:g}x; not retrained")
+                return
+            with prefixed(f"  [{m} {t:g}x] "):
+                res = run_child(self.run_dir, cfg, m, t, self.work / f"{m}_x{t:g}", **kw)
+        except (UserError, InfeasibleBudgetError) as e:
+            reached = [r["target"] for r in rows if r["method"] == m and not r.get("error")]
+            self.stopped[m] = {"target": t, "max": max(reached) if reached else None, "error": str(e)}
+            rows.append({"method": m, "target": t, "error": str(e)})
+            log(f"[bench] ({k}) {m} @ {t:g}x FAILED, {m} stops here: {e}")
+            return
+        row = row_from(res)
+        rows.append(row)
+        if res["eval"]:
+            p = res["eval"]["parent"]
+            self.parent = {k2: p[k2] for k2 in ("params", "lm_loss", "accuracy", "tokens_per_s",
+                                                "predicted_tokens_per_s") if k2 in p}
+        log(f"[bench] ({k}) {m} @ {t:g}x: predicted {_f(row.get('predicted_x'), '.2f')}x, measured "
+            f"{_f(row.get('measured_x'), '.2f')}x, retention {_f(row.get('retention_pct'), '.1f')}% (before GKD "
+            f"{_f(row.get('retention_before_gkd_pct'), '.1f')}%) ({time.perf_counter() - t0:.0f}s; "
+            f"{time.perf_counter() - self.t_all:.0f}s total)")
+
+
 def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: str | Path, *,
                        work_dir: str | Path | None = None, methods=DEFAULT_METHODS, seed: int = 0,
                        gkd_steps: int | None = None, uniform_steps: int | None = 16,
                        command: str | None = None) -> dict:
-    from megapuzzle.bench.baselines import ALL_METHODS, run_child
-    from megapuzzle.mip import InfeasibleBudgetError
+    from megapuzzle.bench.baselines import ALL_METHODS
 
     cfg = sweep_config(load_config(config), gkd_steps)
     bad = [m for m in methods if m not in ALL_METHODS]
@@ -304,87 +400,20 @@ def run_search_quality(config: str | Path, run_dir: str | Path, targets, out: st
     targets = sorted(set(float(t) for t in targets))
     work = Path(work_dir) if work_dir else default_work_dir(run_dir)
     out = Path(out)
-    rows, parent, t_all = [], None, time.perf_counter()
-    stopped: dict[str, dict] = {}
     steps = (cfg.get("gkd") or {}).get("steps", "default")
     command = command or (f"megapuzzle bench search-quality --config {config} --run-dir {run_dir} --targets "
                           + " ".join(f"{t:g}" for t in targets) + f" --out {out}")
     log(f"[bench] search-quality: {', '.join(methods)} at {', '.join(f'{t:g}x' for t in targets)} from {run_dir}; "
         f"GKD {steps} steps; children in {work}")
-
-    def write(final: bool = False) -> dict:
-        header = ("" if final else f"**PARTIAL: the sweep had not finished when this was written (after child {k}; "
-                  f"methods still running: {', '.join(m for m in methods if m not in stopped)}).** ") + (f"Base run `{Path(run_dir).resolve()}`, children in `{work.resolve()}`; config `{config}`. "
-                  f"**Every child gets the same reduced GKD: {steps} steps** (gkd: section with --gkd-steps; "
-                  f"the config's own is {(load_config(config).get('gkd') or {}).get('steps', 'default')}) and the "
-                  f"same evaluate. `predicted x` is the selection's own prediction from costs.json (uniform widths "
-                  f"off the measured grid: interpolated); `measured x` is evaluate's CPU-clock timing against the "
-                  f"parent in the same process. Retention = child / parent next-token accuracy on data/heldout. "
-                  f"Random: rejection sampling (seed {seed}), the first draw within 5% above the target.")
-        reach = [f"- {m}: " + (f"stopped at {stopped[m]['target']:g}x (max target met: "
-                               f"{stopped[m]['max'] and format(stopped[m]['max'], 'g')}x): {stopped[m]['error']}"
-                               if m in stopped else f"met every target swept (up to {max(targets):g}x; its max is higher)")
-                 for m in methods]
-        md = table_markdown(rows, parent, command, header).split("\n")
-        i = md.index(header) + 2
-        md = md[:i] + [equal_speed_markdown(rows, methods), fusion_markdown(rows), "### How far each method reaches",
-                       "", *reach, "",
-                       "### Every child", ""] + md[i:]
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "table.md", "\n".join(md))
-        png = plot(rows, out / "quality_vs_throughput.png")
-        env = {k: {m: envelope_steps(p) for m, p in _curves(rows, k).items()}
-               for k in ("retention_pct", "retention_before_gkd_pct")}
-        result = {"command": command, "config": str(config), "run_dir": str(Path(run_dir).resolve()),
-                  "work_dir": str(work.resolve()), "targets": targets, "methods": list(methods), "seed": seed,
-                  "gkd_steps": steps, "parent": parent, "rows": rows, "stopped": stopped, "envelopes": env,
-                  "plot": str(out / "quality_vs_throughput.png") if png else None, "complete": final,
-                  "wall_s": time.perf_counter() - t_all}
-        atomic_write_json(out / "results.json", result)
-        return result
-
-    k = 0
+    sweep = _Sweep(config, run_dir, targets, out, work, methods, seed, steps, command)
     for t in targets:
         for m in methods:
-            if m in stopped:
+            if m in sweep.stopped:
                 continue
-            k += 1
-            t0 = time.perf_counter()
-            kw = dict(seed=seed, uniform_steps=uniform_steps)
-            log(f"[bench] ({k}) {m} @ {t:g}x ...")
-            try:
-                with prefixed(f"  [{m} {t:g}x] "):
-                    sel = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", until="select", **kw)
-                prev = [r for r in rows if r["method"] == m and not r.get("error") and not r.get("same_as")]
-                same = next((r for r in prev if r["layers"] == [f"{l['attention']}+{l['ffn']}"
-                                                                for l in sel["record"]["layers"]]), None)
-                if same is not None:
-                    rows.append({**same, "target": t, "same_as": same["target"], "dir": sel["dir"],
-                                 "predicted_x": sel["record"].get("predicted_speedup")})
-                    log(f"[bench] ({k}) {m} @ {t:g}x: the same architecture as at {same['target']:g}x; not retrained")
-                    write()
-                    continue
-                with prefixed(f"  [{m} {t:g}x] "):
-                    res = run_child(run_dir, cfg, m, t, work / f"{m}_x{t:g}", **kw)
-            except (UserError, InfeasibleBudgetError) as e:
-                reached = [r["target"] for r in rows if r["method"] == m and not r.get("error")]
-                stopped[m] = {"target": t, "max": max(reached) if reached else None, "error": str(e)}
-                rows.append({"method": m, "target": t, "error": str(e)})
-                log(f"[bench] ({k}) {m} @ {t:g}x FAILED, {m} stops here: {e}")
-                write()
-                continue
-            row = row_from(res)
-            rows.append(row)
-            if res["eval"]:
-                p = res["eval"]["parent"]
-                parent = {k2: p[k2] for k2 in ("params", "lm_loss", "accuracy", "tokens_per_s",
-                                               "predicted_tokens_per_s") if k2 in p}
-            log(f"[bench] ({k}) {m} @ {t:g}x: predicted {_f(row.get('predicted_x'), '.2f')}x, measured "
-                f"{_f(row.get('measured_x'), '.2f')}x, retention {_f(row.get('retention_pct'), '.1f')}% (before GKD "
-                f"{_f(row.get('retention_before_gkd_pct'), '.1f')}%) ({time.perf_counter() - t0:.0f}s; "
-                f"{time.perf_counter() - t_all:.0f}s total)")
-            write()
-    result = write(final=True)
+            sweep.k += 1
+            sweep.child(cfg, m, t, uniform_steps)
+            sweep.write()
+    result = sweep.write(final=True)
     log((out / "table.md").read_text())
     log(f"[bench] wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {result['plot']}" if result["plot"] else ""))
     return result

