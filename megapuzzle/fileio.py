@@ -74,6 +74,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _sort_safetensors_metadata(path: str) -> None:
+    """Put the header's __metadata__ keys in sorted order, in place, so the same tensors and metadata
+    always give the same bytes (safetensors writes them in Rust HashMap order, which varies from call to
+    call: a library block's checksum would change from run to run). Only when re-serializing the header
+    as parsed reproduces it exactly; the header's length, hence every offset, is unchanged."""
+    with open(path, "rb+") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(n)
+        text = raw.rstrip(b" ").decode("utf-8")
+        header = json.loads(text)
+        meta = header.get("__metadata__")
+        if not meta or json.dumps(header, separators=(",", ":"), ensure_ascii=False) != text:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        fh.seek(8)
+        fh.write(new.ljust(n, b" "))
+
+
 def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """safetensors.torch.save_file, atomically (tensors made contiguous, CPU). Written straight to
     the temp file, not through one bytes object: a 5 GB shard must not cost 10 GB to save."""
@@ -86,6 +105,7 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)  # (re)creates the file: set the usual mode after
+        _sort_safetensors_metadata(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

@@ -131,3 +131,27 @@ def test_each_rank_reads_only_what_it_owns(tmp_path, tp, pp, tied):
         assert layers == set(stage_layer_ranges(arch.num_layers, pp)[r["info"].pp_rank])
         assert ("model.embed_tokens.weight" in r["read"]) == (r["info"].is_first_stage or
                                                               (tied and r["info"].is_last_stage))
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes __metadata__ in Rust HashMap order, which changes from call to call; our
+    writer sorts it, so a library block's sha256 is the same in every run. Many saves of the same
+    content, with metadata keys given in different orders, are byte-identical and read back the same."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from megapuzzle.fileio import save_safetensors_atomic
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16)}
+    keys = ["format", "key", "layer", "kind", "z", "é"]
+    digests = set()
+    for i in range(24):
+        order = keys[i % len(keys):] + keys[:i % len(keys)]
+        path = tmp_path / f"block{i}.safetensors"
+        save_safetensors_atomic(tensors, path, metadata={k: f"v-{k}" for k in order})
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata() == {k: f"v-{k}" for k in keys}
+            assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    assert len(digests) == 1
