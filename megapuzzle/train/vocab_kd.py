@@ -20,6 +20,10 @@ shape for its backward (plus a few transient ones). Instead:
   changes no value's inputs, only the shapes of the kernels computing them: the numbers are the whole
   micro-batch's up to the rounding of the parent head's matmul over fewer rows, and of the row reductions
   (tests/test_gkd_head.py bounds both).
+
+Under sequence parallelism (gkd.sequence_parallel) a final hidden state is this TP rank's [s / tp, b, h]:
+the loss gathers the parent's along the sequence (`gather_sequence`) and applies the output layer to the
+whole sequence, as the child's output layer does inside GPTModel; every term then covers every token.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ logits; the loss applies its output layer, gkd.loss_chunk_tokens tokens at a tim
 
 gkd.recompute (none / selective / full) is Megatron's activation recompute of the child; the
 hooks record only the original forward, not the re-run in the backward (train/distill.py).
+gkd.sequence_parallel splits both models' streams along the sequence over TP: each rank's cosine terms
+are its own tokens' share (summed over TP when reported), the KL / LM terms gather the final hidden states.
 
 How it trains (batches, schedule, PP, the two trainers, activation memory, precision, what it
 writes): docs/design.md, "GKD".

@@ -1,8 +1,8 @@
 """The two GKD trainers (`gkd.optimizer`) and the resume rule that goes with their state.
 
 - `LocalTrainer` ("local"; "auto" on CPU): torch AdamW on every rank, the DP gradient all-reduce
-  (summed, / DP), PP tied-embedding all-reduce and a TP / PP-aware global grad-norm clip, all by
-  hand. State: safetensors per rank (train_state/rankNNN; megapuzzle.train.state), no pickles.
+  (summed, / DP), PP tied-embedding all-reduce, under sequence parallelism the norms' TP all-reduce,
+  and a TP / PP-aware global grad-norm clip, all by hand. State: safetensors per rank (train_state/rankNNN; megapuzzle.train.state), no pickles.
 - `MegatronTrainer` ("megatron"; "auto" on CUDA): Megatron-core's DistributedDataParallel (fp32
   grad buffers, grads scaled by 1 / DP and reduce-scattered) + the distributed optimizer (fp32
   main params sharded over DP, Megatron's grad clip, params all-gathered after the step), as
