@@ -118,10 +118,11 @@ class MemoryModel:
 # ------------------------------------------------------------------ what a rank owns, by stage
 
 
-def layer_activation_bytes(tokens: int, hidden: int, tp: int) -> float:
-    """One transformer layer's saved activations for backward, bf16, flash attention, no sequence
-    parallelism: tokens x hidden x (10 + 24 / tp) bytes (Korthikanti et al. 2022, without the s^2 term)."""
-    return tokens * hidden * (10 + 24 / tp)
+def layer_activation_bytes(tokens: int, hidden: int, tp: int, sequence_parallel: bool = False) -> float:
+    """One transformer layer's saved activations for backward, bf16, flash attention: tokens x hidden x
+    (10 + 24 / tp) bytes, or 34 / tp with sequence parallelism (Korthikanti et al. 2022, without the s^2
+    term: SP splits the 10 the TP ranks otherwise replicate)."""
+    return tokens * hidden * (34 / tp if sequence_parallel else 10 + 24 / tp)
 
 
 def weights_share(arch, tp: int, pp: int, stage: int, bytes_per: int = 2) -> int:
@@ -144,7 +145,8 @@ def max_weights_share(arch, tp: int, pp: int, bytes_per: int = 2) -> int:
 
 
 def gkd_activation_bytes(*, tokens: int, hidden: int, vocab: int, tp: int, pp: int, layers_per_stage: int,
-                         micro_batches: int, recompute: str, loss_chunk_tokens: int = 0) -> float:
+                         micro_batches: int, recompute: str, loss_chunk_tokens: int = 0,
+                         sequence_parallel: bool = False) -> float:
     """GKD's activations on its worst pipeline stage (bf16, Megatron's 1F1B), `tokens` per micro-batch,
     `micro_batches` per rank and step. Stage s keeps min(pp - s, micro_batches) child micro-batches in
     flight; per layer each keeps its layer_activation_bytes ("none"; "selective" the same: that figure
@@ -158,8 +160,13 @@ def gkd_activation_bytes(*, tokens: int, hidden: int, vocab: int, tp: int, pp: i
     time. The last stage also keeps the parent's final hidden state per such micro-batch (not its logits:
     megapuzzle.train.vocab_kd computes them from it), and for the micro-batch in its loss the child's
     bf16 logits and their gradient (2 [tokens, vocab / tp] bf16) plus, over `loss_chunk_tokens` rows at a
-    time (0: all `tokens`), the parent's bf16 logits and the loss's fp32 temporaries (4 [rows, vocab / tp])."""
-    layer, stream = layer_activation_bytes(tokens, hidden, tp), tokens * hidden * 2
+    time (0: all `tokens`), the parent's bf16 logits and the loss's fp32 temporaries (4 [rows, vocab / tp]).
+    With gkd.sequence_parallel every stream between layers is split along the sequence over TP: the
+    child's kept inputs, the parent's kept outputs and final hidden states are [tokens / tp, hidden], a
+    layer's activations 34 / tp (layer_activation_bytes); the loss gathers the two final hidden states
+    along the sequence, 2 whole [tokens, hidden] streams while it runs."""
+    layer = layer_activation_bytes(tokens, hidden, tp, sequence_parallel)
+    stream = tokens * hidden * 2 / (tp if sequence_parallel else 1)
     parent_mbs = micro_batches if pp > 1 else 1
     rows = min(loss_chunk_tokens or tokens, tokens)
     worst = 0.0
@@ -171,5 +178,7 @@ def gkd_activation_bytes(*, tokens: int, hidden: int, vocab: int, tp: int, pp: i
         act = child + parent_mbs * layers_per_stage * stream
         if s == pp - 1:
             act += parent_mbs * stream + 2 * 2 * tokens * vocab / tp + (2 + 4 * 4) * rows * vocab / tp
+            if sequence_parallel:
+                act += 2 * tokens * hidden * 2
         worst = max(worst, act)
     return worst

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from megapuzzle.mip import InfeasibleBudgetError, MIPProblem, solve
+from megapuzzle.mip import InfeasibleBudgetError, solve
 from megapuzzle.mip.runs import RunCandidate, RunProblem, solve_runs
 
 SOLVERS = ["highs", "gurobi"]

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from megapuzzle.arch import Architecture, AttentionVariant as A, FFNVariant as F, LayerArch
+from megapuzzle.arch import AttentionVariant as A, FFNVariant as F, LayerArch
 from megapuzzle.cli import main
 
 E4M3_REL = 2.0 ** -4       # round-to-nearest with 3 mantissa bits: |error| <= 2^-4 |x| for normal values

@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from .base import SubblockModules
+from .megatron_sp import SequenceParallelTorchNorm, sequence_parallel_gathered
 
 __all__ = ["ModuleSpec", "IdentityOp", "norm_class", "pre_norm", "fused_norm_keys", "residual_add",
            "linear_classes", "linear_replacement", "identity"]
@@ -27,7 +28,8 @@ __all__ = ["ModuleSpec", "IdentityOp", "norm_class", "pre_norm", "fused_norm_key
 def norm_class(config, use_te: bool):
     """The family's norm as a separate module (also the decoder's final norm): TENorm with
     TransformerEngine; else Apex's FusedLayerNorm for LayerNorm when Apex is there (it has no
-    RMSNorm), else torch's (WrappedTorchNorm does both)."""
+    RMSNorm), else torch's (WrappedTorchNorm does both; under sequence parallelism with its weight
+    marked for the TP grad sum: megatron_sp.py)."""
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -40,7 +42,7 @@ def norm_class(config, use_te: bool):
             return FusedLayerNorm
         except ImportError:
             pass
-    return WrappedTorchNorm
+    return SequenceParallelTorchNorm if config.sequence_parallel else WrappedTorchNorm
 
 
 def pre_norm(config, use_te: bool):
@@ -79,6 +81,8 @@ def linear_replacement(config, use_te: bool, buffer_name: str, norm_slot: str, s
         )
     else:
         Linear = ColumnParallelLinearGathered
+    if config.sequence_parallel:  # Megatron 0.16's SP output path pads the wrong dim (megatron_sp.py)
+        Linear = sequence_parallel_gathered(Linear)
     module = ModuleSpec(module=Linear, params={"tp_comm_buffer_name": buffer_name})
     return SubblockModules(pre_norm(config, use_te), module, residual_add(), fused_norm_keys(use_te, norm_slot, slot))
 

@@ -27,6 +27,15 @@ def _some_loss(cfg) -> None:
         raise UserError("gkd: every loss weight is 0; set cosine_weight, kl_weight or lm_weight > 0")
 
 
+def _sequence_parallel_needs_tp(cfg) -> None:
+    if cfg.sequence_parallel and cfg.tensor_parallel < 2:
+        raise UserError(f"gkd.sequence_parallel needs gkd.tensor_parallel > 1 (it splits the tokens over the TP "
+                        f"ranks); got tensor_parallel {cfg.tensor_parallel}")
+    if cfg.sequence_parallel and cfg.seq_len % cfg.tensor_parallel:
+        raise UserError(f"gkd.sequence_parallel splits gkd.seq_len {cfg.seq_len} over {cfg.tensor_parallel} TP ranks; "
+                        f"make it a multiple of tensor_parallel")
+
+
 def _micro_batches_divide(cfg) -> None:
     if cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size:
         raise UserError(f"gkd.batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
@@ -38,7 +47,7 @@ class GKDConfig(Section):
     """The `gkd:` config section."""
 
     SECTION = "gkd"
-    CHECKS = (lr_schedule, _steps_or_tokens, _some_loss, _micro_batches_divide)
+    CHECKS = (lr_schedule, _steps_or_tokens, _some_loss, _micro_batches_divide, _sequence_parallel_needs_tp)
 
     steps: Annotated[int, Integer()] | None = None
     """Optimizer steps (default 200 when neither steps nor tokens is set)."""
@@ -83,6 +92,14 @@ class GKDConfig(Section):
     pipeline_parallel: Annotated[int, Integer()] = 1
     """PP size: Megatron's pipeline split of both models' layers (layer i of child and parent on
     one stage); needs at least one layer per stage."""
+    sequence_parallel: Annotated[bool, Flag()] = False
+    """Megatron's sequence parallelism for child and parent (needs tensor_parallel > 1): between the
+    TP-split GEMMs the residual stream is split along the sequence over the TP ranks instead of
+    replicated, so what GKD keeps per layer and micro-batch (the child's layer inputs under full
+    recompute, the parent's layer outputs, the p2p stream) shrinks by TP; the all-reduces become
+    reduce-scatters + all-gathers of the same bytes. Each rank computes the cosine terms of its own
+    tokens; the KL / LM loss gathers the final hidden states along the sequence. Only sums change
+    order, so like recompute it is not part of the training signature (a run may resume across it)."""
     parent_pass_micro_batches: Annotated[int, Integer()] | None = None
     """Under PP: micro-batches the parent runs ahead of the child's 1F1B schedule, keeping its layer
     outputs (and, on the last stage, its final hidden state, not its logits) for each until the child

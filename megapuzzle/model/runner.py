@@ -58,6 +58,8 @@ class StageRunner:
         self.m.eval()
         self.dtype = self.m.config.params_dtype
         self.hidden = self.m.config.hidden_size
+        self.seq_shards = self.m.config.tensor_model_parallel_size if self.m.config.sequence_parallel else 1
+        """Sequence parallelism splits every stream between layers along the sequence over TP."""
         self.layers = {l.layer_number - 1: l for l in self.m.decoder.layers}
         """Global layer index -> this stage's TransformerLayer."""
         self.first = min(self.layers, default=0)
@@ -119,8 +121,9 @@ class StageRunner:
     # ------------------------------------------------------------------ between stages
 
     def recv(self, seq_len: int, batch: int) -> torch.Tensor:
-        """The previous stage's output [s, b, h] (this stage's input)."""
-        h = torch.empty(seq_len, batch, self.hidden, dtype=self.dtype, device=self.device)
+        """The previous stage's output [s, b, h] (this stage's input; this TP rank's [s / tp, b, h] under
+        sequence parallelism, as the embedding scatters it and Megatron's schedules send it)."""
+        h = torch.empty(seq_len // self.seq_shards, batch, self.hidden, dtype=self.dtype, device=self.device)
         dist.recv(h, src=self.prev)
         return h
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from megapuzzle.train.vocab_kd import (  # noqa: F401 (re-exported: VocabParallelKD's home was here)
-    VocabParallelKD, all_reduce_if, kd_from_parent_hidden, parent_lm_from_hidden, head_off, tp_group_rank_size)
+    VocabParallelKD, all_reduce_if, kd_from_parent_hidden, parent_lm_from_hidden, head_off, sequence_shards,
+    tp_group_rank_size)
 from megapuzzle.train.parent_pass import parent_pass
 
 
@@ -94,13 +94,23 @@ def cosine_distance(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return CosineDistance.apply(c, p)
 
 
+def sequence_share(token_mean: torch.Tensor, shards: int) -> torch.Tensor:
+    """This rank's share of a mean over the tokens, from the mean over the tokens it holds: under sequence
+    parallelism (shards = TP) each TP rank holds its own s / tp of every layer's output, so its local mean
+    / tp is its tokens' part of the whole mean, and the sum over TP the whole. Each rank's loss is its
+    tokens' part: the backward through Megatron's sequence-parallel collectives (all-gather <->
+    reduce-scatter) then sums the parts' grads, as it does for a replicated loss on vocabulary shards."""
+    return token_mean if shards == 1 else token_mean / shards
+
+
 def distill_terms(child, parent, tokens: torch.Tensor, labels: torch.Tensor, temperature: float,
                   parent_lm: bool = False, chunk: int = 0) -> dict[str, torch.Tensor]:
-    """Per-token loss terms of one micro-batch: {"cosine": [L, s, b] (1 - cos per layer),
-    "kl": [b, s], "lm": [b, s]} (+ the parent's own "parent_lm"); the parent runs without grad,
-    layer by layer (megapuzzle.train.parent_pass), the child through `GPTModel.forward` in the grad
-    mode (autograd, activation recompute). The parent's pass stops at its final hidden state; its
-    logits are computed by the loss, `chunk` tokens at a time (0: all at once; gkd.loss_chunk_tokens)."""
+    """Per-token loss terms of one micro-batch: {"cosine": [L, s, b] (1 - cos per layer; this rank's
+    [L, s / tp, b] under sequence parallelism), "kl": [b, s], "lm": [b, s]} (+ the parent's own
+    "parent_lm"); the parent runs without grad, layer by layer (megapuzzle.train.parent_pass), the child
+    through `GPTModel.forward` in the grad mode (autograd, activation recompute). The parent's pass stops
+    at its final hidden state; its logits are computed by the loss, `chunk` tokens at a time (0: all at
+    once; gkd.loss_chunk_tokens)."""
     hidden, final = parent_pass(parent, tokens, tokens.shape[0])  # no grad; layer by layer (model/runner.py)
     hp, t_hidden = [hidden[i][0] for i in sorted(hidden)], final[0]  # t_hidden: [s, b, h] after the final norm
     pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)

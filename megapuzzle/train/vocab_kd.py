@@ -20,6 +20,10 @@ shape for its backward (plus a few transient ones). Instead:
   changes no value's inputs, only the shapes of the kernels computing them: the numbers are the whole
   micro-batch's up to the rounding of the parent head's matmul over fewer rows, and of the row reductions
   (tests/test_gkd_head.py bounds both).
+
+Under sequence parallelism (gkd.sequence_parallel) a final hidden state is this TP rank's [s / tp, b, h]:
+the loss gathers the parent's along the sequence (`gather_sequence`) and applies the output layer to the
+whole sequence, as the child's output layer does inside GPTModel; every term then covers every token.
 """
 
 from __future__ import annotations
@@ -121,17 +125,48 @@ def head_off(model):
         m.post_process = was
 
 
-def _head(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The output layer on [s, b, h]: [s, b, V / tp], as GPTModel._postprocess applies it."""
-    m = unwrap_model(model)
-    weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
-    return m.output_layer(hidden, weight=weight)[0]
+def sequence_shards(model) -> int:
+    """TP size when `model` runs sequence-parallel (each TP rank holds its own 1 / tp of the tokens of
+    every stream between layers, the final hidden state included), else 1."""
+    config = unwrap_model(model).config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
 @torch.no_grad()
-def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """[b, s, V / tp] logits from the final hidden state [s, b, h]: bitwise what the forward returns."""
+def gather_sequence(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The whole sequence [s, b, h] of a final hidden state that is this rank's [s / tp, b, h] under
+    sequence parallelism (all-gathered over TP, as the output layer gathers its input); else `hidden`."""
+    if sequence_shards(model) == 1:
+        return hidden
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+
+
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer on the whole sequence [s, b, h]: [s, b, V / tp], as GPTModel._postprocess applies
+    it (under sequence parallelism with its own gather off, as GPTModel does when it has gathered)."""
+    m = unwrap_model(model)
+    weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
+    layer = m.output_layer
+    was = layer.sequence_parallel
+    layer.sequence_parallel = False
+    try:
+        return layer(hidden, weight=weight)[0]
+    finally:
+        layer.sequence_parallel = was
+
+
+@torch.no_grad()
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """[b, s, V / tp] logits from the whole sequence's final hidden state [s, b, h]."""
     return _head(model, hidden).transpose(0, 1).contiguous()
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """[b, s, V / tp] logits from the final hidden state [s, b, h] (this rank's [s / tp, b, h] under
+    sequence parallelism): bitwise what the forward returns."""
+    return _logits(model, gather_sequence(model, hidden))
 
 
 def _chunks(hidden: torch.Tensor, chunk: int):
@@ -179,17 +214,21 @@ class ChunkedVocabParallelKD(torch.autograd.Function):
 def kd_from_parent_hidden(s_logits: torch.Tensor, parent, hidden: torch.Tensor, target: torch.Tensor,
                           temperature: float, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (T^2 KL(parent || child), CE) [b, s] from the child's logits and the parent's final
-    hidden state: `chunk` tokens at a time, or (0) the whole micro-batch at once, bitwise as before."""
+    hidden state: `chunk` tokens at a time, or (0) the whole micro-batch at once, bitwise as before.
+    Under sequence parallelism `hidden` is this rank's share of the tokens; the child's logits (its output
+    layer gathers) and the terms cover every token on every TP rank, as without it."""
+    hidden = gather_sequence(parent, hidden)
     if chunk <= 0 or chunk >= hidden.shape[0] * hidden.shape[1]:
-        return VocabParallelKD.apply(s_logits, logits_from_hidden(parent, hidden), target, temperature)
+        return VocabParallelKD.apply(s_logits, _logits(parent, hidden), target, temperature)
     return ChunkedVocabParallelKD.apply(s_logits, hidden, target, temperature, parent, chunk)
 
 
 def parent_lm_from_hidden(parent, hidden: torch.Tensor, target: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     """The parent's own per-token CE [b, s] (held-out metrics; no grad), `chunk` tokens at a time."""
     with torch.no_grad():
+        hidden = gather_sequence(parent, hidden)
         if chunk <= 0:
-            t = logits_from_hidden(parent, hidden)
+            t = _logits(parent, hidden)
             return VocabParallelKD.apply(t, t, target, 1.0)[1]
         group, r, _ = tp_group_rank_size()
         ce = torch.empty(target.shape, dtype=torch.float32, device=hidden.device)

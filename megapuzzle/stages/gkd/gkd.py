@@ -21,6 +21,8 @@ vocab_parallel_cross_entropy; T^2 keeps the gradient scale independent of the te
 
 gkd.recompute (none / selective / full) is Megatron's activation recompute of the child; the
 hooks record only the original forward, not the re-run in the backward (train/distill.py).
+gkd.sequence_parallel splits both models' streams along the sequence over TP: each rank's cosine terms
+are its own tokens' share (summed over TP when reported), the KL / LM terms gather the final hidden states.
 
 `run_gkd` in steps: `_prepare` (checks, data, layout, signature), `_finished` (result.json of the
 same signature: nothing to do), `_load_models`, `_resume_or_evaluate` (the trainer's state or the
@@ -54,16 +56,18 @@ from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 from megapuzzle.stages.gkd.trainers import TRAINERS, legacy_trainer, make_trainer, resolve_trainer, resume_point
 from megapuzzle.metrics import heldout_metrics
-from megapuzzle.train.distill import distill_terms
+from megapuzzle.train.distill import distill_terms, sequence_share, sequence_shards
 
 log = logging.getLogger(__name__).info
 
 TERMS = ("loss", "cosine", "kl", "lm")
 
 
-def _combine(terms: dict[str, torch.Tensor], w: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Token means, the cosine term summed over layers, and the weighted total."""
-    m = {"cosine": terms["cosine"].mean(dim=(1, 2)).sum(), "kl": terms["kl"].mean(), "lm": terms["lm"].mean()}
+def _combine(terms: dict[str, torch.Tensor], w: dict[str, float], shards: int = 1) -> dict[str, torch.Tensor]:
+    """Token means, the cosine term summed over layers, and the weighted total (under sequence
+    parallelism the cosine term is this rank's tokens' share: `train.distill.sequence_share`)."""
+    m = {"cosine": sequence_share(terms["cosine"].mean(dim=(1, 2)), shards).sum(), "kl": terms["kl"].mean(),
+         "lm": terms["lm"].mean()}
     m["loss"] = sum(w[k] * m[k] for k in ("cosine", "kl", "lm") if w[k] > 0)
     return m
 
@@ -80,6 +84,7 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
     child.eval()
     dev = next(parent.parameters()).device
     acc = torch.zeros(5, dtype=torch.float64, device=dev)  # cosine, kl, lm, parent lm, tokens
+    sp = sequence_shards(parent) > 1  # each TP rank's cosine sum covers its own tokens only
     for i, batch in enumerate(heldout.eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches)):
         if i % info.dp_size != info.dp_rank:
             continue
@@ -89,6 +94,8 @@ def evaluate_heldout(child, parent, heldout, cfg: GKDConfig, info) -> dict[str, 
                              chunk=cfg.loss_chunk_tokens)
             acc += torch.stack([t["cosine"].sum(), t["kl"].sum(), t["lm"].sum(), t["parent_lm"].sum(),
                                 torch.tensor(float(labels.numel()), device=dev)]).double()
+    if sp:
+        dist.all_reduce(acc[:1], group=ps.get_tensor_model_parallel_group())
     if info.dp_size > 1:
         dist.all_reduce(acc, group=ps.get_data_parallel_group())
     child.train(was)
@@ -102,7 +109,7 @@ def _signature(cfg: GKDConfig, info, parent_dir: Path, child_dir: Path, trainer:
     d = {k: v for k, v in section_dict(cfg).items() if k not in ("checkpoint_every", "log_every", "eval_batches",
                                                                  "threads", "optimizer", "overlap_grad_reduce",
                                                                  "recompute", "parent_pass_micro_batches",
-                                                                 "loss_chunk_tokens")}
+                                                                 "loss_chunk_tokens", "sequence_parallel")}
     if trainer != legacy_trainer():  # the resolved trainer; as before gkd.optimizer existed where it is
         d["trainer"] = trainer       # the one this machine always used (local on CPU, megatron on CUDA)
     if info.pp_size == 1:  # as before PP existed: earlier PP = 1 results stay valid
@@ -237,7 +244,8 @@ def _load_models(r: _Run) -> _Models:
     if child_arch.num_layers < info.pp_size:
         raise UserError(f"gkd.pipeline_parallel {info.pp_size} exceeds the {child_arch.num_layers} layers")
     ckpt_dtype = first_dtype(child_tensors)
-    opts = ModelOptions(perform_initialization=False)  # every weight is loaded right after
+    # every weight is loaded right after; both models split their streams alike (the cosine compares shards)
+    opts = ModelOptions(perform_initialization=False, sequence_parallel=cfg.sequence_parallel)
     # The teacher stays in bf16/fp32 even with fp8: its targets should be as exact as possible.
     parent = build_gpt_model(parent_arch, params_dtype=dtype, options=opts)
     load_canonical_into_model(parent, tensors, parent_arch)
@@ -294,6 +302,7 @@ def _step_fn(r: _Run, m: _Models, window: torch.Tensor) -> Callable[[int, float]
     w = {"cosine": cfg.cosine_weight, "kl": cfg.kl_weight, "lm": cfg.lm_weight}
     nt = len(TERMS)
     n_micro = r.local_batch // r.micro
+    shards = sequence_shards(m.child)
 
     def step(i: int, lr: float) -> None:
         batch = r.train.batch(i, cfg.batch_size, cfg.seq_len, cfg.seed, rank=info.dp_rank, world_size=info.dp_size)
@@ -306,23 +315,33 @@ def _step_fn(r: _Run, m: _Models, window: torch.Tensor) -> Callable[[int, float]
             for j, mb in enumerate(batch.to(dev).split(r.micro)):
                 terms = distill_terms(m.model, m.parent, mb[:, :-1], mb[:, 1:], cfg.temperature,
                                       chunk=cfg.loss_chunk_tokens)
-                c = _combine(terms, w)
+                c = _combine(terms, w, shards)
                 with trainer.no_sync(last=j == n_micro - 1):  # grad reduce only with the last micro-batch
                     (c["loss"] / n_micro).backward()
                 window[:nt] += torch.stack([c[k].detach() for k in TERMS]).double() / n_micro
-                window[nt + 1:] += terms["cosine"].detach().mean(dim=(1, 2)).double() / n_micro
+                window[nt + 1:] += sequence_share(terms["cosine"].detach().mean(dim=(1, 2)), shards).double() / n_micro
         window[nt] += trainer.step(lr)
 
     return step
 
 
-def _report_fn(r: _Run, window: torch.Tensor, history: list, sched) -> Callable[[int, int], dict[str, float]]:
-    """The logging window's averages over the pipeline and data-parallel groups: appended to `history`
-    (result.json's loss curve) and returned for the console line / tensorboard; `window` is zeroed."""
+def _report_fn(r: _Run, m: _Models, window: torch.Tensor, history: list, sched
+               ) -> Callable[[int, int], dict[str, float]]:
+    """The logging window's averages over the tensor (sequence-parallel cosine shares), pipeline and
+    data-parallel groups: appended to `history` (result.json's loss curve) and returned for the console
+    line / tensorboard; `window` is zeroed."""
     info, nt = r.info, len(TERMS)
+    shards, w_cosine = sequence_shards(m.child), r.cfg.cosine_weight
 
     def report(n: int, done: int) -> dict[str, float]:
         avg = window / done
+        if shards > 1:  # each TP rank's cosine terms are its own tokens' share: the sum is the whole
+            from megatron.core import parallel_state as ps
+
+            part = torch.cat([avg[1:2], avg[nt + 1:]])
+            dist.all_reduce(part, group=ps.get_tensor_model_parallel_group())
+            avg[0] += w_cosine * (part[0] - avg[1])  # the loss is linear in its terms
+            avg[1], avg[nt + 1:] = part[0], part[1:]
         if info.pp_size > 1:  # each stage holds the terms of its own layers (and the last the KL / LM)
             from megatron.core import parallel_state as ps
 
@@ -363,7 +382,7 @@ def _train(r: _Run, m: _Models, start: int, extra: dict, progress: bool):
     loop = TrainLoop("gkd", total, sched, logger, cfg.log_every, cfg.checkpoint_every, cfg.tokens_per_step,
                      progress=progress and r.main)
     stopped = loop.run(start, _step_fn(r, m, window), save=lambda n: m.trainer.save(n, extra),
-                       window=_report_fn(r, window, extra["history"], sched))
+                       window=_report_fn(r, m, window, extra["history"], sched))
     return stopped, logger
 
 

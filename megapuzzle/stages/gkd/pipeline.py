@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from megapuzzle.metrics import heldout_metrics
 from megapuzzle.model.gpt import unwrap_model
-from megapuzzle.train.distill import cosine_distance, in_recompute, require_graph
+from megapuzzle.train.distill import cosine_distance, in_recompute, require_graph, sequence_share, sequence_shards
 from megapuzzle.train.parent_pass import StagePass, parent_pass
 from megapuzzle.train.vocab_kd import head_off, kd_from_parent_hidden, logits_from_hidden, parent_lm_from_hidden
 
@@ -134,6 +134,7 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
     parent_out: dict = {}  # this group's parent layer outputs and final hidden states, per micro-batch
     last = _is_last_stage()
     config = unwrap_model(model).config
+    shards = sequence_shards(model)  # under sequence parallelism: this rank's tokens' share of each mean
     aux_scale = 1.0 / n_micro
     if config.grad_scale_func is not None:  # fp16 loss scaling scales the main loss in backward_step
         aux_scale = config.grad_scale_func(torch.ones((), device=tokens.device)) / n_micro
@@ -151,7 +152,7 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
         with capture_stage_outputs(m) as hc:
             out = m(t, torch.arange(t.shape[1], device=t.device).unsqueeze(0).expand_as(t), None)
         require_graph([hc[i][0] for i in hc])
-        layer = {i: _cosine(hc[i][0], hp[i][k - g0]).mean() for i in sorted(hc)}
+        layer = {i: sequence_share(_cosine(hc[i][0], hp[i][k - g0]).mean(), shards) for i in sorted(hc)}
         cos = torch.stack(list(layer.values())).sum()
         if not last:
             record([w["cosine"] * cos if w["cosine"] > 0 else zero, cos, zero, zero], layer)
@@ -217,6 +218,8 @@ def evaluate_heldout_pp(child, parent, heldout, cfg, info) -> dict[str, float]:
                 parent_lm = parent_lm_from_hidden(parent, t_final[k], y, cfg.loss_chunk_tokens)
                 acc[1:5] += torch.stack([kl.sum(), ce.sum(), parent_lm.sum(),
                                          torch.tensor(float(y.numel()), device=dev)]).double()
+    if sequence_shards(child) > 1:  # each TP rank's cosine sum covers its own tokens
+        dist.all_reduce(acc[:1], group=_ps().get_tensor_model_parallel_group())
     dist.all_reduce(acc, group=_ps().get_pipeline_model_parallel_group())
     if info.dp_size > 1:
         dist.all_reduce(acc, group=_ps().get_data_parallel_group())

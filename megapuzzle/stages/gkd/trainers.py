@@ -1,8 +1,8 @@
 """The two GKD trainers (`gkd.optimizer`) and the resume rule that goes with their state.
 
 - `LocalTrainer` ("local"; "auto" on CPU): torch AdamW on every rank, the DP gradient all-reduce
-  (summed, / DP), PP tied-embedding all-reduce and a TP / PP-aware global grad-norm clip, all by
-  hand. State: safetensors per rank (train_state/rankNNN; megapuzzle.train.state), no pickles.
+  (summed, / DP), PP tied-embedding all-reduce, under sequence parallelism the norms' TP all-reduce,
+  and a TP / PP-aware global grad-norm clip, all by hand. State: safetensors per rank (train_state/rankNNN; megapuzzle.train.state), no pickles.
 - `MegatronTrainer` ("megatron"; "auto" on CUDA): Megatron-core's DistributedDataParallel (fp32
   grad buffers, grads scaled by 1 / DP and reduce-scattered) + the distributed optimizer (fp32
   main params sharded over DP, Megatron's grad clip, params all-gathered after the step), as
@@ -75,6 +75,22 @@ def tp_grad_norm(params) -> float:
     return math.sqrt(sq.item())
 
 
+def allreduce_sequence_parallel_grads(params) -> None:
+    """Under sequence parallelism the norms' weights are replicated but each TP rank's grad covers only
+    its own tokens: sum them over TP (what finalize_model_grads does for the params Megatron marks
+    `sequence_parallel`), so every rank steps with the whole batch's grad."""
+    group, _, _ = tp_group_rank_size()
+    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if group is None or not grads:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
 class LocalTrainer:
     """torch AdamW on every rank, DP gradient all-reduce, TP-aware clip; resumable state in
     safetensors (megapuzzle.train.state), bitwise on resume."""
@@ -101,6 +117,7 @@ class LocalTrainer:
             from megapuzzle.stages.gkd.pipeline import allreduce_tied_embedding_grads
 
             allreduce_tied_embedding_grads(self.model)
+        allreduce_sequence_parallel_grads(self.params.values())
         if self.info.dp_size > 1:
             group = ps.get_data_parallel_group()
             for p in self.params.values():
