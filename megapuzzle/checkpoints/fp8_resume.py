@@ -10,14 +10,18 @@ place:
                              under their temp names), renamed to OUT at the end
     layer-00007.safetensors  layer 7's exported tensors (FP8 weights, scales, bf16 norms), kept only
                              until a finished shard holds them
-    hidden-00008.safetensors the calibration hidden states after layer 7: layer 8's inputs (fp32)
+    hidden-00008/            the calibration hidden states after layer 7, layer 8's inputs (fp32), one
+                             file per batch (batch-00000.safetensors, ...), so a GPU's cache reaches
+                             the host one batch at a time
     state.json               {"done": 8, "writer": the shard writer's state, "amax": the summary's
                              input amaxes}, written last, so it never names a file not yet complete
 
 Disk cost beyond the export itself: the hidden states, batches x batch_size x seq_len x hidden x 4
-bytes (537 MB at 405B with the defaults 8 x 4 x 256, 268 MB at 70B), twice for a moment (the previous
-layer's file is deleted once state.json has moved on), plus the layer files of the shard being filled
-(at most one shard + one layer: 2 GB + 3.2 GB in FP8 at 405B with --max-shard-size 2GB).
+bytes, twice for a moment (the previous layer's are deleted once state.json has moved on): 537 MB at
+405B with the defaults 8 x 4 x 256, but 68.7 GB with the 405B recipe's 128 x 4 x 2048 (34.4 GB at 70B,
+8.6 GB at 8B), written once per layer (8.7 TB over 126 layers at 405B: at 2 GB/s, 35 s a layer next to
+minutes of calibration); plus the layer files of the shard being filled (at most one shard + one
+layer: 5 GB + 3.2 GB in FP8 at 405B with --max-shard-size 5GB).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class Progress:
         try:
             same = json.loads((self.work / "inputs.json").read_text()) == key
             state = json.loads((self.work / "state.json").read_text()) if same else None
-            if state is not None and self.out.is_dir() and self._hidden_path(state["done"]).is_file():
+            if state is not None and self.out.is_dir() and self._hidden_path(state["done"]).is_dir():
                 self.state = state
                 if not all(self._layer_path(j).is_file() for j in self.pending()):
                     self.state = None
@@ -77,24 +81,25 @@ class Progress:
                     shutil.rmtree(p)
                 elif p.name.startswith("."):
                     p.unlink()
-            for p in self.work.glob("hidden-*.safetensors"):  # a kill between state.json and the unlink
+            for p in self.work.glob("hidden-*"):  # a kill before state.json moved on, or before the delete
                 if p != self._hidden_path(self.done):
-                    p.unlink()
+                    shutil.rmtree(p)
 
     @property
     def done(self) -> int:
         return self.state["done"] if self.state else 0
 
     def _hidden_path(self, done: int) -> Path:
-        return self.work / f"hidden-{done:05d}.safetensors"
+        return self.work / f"hidden-{done:05d}"
 
     def _layer_path(self, i: int) -> Path:
         return self.work / f"layer-{i:05d}.safetensors"
 
-    def hidden(self) -> list[torch.Tensor]:
-        """The calibration hidden states at layer `done`'s input (one per batch)."""
-        h = read_safetensors(self._hidden_path(self.done), fix=f"remove {self.work} and export again")
-        return [h[f"batch.{j}"] for j in range(len(h))]
+    def hidden(self, device: str) -> list[torch.Tensor]:
+        """The calibration hidden states at layer `done`'s input (one per batch), on `device`, read one
+        batch at a time."""
+        d, fix = self._hidden_path(self.done), f"remove {self.work} and export again"
+        return [read_safetensors(f, fix=fix)["hidden"].to(device) for f in sorted(d.glob("batch-*.safetensors"))]
 
     def amax(self) -> list[float]:
         return list(self.state["amax"]) if self.state else []
@@ -116,11 +121,13 @@ class Progress:
         both, then move state.json on, then drop what it no longer names."""
         save_safetensors_atomic({n: t.contiguous() for n, t in tensors}, self._layer_path(i),
                                 metadata={"order": json.dumps([n for n, _ in tensors])})
-        save_safetensors_atomic({f"batch.{j}": h.contiguous() for j, h in enumerate(hidden)},
-                                self._hidden_path(i + 1))
+        d = self._hidden_path(i + 1)
+        shutil.rmtree(d, ignore_errors=True)  # a kill's half-written one
+        for j, h in enumerate(hidden):
+            save_safetensors_atomic({"hidden": h}, d / f"batch-{j:05d}.safetensors")
         self.state = {"done": i + 1, "writer": writer_state, "amax": list(amax)}
         atomic_write_json(self.work / "state.json", self.state)
-        self._hidden_path(i).unlink(missing_ok=True)
+        shutil.rmtree(self._hidden_path(i), ignore_errors=True)
         flushed = self.flushed()
         for j in range(i + 1):
             if j in flushed:

@@ -148,8 +148,9 @@ def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_d
     * the output: one shard (`max_shard_bytes`) + the layer being added (its FP8 weights);
     * the embedding (and at the end the LM head) in fp32 while read: vocab x hidden x 4, 4.2 GB at
       70B, 8.4 GB at 405B -- the largest tensor, as in every streamed import / export;
-    * with `progress`, one exported layer's bytes more while its checkpoint is serialized (FP8: 0.9 GB
-      at 70B, 3.2 GB at 405B).
+    * with `progress`, on a GPU, one batch of hidden states on the host while it is checkpointed
+      (batch_size x seq_len x hidden x 4: 537 MB at 405B with the recipe's 4 x 2048); the layer's
+      exported tensors are written from where the shard writer already holds them.
     The whole-model flow it replaces held the model in fp32: 280 GB at 70B, 1.6 TB at 405B."""
     from megapuzzle.checkpoints.fp8_layers import LayerStream, export_layer_tensors, input_amaxes, modelopt
     from megapuzzle.checkpoints.shards import ShardWriter
@@ -173,7 +174,7 @@ def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_d
     del embed
     amax: list[float] = progress.amax() if progress is not None else []
     if start:  # the done layers: their outputs, and their tensors no finished shard holds yet
-        stream.hidden = [h.to(device) for h in progress.hidden()]
+        stream.hidden = progress.hidden(device)
         for j in progress.pending():
             for name, t in progress.layer_tensors(j):
                 writer.add(name, t)
