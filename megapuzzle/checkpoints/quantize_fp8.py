@@ -174,6 +174,7 @@ def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_d
     del embed
     amax: list[float] = progress.amax() if progress is not None else []
     if start:  # the done layers: their outputs, and their tensors no finished shard holds yet
+        stream.hidden.clear()  # the embedded tokens: never two caches at once
         stream.hidden = progress.hidden(device)
         for j in progress.pending():
             for name, t in progress.layer_tensors(j):
