@@ -2,11 +2,14 @@
 
     python benchmarks/bench_fp8_export.py [--hidden 1024 --layers 8 --vocab 32000 --ffn 4096] \\
         [--out benchmarks/results/fp8_export.md]
+    python benchmarks/bench_fp8_export.py --layers 24 --max-shard-size 256MB \\
+        --json benchmarks/results/memory_fp8_export.json    # the memory model's export-fp8 row
 
 Builds a random Llama-shaped bf16 checkpoint (nothing downloaded), then runs each path in a fresh
 process on the same calibration tokens and records its peak RSS (ru_maxrss at exit) and its RSS
 after importing torch / transformers / ModelOpt (the interpreter's baseline, paid by both):
-* streamed: megapuzzle.checkpoints.quantize_fp8.write_fp8_dir (one layer at a time);
+* streamed: megapuzzle.checkpoints.quantize_fp8.write_fp8_dir (one layer at a time), with the per-layer
+  resume checkpoints `export-hf --quantize fp8` writes (checkpoints/fp8_resume.py);
 * whole: the flow the export had before #14: the checkpoint as an fp32 DeciLM directory, loaded
   whole with transformers, `mtq.quantize(model, FP8_DEFAULT_CFG, loop)`, bf16, `export_hf_checkpoint`.
 Both outputs must hold the same tensors (the bench checks FP8 weights bitwise).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -49,11 +53,16 @@ def child(mode: str, ckpt: Path, out: Path, batches: int, batch_size: int, seq_l
     t0 = time.time()
     arch, tensors, _ = load_checkpoint(ckpt, dtype=torch.float32)
     tokens = torch.randint(0, arch.vocab_size, (batches, batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-    if mode == "streamed":
-        from megapuzzle.checkpoints.quantize_fp8 import write_fp8_dir
+    if mode == "streamed":  # as export-hf --quantize fp8 runs it: each layer checkpointed for a resume
+        from megapuzzle.checkpoints.canonical import checkpoint_fingerprint
+        from megapuzzle.checkpoints.fp8_resume import Progress, inputs_key, work_dir
+        from megapuzzle.checkpoints.quantize_fp8 import fp8_device, write_fp8_dir
+        from megapuzzle.fileio import replace_dir
 
-        out.mkdir(parents=True)
-        write_fp8_dir(arch, tensors, tokens, out, max_shard_bytes=shard)
+        progress = Progress(work_dir(out), inputs_key(checkpoint_fingerprint(ckpt), tokens, shard, fp8_device()))
+        write_fp8_dir(arch, tensors, tokens, progress.out, max_shard_bytes=shard, progress=progress)
+        replace_dir(progress.out, out)
+        progress.finish()
     else:
         from modelopt.torch.export import export_hf_checkpoint
         from transformers import AutoModelForCausalLM
@@ -87,6 +96,9 @@ def main() -> None:
     ap.add_argument("--calib", default="2,4,128", help="batches,batch_size,seq_len")
     ap.add_argument("--max-shard-size", default="256MB", help="output shards (both paths): the writer's buffer")
     ap.add_argument("--out", default=None, help="markdown table to write (default: print only)")
+    ap.add_argument("--json", default=None,
+                    help="also write the streamed row as megapuzzle.memory_model reads it (benchmarks/results/"
+                         "memory_fp8_export.json: key export-fp8)")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches, batch_size, seq_len = (int(x) for x in args.calib.split(","))
@@ -144,6 +156,34 @@ def main() -> None:
     print(text)
     if args.out:
         atomic_write_text(Path(args.out), text)
+    if args.json:
+        write_json(Path(args.json), args, arch, params, shard, next(r for r in rows if r["mode"] == "streamed"))
+
+
+def write_json(path: Path, args, arch, params: int, shard: int, r: dict) -> None:
+    """The streamed export's row for megapuzzle.memory_model. owned = what the export holds that scales
+    with the model: the largest decoder layer in fp32, one output shard, the embedding in fp32 (read
+    whole: the largest tensor). The calibration hidden states (batches x batch_size x seq_len x hidden
+    x 4 B, held once: each batch's output replaces its input) are arithmetic in the recipes' model, as
+    activations are for every stage; here they are a few MB."""
+    from megapuzzle.fileio import atomic_write_json
+
+    layer = max(arch.layer_params(i) for i in range(arch.num_layers)) * 4
+    embed = arch.vocab_size * arch.hidden_size * 4
+    b, bs, t = (int(x) for x in args.calib.split(","))
+    owned = layer + shard + embed
+    cmd = (f"python benchmarks/bench_fp8_export.py --layers {args.layers} --max-shard-size {args.max_shard_size}"
+           f" --json {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    atomic_write_json(path, {
+        "format": "megapuzzle-bench-memory/1", "command": cmd, "shape": f"fp8-{args.layers}l", "cpus": os.cpu_count(),
+        "params": params, "num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+        "vocab_size": arch.vocab_size, "model_bytes": params * 2, "largest_tensor_bytes": embed // 2,
+        "shard_bytes": shard, "calibration_hidden_bytes": b * bs * t * arch.hidden_size * 4,
+        "rows": [{"key": "export-fp8", "stage": "export-hf --quantize fp8 (streamed, resumable)",
+                  "layout": "1 process", "rank": 0, "owned": owned, "baseline": r["baseline"], "peak": r["peak"],
+                  "target": None, "within": None, "seconds": round(r["seconds"], 1),
+                  "note": f"owned: one layer fp32 {layer / 2**20:.0f} MiB + shard {shard / 2**20:.0f} MiB + "
+                          f"embedding fp32 {embed / 2**20:.0f} MiB"}]})
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ def main() -> int:
                   f"tests/test_examples.py) + 4 GiB CUDA reserve, limit {H100_BYTES / 1e9:.0f} GB (H100); host = "
                   f"baseline + k x owned (the whole measured footprint, as on CPU: a bound), limit "
                   f"{DGX_H100_HOST_BYTES / GPUS_PER_NODE / 1e9:.0f} GB (2 TB / 8 GPUs). import-hf / realize / export-hf "
-                  f"are one CPU process each, owned = one shard + the largest tensor.", "",
+                  f"are one CPU process each, owned = one shard + the largest tensor. export-hf fp8 (the streamed FP8 "
+                  f"export, one process on one GPU): owned = the largest layer in fp32 + one output shard + the "
+                  f"embedding in fp32 (host = baseline + k x owned); GPU = k x the layer + activations (the cached "
+                  f"calibration hidden states, fp32, once, + one batch through a layer) + reserve.", "",
               "| recipe | stage | owned | activations | GPU | host | fits | miss: cause |",
               "|---|---|---:|---:|---:|---:|---|---|"]
     for size in ("8b", "70b", "405b"):

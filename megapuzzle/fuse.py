@@ -128,18 +128,17 @@ def write_fused(child_dir: Path, out_dir: Path, runs, *, leading_attention: bool
 def _against(ref_dir: Path, ref_name: str, dirs: dict[str, Path], batches, qdt) -> dict:
     """Quality of every model in `dirs` against the reference on the same held-out batches, holding at
     most two models at once (the reference and the one compared with it)."""
-    import torch
 
     from megapuzzle.checkpoints.canonical import load_checkpoint
     from megapuzzle.stages.evaluate.evaluate import build_model, quality_metrics
 
-    ref = build_model(*load_checkpoint(ref_dir, dtype=torch.float32)[:2], qdt)
+    ref = build_model(*load_checkpoint(ref_dir, dtype=qdt)[:2], qdt)  # read straight in the quality dtype
     out: dict[str, Any] = {}
     for name, d in dirs.items():
         if ref_dir == d:
             out.update(quality_metrics(ref, {name: ref}, batches))
             continue
-        m = build_model(*load_checkpoint(d, dtype=torch.float32)[:2], qdt)
+        m = build_model(*load_checkpoint(d, dtype=qdt)[:2], qdt)
         out.update({n: q for n, q in quality_metrics(ref, {ref_name: ref, name: m}, batches).items()
                     if n == name or n not in out})
         del m
@@ -151,18 +150,18 @@ def _against(ref_dir: Path, ref_name: str, dirs: dict[str, Path], batches, qdt) 
 
 def _speed(run: RunDir, source_run: RunDir | None, eval_cfg) -> dict:
     """The unfused vs fused child timed like the source run's costs.json was measured (evaluate's way)."""
-    import torch
 
     from megapuzzle.checkpoints.canonical import load_arch, load_checkpoint
     from megapuzzle.costs.table import load_costs
+    from megapuzzle.runtime.dtypes import resolve_dtype
     from megapuzzle.stages.evaluate.evaluate import measure_pair, paired_speedup, scenario, timing_settings
 
-    archs = {"unfused": load_arch(run.parent), "fused": load_arch(run.child)}
-    tensors = {"unfused": load_checkpoint(run.parent, dtype=torch.float32)[1],
-               "fused": load_checkpoint(run.child, dtype=torch.float32)[1]}
     costs_file = source_run.costs if source_run is not None else None
     costs = load_costs(costs_file) if costs_file is not None and costs_file.is_file() else None
     settings = timing_settings(costs, eval_cfg)
+    tdt = resolve_dtype(settings["dtype"])  # each tensor read straight in the timed models' dtype
+    archs = {"unfused": load_arch(run.parent), "fused": load_arch(run.child)}
+    tensors = {"unfused": load_checkpoint(run.parent, dtype=tdt)[1], "fused": load_checkpoint(run.child, dtype=tdt)[1]}
     sc = scenario(source_run or run, eval_cfg)
     speed = measure_pair(archs, tensors, sc, eval_cfg, settings)
     return {"scenario": sc, "timing": settings,

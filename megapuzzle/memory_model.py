@@ -16,7 +16,10 @@ taken from the largest shape the stage was measured at (the 1.24B `1b` shape; GK
 shape, its fp32 state at `1b` does not fit the benchmark machine). A smaller shape's fixed costs weigh
 more per owned byte, so the max errs high. import-hf / realize / export-hf are one process each,
 owned = one shard + the largest tensor. GKD is measured in fp32 with local AdamW (owned = parent,
-child, grads, two moments) and applied to the recipes' bf16 + fp32-master layout byte for byte.
+child, grads, two moments) and applied to the recipes' bf16 + fp32-master layout byte for byte. The
+streamed FP8 export (`export-fp8`) comes from benchmarks/bench_fp8_export.py (memory_fp8_export.json):
+owned = one layer in fp32 + one output shard + the embedding in fp32; its calibration hidden states
+are activations (arithmetic, held once).
 
 Scaling to a recipe (`Prediction`):
 

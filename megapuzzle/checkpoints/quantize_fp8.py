@@ -16,7 +16,9 @@ the layout TensorRT-LLM's checkpoint loader and vLLM's `modelopt` quantization r
 `block_configs` (every layer's variant) are kept unchanged. tests/test_fp8_stream.py proves the
 result equal to ModelOpt's whole-model flow (fp32 model in transformers, `mtq.quantize`,
 `export_hf_checkpoint`): FP8 weights bitwise, scales, keys and configs. Peak memory: see
-`write_fp8_dir`.
+`write_fp8_dir`. Resumable after a kill -9: every finished layer is checkpointed in a work dir
+beside OUT (checkpoints/fp8_resume.py, which states its disk cost); a restart with the same inputs
+skips the done layers and writes the same bytes, one with other inputs starts over.
 
 Calibration data: `--calib-data PREFIX` (a Megatron indexed dataset in the checkpoint's
 tokenizer, e.g. RUN/data/heldout), else the embedded corpus's held-out split (the Python
@@ -31,13 +33,13 @@ from __future__ import annotations
 import logging
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from megapuzzle.errors import UserError
+from megapuzzle.train import faults
 
 log = logging.getLogger(__name__).info
 
@@ -98,7 +100,8 @@ def export_fp8(checkpoint: str | Path, out: str | Path, *, calib_data: str | Non
                max_shard_size: str = "2GB") -> dict:
     """Calibrate + quantize + export, streamed layer by layer; returns a summary (quantized Linear
     count, input amax range, calibration tokens, engine warnings)."""
-    from megapuzzle.checkpoints.canonical import load_checkpoint, tokenizer_path
+    from megapuzzle.checkpoints.canonical import checkpoint_fingerprint, load_checkpoint, tokenizer_path
+    from megapuzzle.checkpoints.fp8_resume import Progress, inputs_key, work_dir
     from megapuzzle.checkpoints.hf_io import _check_out_dir
     from megapuzzle.checkpoints.shards import parse_size
     from megapuzzle.fileio import replace_dir
@@ -114,23 +117,28 @@ def export_fp8(checkpoint: str | Path, out: str | Path, *, calib_data: str | Non
     tokens = calibration_tokens(checkpoint, arch.vocab_size, calib_data=calib_data, batches=calib_batches,
                                 batch_size=calib_batch_size, seq_len=calib_seq_len)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.fp8-"))
-    try:
-        summary = write_fp8_dir(arch, tensors, tokens, staged, tokenizer_dir=tokenizer_path(checkpoint),
-                                max_shard_bytes=max_shard_bytes)
-        os.chmod(staged, 0o755)
-        replace_dir(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    # a failed or killed export leaves its work dir: the next run with the same inputs resumes there
+    key = inputs_key(checkpoint_fingerprint(checkpoint), tokens, max_shard_bytes, fp8_device())
+    progress = Progress(work_dir(out), key)
+    summary = write_fp8_dir(arch, tensors, tokens, progress.out, tokenizer_dir=tokenizer_path(checkpoint),
+                            max_shard_bytes=max_shard_bytes, progress=progress)
+    os.chmod(progress.out, 0o755)
+    replace_dir(progress.out, out)
+    progress.finish()
     summary.update({"calibration_tokens": int(tokens.numel()), "warnings": list(arch.engine_compatible())})
     return summary
 
 
+def fp8_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_dir: Path | None = None,
-                  max_shard_bytes: int = 2 << 30) -> dict:
+                  max_shard_bytes: int = 2 << 30, progress=None) -> dict:
     """Write the FP8 export of (arch, lazy fp32 `tensors`) calibrated on `tokens` [batches, batch_size,
     seq_len] into the empty directory `out`, one decoder layer at a time (checkpoints/fp8_layers.py).
+    With `progress` (checkpoints/fp8_resume.Progress, whose `out` is `out`) each finished layer is
+    checkpointed and the layers it has done are skipped (a restart goes on where a kill stopped it).
 
     Peak memory (host, or the GPU when there is one), never the whole model:
     * one decoder layer in fp32 while it is calibrated, then its bf16 and FP8 copies as it is
@@ -139,7 +147,10 @@ def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_d
       output replaces its input): 268 MB at 70B, 537 MB at 405B with the defaults 8 x 4 x 256;
     * the output: one shard (`max_shard_bytes`) + the layer being added (its FP8 weights);
     * the embedding (and at the end the LM head) in fp32 while read: vocab x hidden x 4, 4.2 GB at
-      70B, 8.4 GB at 405B -- the largest tensor, as in every streamed import / export.
+      70B, 8.4 GB at 405B -- the largest tensor, as in every streamed import / export;
+    * with `progress`, on a GPU, one batch of hidden states on the host while it is checkpointed
+      (batch_size x seq_len x hidden x 4: 537 MB at 405B with the recipe's 4 x 2048); the layer's
+      exported tensors are written from where the shard writer already holds them.
     The whole-model flow it replaces held the model in fp32: 280 GB at 70B, 1.6 TB at 405B."""
     from megapuzzle.checkpoints.fp8_layers import LayerStream, export_layer_tensors, input_amaxes, modelopt
     from megapuzzle.checkpoints.shards import ShardWriter
@@ -148,22 +159,39 @@ def write_fp8_dir(arch, tensors, tokens: torch.Tensor, out: Path, *, tokenizer_d
     # that fail, and with them the frames (and a layer's weights) of whoever imported it first.
     modelopt()
     fam = arch.family_spec
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = fp8_device()
+    start = progress.done if progress is not None else 0
     log(f"[export-hf] fp8: {arch.num_layers} layers, one at a time on {device}, calibrated on "
-        f"{tokens.numel()} tokens")
-    writer = ShardWriter(out, max_shard_bytes, metadata={"format": "pt"})  # transformers needs "format"
+        f"{tokens.numel()} tokens" + (f"; layers 0-{start - 1} done before" if start else ""))
+    meta = {"format": "pt"}  # transformers needs "format"
+    resumed = progress.writer_state() if progress is not None else None
+    writer = ShardWriter.resumed(out, max_shard_bytes, resumed, meta) if resumed else \
+        ShardWriter(out, max_shard_bytes, meta)
     embed = tensors[fam.embed_name]
     stream = LayerStream(arch, embed, tokens, device)
-    writer.add(fam.embed_name, embed.to(torch.bfloat16))  # embeddings / norms / lm_head ship in bf16
+    if not any(fam.embed_name in names for _, names in (resumed or {"files": []})["files"]):
+        writer.add(fam.embed_name, embed.to(torch.bfloat16))  # embeddings / norms / lm_head ship in bf16
     del embed
-    amax: list[float] = []
-    for i in range(arch.num_layers):
+    amax: list[float] = progress.amax() if progress is not None else []
+    if start:  # the done layers: their outputs, and their tensors no finished shard holds yet
+        stream.hidden.clear()  # the embedded tokens: never two caches at once
+        stream.hidden = progress.hidden(device)
+        for j in progress.pending():
+            for name, t in progress.layer_tensors(j):
+                writer.add(name, t)
+    for i in range(start, arch.num_layers):
         layer = stream.build_layer(i, tensors)
         stream.calibrate(layer, i)
         amax += input_amaxes(layer)
-        for name, t in export_layer_tensors(layer, i):
-            writer.add(name, t.cpu())
+        exported = [(name, t.cpu()) for name, t in export_layer_tensors(layer, i)]
+        for name, t in exported:
+            writer.add(name, t)
         del layer
+        if progress is not None:
+            progress.save(i, exported, stream.hidden, amax, writer.state())
+        del exported
+        if faults.reached("export-fp8", i + 1, i):
+            raise faults.Killed(f"export-fp8 stopped after layer {i}")
     _, after = fam.outer_shapes(arch)
     for name in after:  # final norm, lm_head (absent when tied)
         writer.add(name, tensors[name].to(torch.bfloat16))

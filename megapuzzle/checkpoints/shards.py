@@ -80,6 +80,7 @@ class ShardWriter:
         self._files: list[tuple[str, list[str]]] = []  # (temp file name, tensor names)
         self._seen: set[str] = set()
         self.total_size = 0
+        self._flushed_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:
@@ -104,7 +105,32 @@ class ShardWriter:
         name = f"model-{len(self._files) + 1:05d}.safetensors"
         save_safetensors_atomic(self._shard, self.dir / name, metadata=self.metadata)
         self._files.append((name, list(self._shard)))
+        self._flushed_bytes += sum(nbytes(t) for t in self._shard.values())
         self._shard, self._shard_bytes = {}, 0
+
+    def state(self) -> dict:
+        """What `resumed` needs to go on after a kill: the shards written so far (temp names, tensor
+        names in order) and their bytes. Tensors added since are not in it: the caller re-adds them."""
+        return {"files": [[f, list(names)] for f, names in self._files], "bytes": self._flushed_bytes}
+
+    @classmethod
+    def resumed(cls, out_dir: str | os.PathLike, max_shard_bytes: int, state: dict,
+                metadata: dict | None = None) -> "ShardWriter":
+        """A writer that continues `state` (from `state()`) in `out_dir`: re-adding, in their order, the
+        tensors added after that state gives the same files as a writer that never stopped. A shard that
+        a kill inside `close()` already gave its final name is named back; FileNotFoundError when one is
+        gone."""
+        w = cls(out_dir, max_shard_bytes, metadata)
+        for i, (name, names) in enumerate(state["files"], start=1):
+            if not (w.dir / name).is_file():
+                renamed = sorted(w.dir.glob(f"model-{i:05d}-of-*.safetensors"))
+                if len(renamed) != 1:
+                    raise FileNotFoundError(w.dir / name)
+                os.replace(renamed[0], w.dir / name)
+            w._files.append((name, list(names)))
+            w._seen.update(names)
+        w.total_size = w._flushed_bytes = int(state["bytes"])
+        return w
 
     def close(self) -> dict[str, str]:
         """Write the last shard, the final names and the index; returns the weight map."""

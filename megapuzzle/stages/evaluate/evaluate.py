@@ -252,19 +252,17 @@ def _check_split(parent_arch: Architecture, child_arch: Architecture, child_dir:
         raise UserError(f"{child_dir} does not share the parent's vocabulary / hidden size; it is no child of it")
 
 
-def _quality(run: RunDir, cfg: EvaluateConfig, loaded: dict, heldout, with_realized: bool) -> dict:
-    """Held-out quality of the parent, the child and (when GKD healed it) the realized child before healing."""
+def _quality(run: RunDir, cfg: EvaluateConfig, dirs: dict[str, Path], heldout) -> dict:
+    """Held-out quality of the models in `dirs` (parent first; "child_realized": the realized child
+    before GKD healed it). Each model's tensors are read in the quality dtype: a tensor costs its
+    own bytes while it loads, not an fp32 copy next to them (exact: fp32 -> dtype is the same cast)."""
     from megapuzzle.checkpoints.canonical import load_checkpoint
     from megapuzzle.costs.timing import resolve_dtype
 
     qdt = resolve_dtype(cfg.quality_dtype)
-    parent = build_model(*loaded["parent"], qdt)
-    models = {"parent": parent, "child": build_model(*loaded["child"], qdt)}
-    if with_realized:
-        ra, rt, _ = load_checkpoint(run.child, dtype=torch.float32)
-        models["child_realized"] = build_model(ra, rt, qdt)
+    models = {name: build_model(*load_checkpoint(d, dtype=qdt)[:2], qdt) for name, d in dirs.items()}
     batches = list(heldout.eval_batches(cfg.quality_batch_size, cfg.seq_len, max_batches=cfg.eval_batches or None))
-    return quality_metrics(parent, models, batches)  # the models are dropped on return: timing builds its own
+    return quality_metrics(models["parent"], models, batches)  # dropped on return: timing builds its own
 
 
 def timing_settings(costs: dict | None, cfg: EvaluateConfig) -> dict:
@@ -340,13 +338,14 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     tp = cfg.tensor_parallel if tp is None else tp
     pp = cfg.pipeline_parallel if pp is None else pp
     writer = _start_ranks(cfg, tp, pp)
-    # lazy readers: each model reads its tensors one at a time, cast to its dtype
-    parent_arch, parent_t, _ = load_checkpoint(require_parent(run), dtype=torch.float32)
-    child_arch, child_t, child_meta = load_checkpoint(child_dir, dtype=torch.float32)
+    parent_arch = load_checkpoint(require_parent(run))[0]
+    child_arch, _, child_meta = load_checkpoint(child_dir)
     _check_split(parent_arch, child_arch, child_dir, tp, pp)
     gkd_ckpt = run.gkd / "checkpoint"
-    quality = _quality(run, cfg, {"parent": (parent_arch, parent_t), "child": (child_arch, child_t)}, heldout,
-                       with_realized=child is None and child_dir == gkd_ckpt and is_checkpoint(run.child))
+    dirs = {"parent": require_parent(run), "child": child_dir}
+    if child is None and child_dir == gkd_ckpt and is_checkpoint(run.child):
+        dirs["child_realized"] = run.child
+    quality = _quality(run, cfg, dirs, heldout)
     log(f"[evaluate] quality on {quality['parent']['tokens']} held-out tokens in {time.perf_counter() - t0:.1f}s")
 
     # speed + memory, timed like costs.json was measured
@@ -354,7 +353,10 @@ def run_evaluate(run_dir: str | Path, cfg: EvaluateConfig, *, child: str | Path 
     settings = timing_settings(costs, cfg)
     sc = scenario(run, cfg)
     archs = {"parent": parent_arch, "child": child_arch}
-    speed = measure_pair(archs, {"parent": parent_t, "child": child_t}, sc, cfg, settings)
+    # lazy readers, each tensor read straight in the timed models' dtype (as the quality models are)
+    tdt = resolve_dtype(settings["dtype"])
+    speed = measure_pair(archs, {"parent": load_checkpoint(require_parent(run), dtype=tdt)[1],
+                                 "child": load_checkpoint(child_dir, dtype=tdt)[1]}, sc, cfg, settings)
     measured = paired_speedup(speed["parent"], speed["child"])
     engine = (costs or {}).get("engine", "megatron")
     by_engine = {"megatron": measured}
