@@ -215,13 +215,13 @@ def test_depth_block_influence_is_one_minus_cos_and_the_lowest_go(run, tmp_path)
     from megapuzzle.checkpoints.canonical import load_checkpoint
     from megapuzzle.config import RunDir
     from megapuzzle.data.datasets import PackedSequenceDataset
-    from megapuzzle.stages.evaluate.evaluate import _build
+    from megapuzzle.stages.evaluate.evaluate import build_model
     from megapuzzle.model import forward_logits
 
     arch, tensors, _ = load_checkpoint(run / "parent")
     bi = block_influence(RunDir(run), arch, tensors, 2, 32, 2)
     # direct: each layer's own input and output, from hooks on the layer modules
-    model = _build(arch, {k: v.float() for k, v in tensors.items()})
+    model = build_model(arch, {k: v.float() for k, v in tensors.items()})
     acc = torch.zeros(arch.num_layers, dtype=torch.float64)
     io: dict[int, tuple] = {}
 

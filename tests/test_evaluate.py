@@ -205,11 +205,11 @@ def test_evaluate_pp2_quality_equals_pp1(run, tmp_path):
 
 def _stage_params(info, run_dir: str) -> dict:
     from megapuzzle.checkpoints.canonical import load_checkpoint
-    from megapuzzle.stages.evaluate.evaluate import _build
+    from megapuzzle.stages.evaluate.evaluate import build_model
     from megapuzzle.model import count_parameters
 
     arch, tensors, _ = load_checkpoint(f"{run_dir}/parent", dtype=torch.float32)
-    m = _build(arch, tensors)
+    m = build_model(arch, tensors)
     return {"params": count_parameters(m), "layers": [l.layer_number - 1 for l in m.decoder.layers],
             "stage": info.pp_rank}
 

@@ -166,7 +166,7 @@ def test_cached_pass_run_score_equals_a_whole_model_reference(one, tmp_path):
     from megapuzzle.checkpoints.canonical import expected_canonical_shapes, load_checkpoint
     from megapuzzle.config import section
     from megapuzzle.config import RunDir
-    from megapuzzle.stages.evaluate.evaluate import _build, quality_metrics
+    from megapuzzle.stages.evaluate.evaluate import build_model, quality_metrics
     from megapuzzle.fusion import run_arch
     from megapuzzle.fusion_blocks import run_block_ffn, score_runs
     from megapuzzle.stages.score.score import ScoreConfig, heldout_batches
@@ -179,7 +179,7 @@ def test_cached_pass_run_score_equals_a_whole_model_reference(one, tmp_path):
     idx = score_runs(run, sc)["blocks"]
     parent, tensors, _ = load_checkpoint(run / "parent", dtype=torch.float32)
     sd = {n: tensors[n] for n in tensors.keys()}  # the whole tiny parent: a test reference only
-    pm, batches = _build(parent, sd), heldout_batches(RunDir(run), sc)
+    pm, batches = build_model(parent, sd), heldout_batches(RunDir(run), sc)
     for key, e in idx.items():
         i, j = e["first"], e["last"]
         from megapuzzle.arch import FFNVariant, LayerArch
@@ -189,7 +189,7 @@ def test_cached_pass_run_score_equals_a_whole_model_reference(one, tmp_path):
         p = f"model.layers.{i}."
         child = {n: (ffn[n[len(p):]] if n.startswith(p) and n[len(p):] in ffn else sd[n])
                  for n in expected_canonical_shapes(arch)}
-        q = quality_metrics(pm, {"parent": pm, "run": _build(arch, child)}, batches)
+        q = quality_metrics(pm, {"parent": pm, "run": build_model(arch, child)}, batches)
         ref = {"kl": q["run"]["kl_to_parent"], "top1": q["run"]["top1_agreement"],
                "lm_loss_delta": q["run"]["lm_loss"] - q["parent"]["lm_loss"]}
         print(f"\n{key}: cached {[e[m] for m in ref]} vs whole model {list(ref.values())}")
