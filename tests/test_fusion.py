@@ -183,7 +183,7 @@ def test_a_run_block_can_start_from_narrower_library_ffns():
     """init_run_block(ffn_locals=...) folds the given (pruned, trained) FFNs, not the parent's: its
     width is their sum and its tensors are exactly fold_ffns of them."""
     from megapuzzle.fusion import fold_ffns
-    from megapuzzle.fusion_blocks import FFN_NAMES, init_run_block
+    from megapuzzle.stages.fusion_runs import FFN_NAMES, init_run_block
 
     torch.manual_seed(0)
     parent = Architecture.homogeneous(vocab_size=128, hidden_size=16, num_layers=3, num_attention_heads=2,

@@ -16,7 +16,7 @@ from conftest import SEARCH_CFG, make_searched_run
 def fusion_run(debug_parent, tmp_path_factory):
     from megapuzzle.stages.bld.bld import BLDConfig
     from megapuzzle.config import section
-    from megapuzzle.fusion_blocks import run_bld, score_runs
+    from megapuzzle.stages.fusion_runs import run_bld, score_runs
     from megapuzzle.stages.score.score import ScoreConfig
 
     cfg = copy.deepcopy(SEARCH_CFG)
@@ -28,7 +28,7 @@ def fusion_run(debug_parent, tmp_path_factory):
 
 
 def test_run_blocks_are_trained_scored_and_measured(fusion_run):
-    from megapuzzle.fusion_blocks import load_run_index
+    from megapuzzle.stages.fusion_runs import load_run_index
 
     idx = load_run_index(fusion_run)["blocks"]
     # per window: the fold of the parent's FFNs (256 + 256) and of the library's mlp_128 blocks (128 + 128)
@@ -42,7 +42,7 @@ def test_run_blocks_are_trained_scored_and_measured(fusion_run):
 
 def test_mip_with_runs_and_realize(fusion_run):
     from megapuzzle.checkpoints.canonical import load_checkpoint
-    from megapuzzle.fusion_blocks import run_block_ffn
+    from megapuzzle.stages.fusion_runs import run_block_ffn
     from megapuzzle.library import BlockLibrary
     from megapuzzle.stages.mip.mip import MIPConfig, run_mip
     from megapuzzle.stages.realize.realize import realize

@@ -21,7 +21,7 @@ COMMANDS = {"megapuzzle.cli", "megapuzzle.info", "megapuzzle.pipeline", "megapuz
 """Modules that only drive other code: nothing below them may import them."""
 STORAGE_PREFIXES = ("megapuzzle.library", "megapuzzle.fileio", "megapuzzle.checkpoints")
 ALGORITHM_PREFIXES = ("megapuzzle.init", "megapuzzle.stages.", "megapuzzle.mip", "megapuzzle.bench",
-                      "megapuzzle.pipeline", "megapuzzle.metrics", "megapuzzle.fusion_blocks", "megapuzzle.fuse")
+                      "megapuzzle.pipeline", "megapuzzle.metrics", "megapuzzle.fuse")
 """Every stage's package (not the registry, megapuzzle.stages itself), the solver, the drivers."""
 TORCH_FREE = ("megapuzzle.arch", "megapuzzle.config", "megapuzzle.config.rules", "megapuzzle.config.bld",
               "megapuzzle.config.gkd", "megapuzzle.config.score", "megapuzzle.config.measure", "megapuzzle.config.mip",

@@ -40,7 +40,7 @@ def test_vllm_cost_layouts_isolate_one_variant_and_refuse_what_vllm_cannot_run(t
 
     from megapuzzle.arch import Architecture, AttentionVariant as A, FFNVariant as F, LayerArch, SearchSpace
     from megapuzzle.checkpoints.hf_modeling.configuration_decilm import DeciLMConfig
-    from megapuzzle.stages.measure.state import search_space_variants
+    from megapuzzle.costs.partial import search_space_variants
     from megapuzzle.serving.vllm_costs import m0, refuse_unservable, stack, write_config_dir
 
     parent = Architecture(vocab_size=256, hidden_size=128, num_attention_heads=4,

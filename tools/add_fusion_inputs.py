@@ -5,8 +5,8 @@
 
 CONFIG must set search_space.fusion_max_run > 1. Runs exactly what `megapuzzle run` adds for
 fusion (the bld / score / measure stages' run_stage) and nothing else:
-  - fusion_blocks.run_bld: the run blocks -> RUN/library_runs (bld's settings)
-  - fusion_blocks.score_runs: their replace-the-run scores (score's settings)
+  - stages.fusion_runs.run_bld: the run blocks -> RUN/library_runs (bld's settings)
+  - stages.fusion_runs.score_runs: their replace-the-run scores (score's settings)
   - measure: costs.json with the fused widths; it resumes from RUN/state/measure_partial.json,
     so with unchanged measure settings only the new widths are timed
 The single-layer library and scores.json are left exactly as they are (a re-run of bld/score
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from megapuzzle.config import RunDir, load_config, section
     from megapuzzle.errors import UserError
     from megapuzzle.fileio import atomic_write_json, sha256_file
-    from megapuzzle.fusion_blocks import run_bld, score_runs
+    from megapuzzle.stages.fusion_runs import run_bld, score_runs
     from megapuzzle.stages.measure import run_stage as run_measure
     from megapuzzle.stages.score.score import ScoreConfig
 

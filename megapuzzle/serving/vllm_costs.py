@@ -191,7 +191,7 @@ def measure_costs_vllm(parent: Architecture, cfg, *, space: SearchSpace | None =
                        ) -> dict[str, Any]:
     """The costs.json dict, every entry timed in vLLM (see the module doc). Resumable: finished
     entries are kept in `state_path` under the settings they were measured with."""
-    from megapuzzle.stages.measure.state import MeasurePartial, search_space_variants
+    from megapuzzle.costs.partial import MeasurePartial, search_space_variants
     from megapuzzle.costs.table import FORMAT
     from megapuzzle.roofline import roofline_table
     from megapuzzle.serving.engines import require_python

@@ -17,7 +17,7 @@ def run_stage(run: RunDir, cfg: dict) -> dict:
     max_run = fusion_max_run(cfg)
     if max_run > 1:
         from megapuzzle.stages.bld.bld import BLDConfig
-        from megapuzzle.fusion_blocks import run_bld as run_fusion_bld
+        from megapuzzle.stages.fusion_runs import run_bld as run_fusion_bld
 
         out["run_blocks"] = len(run_fusion_bld(run.root, section(cfg, "bld", BLDConfig), max_run)["blocks"])
     return out

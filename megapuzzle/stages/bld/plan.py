@@ -27,7 +27,7 @@ class BlockSpec:
     parent_own: bool
     """The parent's own subblock(s): written from the parent's tensors, never trained."""
     last: int | None = None
-    """A fused-run block (megapuzzle.fusion_blocks, kind ffn): it replaces layers `layer`..`last`,
+    """A fused-run block (megapuzzle.stages.fusion_runs, kind ffn): it replaces layers `layer`..`last`,
     learning the parent's stream out of `last` from the stream into `layer`. None: one layer."""
 
     @property

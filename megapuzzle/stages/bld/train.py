@@ -132,7 +132,7 @@ def train_rank(rd: RunDir, cfg: BLDConfig, arch: Architecture, parent_tensors: d
     rank's megapuzzle.stages.bld.pp_relay.PipelineRole; every rank of a pipeline with work calls this,
     `mine` may then be empty (a relay-only stage, or a stage beyond the deepest one with work).
     `init(b)` -> (layer-local tensors, method): how blocks start when not the parent's usual init
-    (fused-run blocks: the fold, megapuzzle.fusion_blocks); `lib` is then where they are written.
+    (fused-run blocks: the fold, megapuzzle.stages.fusion_runs); `lib` is then where they are written.
 
     The steps, in order (each a RankRun method): the saved state, the teacher share, the students,
     the start agreement (PP), the optimizers, the start point (resume or init + init NMSE), the

@@ -54,7 +54,7 @@ from megapuzzle.costs.table import (  # noqa: F401  (re-exported: the accessors 
     variant_key,
     variant_memory,
 )
-from megapuzzle.stages.measure.state import MeasurePartial, search_space_variants  # noqa: F401  (re-exported)
+from megapuzzle.costs.partial import MeasurePartial, search_space_variants  # noqa: F401  (re-exported)
 from megapuzzle.errors import UserError
 from megapuzzle.fileio import atomic_write_json
 

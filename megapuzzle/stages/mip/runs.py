@@ -2,7 +2,7 @@
 
 Single-layer candidates are exactly the stage's usual ones (build_problem); a run candidate over
 layers [i, j] is one attention variant at i (from the library, as for layer i) + the fused FFN of
-RUN/library_runs (trained across the run, megapuzzle.fusion_blocks) + no-op / no-op layers:
+RUN/library_runs (trained across the run, megapuzzle.stages.fusion_runs) + no-op / no-op layers:
 
     score   = replace-the-run score of the fused FFN (with the parent's attention at i)
               + the attention variant's replace-1-block score at i (0 for the parent's own)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__).info
 
 
 def run_candidates(parent: Architecture, cands, sc, b: int, index: dict, metric: str, max_run: int):
-    from megapuzzle.fusion_blocks import run_score_value
+    from megapuzzle.stages.fusion_runs import run_score_value
 
     from megapuzzle.mip.runs import RunCandidate
 
@@ -70,7 +70,7 @@ def expand(parent: Architecture, problem, sol) -> tuple[list[LayerArch], list[tu
 
 def run_mip_with_runs(run, parent: Architecture, cands, sc, cfg, batches, parent_tps, target, build_problem,
                       max_run: int) -> dict[str, Any]:
-    from megapuzzle.fusion_blocks import load_run_index
+    from megapuzzle.stages.fusion_runs import load_run_index
 
     from megapuzzle.mip.problem import InfeasibleBudgetError, MIPError
     from megapuzzle.mip.runs import RunProblem, solve_runs
@@ -128,7 +128,7 @@ def require_fusion_inputs(base, cfg: dict) -> int:
     from megapuzzle.arch import SearchSpace
     from megapuzzle.costs.table import load_costs
     from megapuzzle.errors import UserError
-    from megapuzzle.fusion_blocks import load_run_index
+    from megapuzzle.stages.fusion_runs import load_run_index
 
     max_run = SearchSpace.from_dict(cfg.get("search_space")).fusion_max_run
     if max_run < 2:

@@ -54,7 +54,7 @@ def realize(run_dir: str | Path, solution: int = 0, *, out: str | Path | None = 
     dest = Path(out) if out is not None else run.child
     runs = [tuple(r) for r in (meta.get("runs") or [])]
     if runs:  # fused-run blocks (FFN Fusion) come from RUN/library_runs
-        from megapuzzle.fusion_blocks import iter_child_with_runs
+        from megapuzzle.stages.fusion_runs import iter_child_with_runs
 
         items = iter_child_with_runs(lib, run.root, parent_arch, parent_tensors, layers, runs)
     else:

@@ -15,7 +15,7 @@ def run_stage(run: RunDir, cfg: dict) -> dict:
     res = run_score(run.root, section(cfg, "score", ScoreConfig))
     out = {"tokens": res.get("tokens"), "blocks": len(res.get("blocks", {}))}
     if fusion_max_run(cfg) > 1:  # search_space is bld's: a change there re-runs bld, then this stage
-        from megapuzzle.fusion_blocks import score_runs
+        from megapuzzle.stages.fusion_runs import score_runs
 
         out["run_blocks"] = len(score_runs(run.root, section(cfg, "score", ScoreConfig))["blocks"])
     return out

@@ -14,7 +14,7 @@ every layer input and its log-probabilities are computed once per batch and kept
 layer l then runs only its own layer and the parent's layers l+1..L-1 plus the head, and all
 candidates of one layer go through those shared layers stacked into one batch.
 (tests/test_search.py checks it against the whole model per candidate.) A fused-run block
-(`BlockRef.last`, megapuzzle.fusion_blocks.score_runs) runs on the stream entering its first
+(`BlockRef.last`, megapuzzle.stages.fusion_runs.score_runs) runs on the stream entering its first
 layer and continues after its last.
 
 Pipeline parallel (PP > 1): each stage builds and reads only its own layers (megapuzzle.model.runner
@@ -69,7 +69,7 @@ class BlockRef:
     layer: int
     la: LayerArch  # the whole layer the block makes (its own subblock + the parent's other one)
     last: int | None = None
-    """A fused-run block (megapuzzle.fusion_blocks): it replaces layers layer..last; its FFN is
+    """A fused-run block (megapuzzle.stages.fusion_runs): it replaces layers layer..last; its FFN is
     the library's block, its attention the parent's at `layer`. None: one layer."""
 
     @property

@@ -1,9 +1,9 @@
-"""Fused-run blocks on a debug run: `fusion_blocks.run_bld` + `score_runs` (the pipeline's own calls)
+"""Fused-run blocks on a debug run: `stages.fusion_runs.run_bld` + `score_runs` (the pipeline's own calls)
 on a copy of RUN (from `megapuzzle run examples/debug.yaml --run-dir RUN --until bld`), windows of up
 to 3 layers, 40 BLD steps of 4 x 32 tokens at lr 2e-3, scored on 4 held-out batches of 4 x 32.
 Prints held-out NMSE fold -> trained and replace-the-run KL / top-1 agreement per run block.
 
-    python benchmarks/demo_fusion_blocks.py RUN OUT
+    python benchmarks/demo_fusion_runs.py RUN OUT
 Results: benchmarks/results/fusion.md."""
 import shutil
 import sys
@@ -13,7 +13,7 @@ import torch
 
 from megapuzzle.stages.bld.bld import BLDConfig
 from megapuzzle.config import section
-from megapuzzle.fusion_blocks import run_bld, score_runs
+from megapuzzle.stages.fusion_runs import run_bld, score_runs
 from megapuzzle.stages.score.score import ScoreConfig
 
 torch.set_num_threads(1)

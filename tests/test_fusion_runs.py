@@ -26,7 +26,7 @@ def _bld_cfg(c: dict):
 
 
 def _blocks(run) -> dict[str, dict[str, torch.Tensor]]:
-    from megapuzzle.fusion_blocks import load_run_index, run_block_ffn
+    from megapuzzle.stages.fusion_runs import load_run_index, run_block_ffn
 
     return {k: run_block_ffn(run, k) for k in load_run_index(run)["blocks"]}
 
@@ -46,7 +46,7 @@ def base(debug_parent, tmp_path_factory):
 @pytest.fixture(scope="module")
 def one(base, tmp_path_factory):
     """Run blocks trained in one process (TP = PP = 1): the reference."""
-    from megapuzzle.fusion_blocks import run_bld
+    from megapuzzle.stages.fusion_runs import run_bld
 
     torch.set_num_threads(1)
     run = _fresh(base, tmp_path_factory.mktemp("one"))
@@ -55,7 +55,7 @@ def one(base, tmp_path_factory):
 
 
 def test_run_blocks_train_from_the_fold_through_bld(one):
-    from megapuzzle.fusion_blocks import run_bld
+    from megapuzzle.stages.fusion_runs import run_bld
 
     run, idx = one
     assert sorted(idx["blocks"]) == KEYS  # no library: only the folds of the parent's FFNs
@@ -82,7 +82,7 @@ def _record_reads():
 
 
 def _worker(info, run: str, c: dict, max_run: int = 2):
-    from megapuzzle.fusion_blocks import run_bld
+    from megapuzzle.stages.fusion_runs import run_bld
 
     torch.set_num_threads(1)
     reads = _record_reads()
@@ -139,7 +139,7 @@ def test_tp2_trains_the_same_blocks_within_adamw_noise(one, base, tmp_path):
     # become through AdamW (bounds derived in tests/_dist.py)
     worst = assert_adamw_parity(flat(ref), flat(par), _lrs({"bld": c["bld"]}), BETAS)
     print(f"\nTP=2 run blocks vs one process: weights vs their AdamW bounds {worst}")
-    from megapuzzle.fusion_blocks import load_run_index
+    from megapuzzle.stages.fusion_runs import load_run_index
 
     idx = load_run_index(run)["blocks"]
     for k in KEYS:
@@ -148,7 +148,7 @@ def test_tp2_trains_the_same_blocks_within_adamw_noise(one, base, tmp_path):
 
 
 def test_kill_and_resume_gives_the_same_blocks(one, base, tmp_path):
-    from megapuzzle.fusion_blocks import run_bld
+    from megapuzzle.stages.fusion_runs import run_bld
     from megapuzzle.train.faults import kill_after
 
     run0, _ = one
@@ -168,7 +168,7 @@ def test_cached_pass_run_score_equals_a_whole_model_reference(one, tmp_path):
     from megapuzzle.config import RunDir
     from megapuzzle.stages.evaluate.evaluate import build_model, quality_metrics
     from megapuzzle.fusion import run_arch
-    from megapuzzle.fusion_blocks import run_block_ffn, score_runs
+    from megapuzzle.stages.fusion_runs import run_block_ffn, score_runs
     from megapuzzle.stages.score.score import ScoreConfig, heldout_batches
 
     run0, _ = one
@@ -202,7 +202,7 @@ def test_cached_pass_run_score_equals_a_whole_model_reference(one, tmp_path):
 
 def test_run_scoring_resumes_after_a_kill_and_splits_over_dp(one, tmp_path):
     from megapuzzle.config import section
-    from megapuzzle.fusion_blocks import score_runs
+    from megapuzzle.stages.fusion_runs import score_runs
     from megapuzzle.stages.score.score import ScoreConfig
     from megapuzzle.train.faults import kill_after
 
@@ -230,7 +230,7 @@ def test_run_scoring_at_pp2_gives_the_one_process_scores(one, tmp_path):
     """Run blocks are scored on score's layout: at score.pipeline_parallel=2 each stage holds only its
     layers, the stacked stream travels stage to stage and the last stage scores: bitwise PP=1's."""
     from megapuzzle.config import section
-    from megapuzzle.fusion_blocks import score_runs
+    from megapuzzle.stages.fusion_runs import score_runs
     from megapuzzle.stages.score.score import ScoreConfig
 
     run0, _ = one
@@ -247,7 +247,7 @@ def test_run_scoring_at_pp2_gives_the_one_process_scores(one, tmp_path):
 
 def _score_worker(info, run: str, score: dict):
     from megapuzzle.config import section
-    from megapuzzle.fusion_blocks import score_runs
+    from megapuzzle.stages.fusion_runs import score_runs
     from megapuzzle.stages.score.score import ScoreConfig
 
     idx = score_runs(run, section({"score": score}, "score", ScoreConfig))
