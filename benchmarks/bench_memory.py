@@ -392,16 +392,15 @@ pipeline (part 1; before it, score's 1x2 rows were two data-parallel replicas of
 3.16 / 3.20 GiB, and evaluate had no PP): each rank owns its stage's share, 8 of the 16 layers plus
 the embedding (stage 0) or the final norm and the tied head's copy (stage 1), 1.40 GiB for score and
 2.79 GiB (parent + child) for evaluate, against 2.30 / 4.60 GiB at 1x1. Score's stages peak at 2.49 /
-2.78 GiB, evaluate's at 3.79 / 4.73 GiB. The closest to its target is evaluate's last stage (4.73 of
-4.99 GiB), 0.94 GiB above its first stage at the same owned bytes. Cause (RSS probed around each
-model build and load, same run dir): evaluate reads its checkpoints through fp32 readers
-(load_checkpoint(dtype=float32)) and load_canonical_into_model casts each tensor to the bf16
-parameter, so the [vocab, hidden] tied head costs 0.98 GiB fp32 + 0.49 GiB bf16 for a moment (1.47
-GiB). Stage 0 pays that for its embedding first, on a nearly empty process (peak 2.32 GiB, then
-1.83 GiB held); the last stage loads the head last, on top of its 8 layers (1.84 + 1.47 = 3.31 GiB),
-and again for the second model (3.21 + 1.47 = 4.68 GiB). Reading in the parameters' dtype would cut
-the moment to 0.49 GiB. These last stages set the memory model's k (bytes added per owned byte):
-score 1.69 -> 1.83, evaluate 1.14 -> 1.62 (memory_recipes.md).
+2.78 GiB. Evaluate's stages peaked at 3.79 / 4.73 GiB in part 1 (the last stage 4.73 of 4.99 GiB,
+0.94 GiB above the first at the same owned bytes). Cause (RSS probed around each model build and load,
+same run dir): evaluate read its checkpoints through fp32 readers (load_checkpoint(dtype=float32))
+and load_canonical_into_model cast each tensor to the bf16 parameter, so the [vocab, hidden] tied
+head cost 0.98 GiB fp32 + 0.49 GiB bf16 for a moment (1.47 GiB); the last stage loads the head last,
+on top of its 8 layers, and again for the second model. Evaluate now reads each tensor straight in
+the quality (and the timing) dtype, the same values (part 2): its stages peak at 3.28 / 4.16 GiB
+(1x1: 5.19 -> 5.08 GiB). The last stages set the memory model's k (bytes added per owned byte):
+score 1.69 -> 1.83, evaluate 1.14 -> 1.62 in part 1 (memory_recipes.md has today's).
 
 The figures are stored machine-readably in memory.json (same rows); megapuzzle.memory_model fits
 bytes added per owned byte and the baseline to them and tests/test_examples.py scales them to the
