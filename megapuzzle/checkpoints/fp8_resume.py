@@ -18,9 +18,9 @@ place:
 
 Disk cost beyond the export itself: the hidden states, batches x batch_size x seq_len x hidden x 4
 bytes, twice for a moment (the previous layer's are deleted once state.json has moved on): 537 MB at
-405B with the defaults 8 x 4 x 256, but 68.7 GB with the 405B recipe's 128 x 4 x 2048 (34.4 GB at 70B,
-8.6 GB at 8B), written once per layer (8.7 TB over 126 layers at 405B: at 2 GB/s, 35 s a layer next to
-minutes of calibration); plus the layer files of the shard being filled (at most one shard + one
+405B with the defaults 8 x 4 x 256, but 17.2 GB with the 405B recipe's 32 x 4 x 2048 (68.7 GB at 128
+batches; 34.4 GB at 70B and 8.6 GB at 8B with their recipes), written once per layer (2.2 TB over 126
+layers at 405B: at 2 GB/s, 9 s a layer next to minutes of calibration); plus the layer files of the shard being filled (at most one shard + one
 layer: 5 GB + 3.2 GB in FP8 at 405B with --max-shard-size 5GB).
 """
 
