@@ -35,25 +35,26 @@ def in_recompute() -> bool:
 
 
 @contextlib.contextmanager
-def capture_layer_outputs(model):
-    """Yields a list, one slot per decoder layer, filled by each forward with that layer's output
-    (the residual stream after it, Megatron's [s, b, h]). Autograd-connected: no detach, so the
-    child's hidden-state loss back-propagates; the parent runs under no_grad anyway. A recompute
-    of the layer in the backward (`in_recompute`) is not recorded."""
+def capture_layer_outputs(model, detach: bool = False):
+    """Yields {global layer index: [that layer's output per forward call]} for this model's (pipeline
+    stage's) decoder layers: the residual stream after each, Megatron's [s, b, h]. Autograd-connected
+    unless `detach`, so the child's hidden-state loss back-propagates. A recompute of the layer in the
+    backward (`in_recompute`, gkd.recompute) is not a forward call and is not recorded."""
     from megapuzzle.model.gpt import unwrap_model
 
-    layers = list(unwrap_model(model).decoder.layers)
-    out: list[torch.Tensor | None] = [None] * len(layers)
+    store: dict[int, list[torch.Tensor]] = {}
 
     def hook(i):
         def keep(mod, args, output):
             if not in_recompute():
-                out[i] = output[0] if isinstance(output, tuple) else output
+                h = output[0] if isinstance(output, tuple) else output
+                store.setdefault(i, []).append(h.detach() if detach else h)
         return keep
 
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_hook(hook(layer.layer_number - 1))
+               for layer in unwrap_model(model).decoder.layers]
     try:
-        yield out
+        yield store
     finally:
         for h in handles:
             h.remove()
@@ -114,8 +115,9 @@ def distill_terms(child, parent, tokens: torch.Tensor, labels: torch.Tensor, tem
     hidden, final = parent_pass(parent, tokens, tokens.shape[0])  # no grad; layer by layer (model/runner.py)
     hp, t_hidden = [hidden[i][0] for i in sorted(hidden)], final[0]  # t_hidden: [s, b, h] after the final norm
     pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    with capture_layer_outputs(child) as hc:
+    with capture_layer_outputs(child) as kept:
         s_logits = child(tokens, pos, None)  # [b, s, V/tp]: GPTModel built with parallel_output=True
+    hc = [kept[i][0] for i in sorted(kept)]
     require_graph(hc)
     cos = torch.stack([cosine_distance(c, p) for c, p in zip(hc, hp)])
     kl, ce = kd_from_parent_hidden(s_logits, parent, t_hidden, labels, temperature, chunk)

@@ -44,7 +44,8 @@ import torch.distributed as dist
 
 from megapuzzle.metrics import heldout_metrics
 from megapuzzle.model.gpt import unwrap_model
-from megapuzzle.train.distill import cosine_distance, in_recompute, require_graph, sequence_share, sequence_shards
+from megapuzzle.train.distill import (capture_layer_outputs, cosine_distance, require_graph, sequence_share,
+                                      sequence_shards)
 from megapuzzle.train.parent_pass import StagePass, parent_pass
 from megapuzzle.train.vocab_kd import head_off, kd_from_parent_hidden, logits_from_hidden, parent_lm_from_hidden
 
@@ -62,28 +63,6 @@ class AttachLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         (aux,) = ctx.saved_tensors
         return grad_output, torch.ones_like(aux)
-
-
-@contextlib.contextmanager
-def capture_stage_outputs(model, detach: bool = False):
-    """{global layer index: [output of that layer per forward call]} for THIS stage's layers
-    (Megatron's [s, b, h]); autograd-connected unless `detach`; a recompute of the layer in the
-    backward (gkd.recompute) is not a forward call. Hooks are removed on exit."""
-    store: dict[int, list[torch.Tensor]] = {}
-    handles = []
-    for layer in unwrap_model(model).decoder.layers:
-        def keep(mod, args, output, i=layer.layer_number - 1):
-            if in_recompute():
-                return
-            h = output[0] if isinstance(output, tuple) else output
-            store.setdefault(i, []).append(h.detach() if detach else h)
-
-        handles.append(layer.register_forward_hook(keep))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _ps():
@@ -111,14 +90,9 @@ def child_forward_pass(model, tokens: torch.Tensor, micro: int) -> StagePass:
     training runs (an fp8 child's quantization context included), at PP = 1 and PP > 1 alike."""
     from megapuzzle.model.forward import _run_pipeline
 
-    with capture_stage_outputs(model, detach=True) as hidden, head_off(model):
+    with capture_layer_outputs(model, detach=True) as hidden, head_off(model):
         final = _run_pipeline(model, tokens, micro)
     return hidden, final
-
-
-def _cosine(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """[s, b] per-token 1 - cos, as megapuzzle.train.distill.distill_terms computes it."""
-    return cosine_distance(c, p)
 
 
 def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: dict[str, float],
@@ -149,10 +123,10 @@ def train_microbatches(model, parent, batch: torch.Tensor, micro: int, cfg, w: d
         k = next(data_iterator)
         t = tokens[k * micro:(k + 1) * micro]
         hp, t_final, g0 = parent_out["hidden"], parent_out["final"], parent_out["first"]
-        with capture_stage_outputs(m) as hc:
+        with capture_layer_outputs(m) as hc:
             out = m(t, torch.arange(t.shape[1], device=t.device).unsqueeze(0).expand_as(t), None)
         require_graph([hc[i][0] for i in hc])
-        layer = {i: sequence_share(_cosine(hc[i][0], hp[i][k - g0]).mean(), shards) for i in sorted(hc)}
+        layer = {i: sequence_share(cosine_distance(hc[i][0], hp[i][k - g0]).mean(), shards) for i in sorted(hc)}
         cos = torch.stack(list(layer.values())).sum()
         if not last:
             record([w["cosine"] * cos if w["cosine"] > 0 else zero, cos, zero, zero], layer)
@@ -210,7 +184,7 @@ def evaluate_heldout_pp(child, parent, heldout, cfg, info) -> dict[str, float]:
         hp, t_final = forward_pass(parent, tokens, micro)
         hc, s_final = child_forward_pass(child, tokens, micro)
         for k in range(tokens.shape[0] // micro):
-            acc[0] += sum(_cosine(hc[j][k], hp[j][k]).sum() for j in sorted(hc)).double()
+            acc[0] += sum(cosine_distance(hc[j][k], hp[j][k]).sum() for j in sorted(hc)).double()
             if last:
                 y = labels[k * micro:(k + 1) * micro]
                 s_logits = logits_from_hidden(child, s_final[k])
